@@ -1,0 +1,1 @@
+"""Triton kernels for the GRPO loss. Imports only torch and triton."""

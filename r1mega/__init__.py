@@ -1,0 +1,1 @@
+"""r1mega: GRPO training for the DeepSeek-R1 recipe."""

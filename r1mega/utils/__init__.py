@@ -1,0 +1,1 @@
+"""Small utilities shared across r1mega (file IO, runtime environment)."""
