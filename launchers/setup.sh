@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install r1mega and everything it needs into the active Python environment.
+#   - keeps a torch that is already installed; where there is none, installs torch==2.13.0
+#     (the CPU build on CPU machines; PyPI's CUDA build where a GPU driver is present);
+#   - installs the triton matching that torch, without letting pip touch torch;
+#   - builds csrc/ (pybind11) and installs r1mega editable, with the test tools.
+# Re-running is cheap: it skips the build when pyproject.toml and csrc/ are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --disable-pip-version-check --quiet "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "setup: no torch found; installing torch==2.13.0"
+  pip_install torch==2.13.0
+fi
+
+if ! "$PY" -c "import triton" 2>/dev/null; then
+  triton_version=$("$PY" - <<'PY'
+import importlib.metadata as md, re, torch
+# CUDA builds of torch pin their triton; the CPU build does not, so fall back to known pairs.
+for req in md.requires("torch") or []:
+    m = re.match(r"triton\s*==\s*([\w.]+)", req)
+    if m:
+        print(m.group(1)); raise SystemExit
+pairs = {"2.6": "3.2.0", "2.7": "3.3.1", "2.8": "3.4.0", "2.9": "3.5.1", "2.11": "3.6.0", "2.13": "3.7.1"}
+print(pairs.get(".".join(torch.__version__.split(".")[:2]), ""))
+PY
+)
+  if [ -z "$triton_version" ]; then
+    echo "setup: no known triton for this torch; install the triton that matches it and re-run" >&2
+    exit 1
+  fi
+  echo "setup: installing triton==$triton_version (matching the installed torch)"
+  pip_install --no-deps "triton==$triton_version"
+fi
+
+stamp_dir=build/setup-stamp
+mkdir -p "$stamp_dir"
+digest=$(cat pyproject.toml csrc/* | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp_dir/digest" 2>/dev/null)" != "$digest" ] \
+   || ! "$PY" -c "import r1mega._batching, r1mega_kernels, pytest, hypothesis" 2>/dev/null; then
+  echo "setup: building csrc/ and installing r1mega (editable) with its test tools"
+  pip_install -e ".[dev]"
+  echo "$digest" > "$stamp_dir/digest"
+fi

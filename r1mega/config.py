@@ -1,0 +1,309 @@
+"""The single source of truth for r1mega's settings: typed, documented, validated dataclasses.
+
+Each knob lives in exactly one section and is declared with :func:`knob`, which carries its
+documentation and its constraints. Sections validate themselves at construction, so an invalid
+config cannot exist; every error is one line naming ``section.field`` and the bad value.
+
+Named recipes (``r1mega.recipes``) are functions returning a :class:`Config`; the CLI and config
+files override fields by ``section.field`` keys, parsed by the field's declared type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from r1mega.utils.io import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message is one line naming the key and the value."""
+
+
+def knob(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
+         gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """Declare a config field with its documentation and constraints (checked by `_validate`)."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "ge": ge, "gt": gt,
+                                            "le": le, "lt": lt})
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` coerced to the declared type (int → float only), or raise ConfigError."""
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: None is not allowed")
+    if typing.get_origin(base) is Literal:
+        allowed = typing.get_args(base)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base in (int, float) and isinstance(value, bool) or not isinstance(value, base):
+        raise ConfigError(f"{key}: {value!r} is not a {base.__name__}")
+    return value
+
+
+def _validate(section: Any, name: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        key = f"{name}.{f.name}"
+        value = _check_type(key, getattr(section, f.name), hints[f.name])
+        object.__setattr__(section, f.name, value)
+        if value is None:
+            continue
+        meta = f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+        for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                                ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+            if meta.get(bound) is not None and not ok(value, meta[bound]):
+                raise ConfigError(f"{key}: {value!r} must be {word} {meta[bound]}")
+
+
+class _Section:
+    """Validates on construction; subclasses add cross-field checks in `_check`."""
+
+    section_name: typing.ClassVar[str]
+
+    def __post_init__(self) -> None:
+        _validate(self, self.section_name)
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+    def _fail(self, field_name: str, message: str) -> typing.NoReturn:
+        value = getattr(self, field_name)
+        raise ConfigError(f"{self.section_name}.{field_name}: {value!r} {message}")
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    section_name: typing.ClassVar[str] = "run"
+
+    name: str = knob("r1mega", "Run name; the run directory is out_dir/name.")
+    out_dir: str = knob("runs", "Parent directory of run directories.")
+    seed: int = knob(0, "Seed for sampling, shuffling and initialisation.", ge=0)
+
+    def _check(self) -> None:
+        if not self.name or "/" in self.name:
+            self._fail("name", "must be a non-empty name without '/'")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclass(frozen=True)
+class GRPOConfig(_Section):
+    """Advantage and policy-loss settings; names mirror `r1mega.algo.policy_loss` keywords."""
+
+    section_name: typing.ClassVar[str] = "grpo"
+
+    group_size: int = knob(16, "G: completions sampled per prompt; advantages are relative within a group.", ge=1)
+    adv_scale: Literal["group", "batch", "none"] = knob(
+        "group", "Advantage denominator: group std (GRPO), batch std (TRL scale_rewards='batch'), "
+        "none (Dr. GRPO).")
+    adv_eps: float = knob(1e-6, "Added to the std in the advantage denominator (verl 1e-6, TRL 1e-4).", ge=0.0)
+    eps_low: float = knob(0.2, "Lower clip range: the ratio is clipped at 1 - eps_low (>= 1: no lower clip).", ge=0.0)
+    eps_high: float = knob(0.2, "Upper clip range: the ratio is clipped at 1 + eps_high (DAPO clip-higher: 0.28).", ge=0.0)
+    dual_clip: Optional[float] = knob(None, "Dual-clip bound c > 1 for negative advantages (verl: 3.0); None disables.", gt=1.0)
+    ratio_level: Literal["token", "sequence"] = knob(
+        "token", "Importance ratio per token (GRPO) or per sequence (GSPO).")
+    kl_coef: float = knob(0.001, "beta: weight of the per-token KL penalty to the reference policy.", ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3", "k1+", "k3+"] = knob(
+        "k3", "KL estimator; k3 is the R1 paper's; '+' takes the estimator's value with k2's gradient.")
+    kl_clamp: Optional[float] = knob(None, "Clamp the KL value to +-kl_clamp (verl: 10); None: no clamp.", gt=0.0)
+    tis: bool = knob(True, "Truncated importance sampling against the rollout engine's log-probs.")
+    tis_cap: Optional[float] = knob(2.0, "Cap C of the importance weight min(exp(old - rollout), C); None: no cap.", gt=0.0)
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = knob(
+        "token-mean", "How per-token losses are averaged; denominators always span the whole mini-batch.")
+    norm_length: Optional[int] = knob(
+        None, "Constant length for seq-mean-token-sum-norm (Dr. GRPO); None: the max response length.", ge=1)
+    ref_update_interval: int = knob(
+        0, "Replace the reference policy by the current one every N steps (R1: 400); 0: never.", ge=0)
+
+    def _check(self) -> None:
+        if self.norm_length is not None and self.agg != "seq-mean-token-sum-norm":
+            self._fail("norm_length", f"is only used by agg='seq-mean-token-sum-norm', not {self.agg!r}")
+        if self.tis_cap is not None and not self.tis:
+            self._fail("tis_cap", "is set but grpo.tis is false")
+
+
+@dataclass(frozen=True)
+class BatchConfig(_Section):
+    section_name: typing.ClassVar[str] = "batch"
+
+    prompts_per_step: int = knob(32, "Prompts per rollout step; each yields grpo.group_size completions.", ge=1)
+    minibatches_per_step: int = knob(
+        1, "Optimizer steps per rollout batch (R1: 16 mini-batches, one inner epoch).", ge=1)
+    micro_batch_tokens: int = knob(
+        16384, "Token budget of one forward/backward micro-batch per rank.", ge=1)
+    balance: Literal["karmarkar-karp", "none"] = knob(
+        "karmarkar-karp", "How sequences are spread over data-parallel ranks.")
+
+
+@dataclass(frozen=True)
+class RolloutConfig(_Section):
+    section_name: typing.ClassVar[str] = "rollout"
+
+    temperature: float = knob(1.0, "Sampling temperature (R1: 1.0); log-probs are taken at the same temperature.", gt=0.0)
+    top_p: float = knob(1.0, "Nucleus sampling mass; 1.0 keeps the full distribution (needed for exact ratios).", gt=0.0, le=1.0)
+    max_new_tokens: int = knob(32768, "Longest completion (R1-Zero: 32768, later 65536).", ge=1)
+    max_prompt_tokens: int = knob(2048, "Longest prompt; longer prompts are refused when the data loads.", ge=1)
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    section_name: typing.ClassVar[str] = "optim"
+
+    lr: float = knob(3e-6, "Peak AdamW learning rate (R1: 3e-6).", gt=0.0)
+    weight_decay: float = knob(0.1, "AdamW decoupled weight decay.", ge=0.0)
+    adam_beta1: float = knob(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
+    adam_beta2: float = knob(0.95, "AdamW beta2.", ge=0.0, lt=1.0)
+    adam_eps: float = knob(1e-8, "AdamW epsilon.", gt=0.0)
+    grad_clip: Optional[float] = knob(1.0, "Clip the global gradient norm to this value; None: no clipping.", gt=0.0)
+    warmup_steps: int = knob(0, "Linear learning-rate warm-up steps.", ge=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole r1mega run. Build one with a recipe, then `with_overrides`."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    # ---- introspection -------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Every settable key, as ``section.field``."""
+        return [f"{s.name}.{f.name}" for s in dataclasses.fields(cls)
+                for f in dataclasses.fields(_section_type(s.name))]
+
+    @staticmethod
+    def describe(key: str) -> str:
+        """The documentation of one key."""
+        section, name = _split_key(key)
+        return {f.name: f.metadata["doc"] for f in dataclasses.fields(_section_type(section))}[name]
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    # ---- building ------------------------------------------------------------------------
+    def with_values(self, values: dict[str, Any]) -> "Config":
+        """A copy with typed values set by ``section.field`` key (validated as a whole)."""
+        by_section: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            section, name = _split_key(key)
+            by_section.setdefault(section, {})[name] = value
+        return dataclasses.replace(self, **{
+            section: dataclasses.replace(getattr(self, section), **changes)
+            for section, changes in by_section.items()
+        })
+
+    def with_overrides(self, assignments: list[str]) -> "Config":
+        """A copy with ``section.field=value`` strings applied, each parsed by the field's type."""
+        values = {}
+        for text in assignments:
+            key, sep, raw = text.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ConfigError(f"--set {text!r}: expected section.field=value")
+            values[key] = parse_value(key, raw.strip())
+        return self.with_values(values)
+
+    def with_dict(self, data: Any, *, source: str = "config") -> "Config":
+        """A copy with nested ``{section: {field: value}}`` applied; errors are prefixed by `source`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected an object of sections, got {type(data).__name__}")
+        values = {}
+        for section, fields_ in data.items():
+            if not isinstance(fields_, dict):
+                raise ConfigError(f"{source}: section {section!r} must be an object")
+            for name, value in fields_.items():
+                values[f"{section}.{name}"] = value
+        try:
+            return self.with_values(values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def with_file(self, path: str | Path) -> "Config":
+        """A copy with a JSON config file applied (a saved config.json, or any subset of it)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read a JSON config ({err})") from None
+        return self.with_dict(data, source=str(path))
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write the resolved config as ``run_dir/config.json`` atomically; return its path."""
+        path = Path(run_dir) / "config.json"
+        atomic_write_text(path, self.to_json())
+        return path
+
+
+def _section_type(section: str) -> type:
+    for f in dataclasses.fields(Config):
+        if f.name == section:
+            return f.default_factory  # type: ignore[return-value]
+    raise ConfigError(f"unknown section {section!r}{_suggest(section, [f.name for f in dataclasses.fields(Config)])}")
+
+
+def _suggest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    if key not in Config.keys():
+        raise ConfigError(f"unknown key {key!r}{_suggest(key, Config.keys())}")
+    section, name = key.split(".", 1)
+    return section, name
+
+
+_TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"none", "null"}
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """Parse a command-line string into the type declared for `key`."""
+    section, name = _split_key(key)
+    tp = typing.get_type_hints(_section_type(section))[name]
+    base, optional = _unwrap_optional(tp)
+    if optional and raw.lower() in _NONE:
+        return None
+    try:
+        if base is bool:
+            if raw.lower() in _TRUE | _FALSE:
+                return raw.lower() in _TRUE
+            raise ValueError
+        if base is int:
+            return int(raw)
+        if base is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{key}: {raw!r} is not a {base.__name__}") from None
+    return raw  # str and Literal: checked against choices when the section is built
