@@ -1,0 +1,1 @@
+"""Prompt datasets: local JSONL/Parquet files and shipped synthetic verifiable tasks."""
