@@ -536,7 +536,7 @@ def test_clamped_k3_keeps_huge_reference_gaps_finite(estimator):
     expected = 0.0 if estimator == "k3" else -100.0
     n = batch["mask"].sum()
     _, grad_no_kl = loss_and_grad(policy_loss, batch)
-    torch.testing.assert_close(grad[0, 0] - grad_no_kl[0, 0], torch.tensor(expected / n), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[0, 0] - grad_no_kl[0, 0], (expected / n).to(grad.dtype), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
