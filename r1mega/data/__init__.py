@@ -1,1 +1,17 @@
-"""Prompt datasets: local JSONL/Parquet files and shipped synthetic verifiable tasks."""
+"""Prompt datasets: local JSONL/Parquet files and shipped synthetic verifiable tasks.
+
+- :func:`load_prompts` / :func:`write_prompts` (r1mega.data.loader): read and validate local
+  datasets into :class:`PromptRecord` lists; malformed rows fail with one :class:`DataError` line
+  naming the file, the row and the field.
+- :class:`PromptSampler` (r1mega.data.sampler): deterministic per-epoch shuffling in batches,
+  with a resumable (epoch, position) state and optional data-parallel slicing.
+- r1mega.data.synthetic: arithmetic, Countdown and programming generators with held-out splits
+  and R1-format solution writers (imported on demand; nothing is downloaded).
+"""
+
+from r1mega.data.loader import DataError, load_prompts, write_prompts
+from r1mega.data.records import LANGUAGES, TASKS, PromptRecord
+from r1mega.data.sampler import PromptSampler, epoch_permutation
+
+__all__ = ["LANGUAGES", "TASKS", "DataError", "PromptRecord", "PromptSampler", "epoch_permutation",
+           "load_prompts", "write_prompts"]

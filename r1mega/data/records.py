@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TASKS = ("math", "code", "countdown", "general")
+# The languages a chain of thought may be asked to be in: those the language-consistency reward
+# can check. A row naming another language fails on load rather than in the reward mid-training.
+LANGUAGES = ("en", "zh")
 
 
 @dataclass(frozen=True)

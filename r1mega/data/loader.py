@@ -1,0 +1,331 @@
+"""Prompt datasets from local files: JSON Lines, JSON arrays and Parquet, validated on load.
+
+Every row becomes a :class:`~r1mega.data.records.PromptRecord`. A row is an object with the
+record's fields — ``id``, ``prompt``, ``task``, ``answer``, ``tests``, ``language`` — and any
+other fields, which are kept in ``meta`` (an object-valued ``meta`` field is merged into it; a null
+extra field counts as absent, since Parquet stores a null where a row has no value).
+
+Validation happens before anything is returned, and the first bad row stops the load with one
+:class:`DataError` line naming the file, the row and the field::
+
+    data/train.jsonl: line 7: field 'answer': missing (required for task 'math')
+    data/code.parquet: row 3 (0-based): field 'tests': item 2 of 4 must have 'input' and 'output' ...
+
+Row numbering: JSON Lines say ``line N``, 1-based like an editor (blank lines count and are
+skipped); JSON arrays and Parquet files say ``row N (0-based)``, the index of the row in the array
+or table as Python, pandas and pyarrow number it. Items of ``tests`` are numbered ``item N of M``,
+1-based.
+
+Checks: each row is an object; ``id`` (a string, or an integer kept as its decimal string) is
+present, non-empty and unique in the file (a duplicate names both rows); ``prompt`` is a non-empty
+string; ``task`` is one of :data:`~r1mega.data.records.TASKS` (rows without one take the caller's
+default ``task=``); ``answer`` is a string (an integer is kept as its decimal string; a float is
+refused, since its text would not survive) and is required for "math" and "countdown"; a
+"countdown" answer is an integer and the row has ``numbers``, a list of integers (kept in
+``meta["numbers"]``); ``tests`` is a non-empty list of ``{"input": str, "output": str}`` or
+``{"assert": str}`` objects and is required for "code"; ``language`` is null or one of
+:data:`LANGUAGES`.
+
+:func:`write_prompts` writes records as JSON Lines that :func:`load_prompts` reads back equal, and
+refuses a record that would not survive the trip.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from r1mega.data.records import LANGUAGES, TASKS, PromptRecord
+from r1mega.utils.io import atomic_write_bytes, atomic_write_text
+
+_CORE = ("id", "prompt", "task", "answer", "tests", "language")
+_TEST_KEYS = ("input", "output", "assert")
+_NEEDS_ANSWER = ("math", "countdown")
+_INT_RE = re.compile(r"-?\d+")
+_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+
+
+class DataError(ValueError):
+    """A malformed dataset; the message is one line naming the file, the row and the field."""
+
+
+class _RowError(Exception):
+    """A bad field inside a row; the caller prefixes the file and row."""
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _did_you_mean(value: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(value, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _as_text(name: str, value: Any) -> str:
+    """A string field; integers are accepted as their decimal text (ids and answers often are)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        raise _RowError(f"field {name!r}: must be a string, got float {value!r} "
+                        "(quote it in the file to keep its exact text)")
+    raise _RowError(f"field {name!r}: must be a string, got {_kind(value)}")
+
+
+def _parse_tests(value: Any, task: str) -> tuple[dict[str, str], ...] | None:
+    if value is None:
+        if task == "code":
+            raise _RowError("field 'tests': missing (required for task 'code')")
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise _RowError(f"field 'tests': must be a list of test objects, got {_kind(value)}")
+    if not value:
+        raise _RowError("field 'tests': empty (needs at least one test)")
+    tests = []
+    for i, item in enumerate(value, 1):
+        where = f"field 'tests': item {i} of {len(value)}"
+        if not isinstance(item, dict):
+            raise _RowError(f"{where} must be an object, got {_kind(item)}")
+        # Parquet stores a list of structs with every key of every item; absent keys read as null.
+        item = {k: v for k, v in item.items() if v is not None}
+        for k in item:
+            if k not in _TEST_KEYS:
+                raise _RowError(f"{where}: unknown key {k!r} (allowed: 'input', 'output', 'assert')")
+        io_ok = set(item) == {"input", "output"} and all(isinstance(item[k], str) for k in item)
+        assert_ok = set(item) == {"assert"} and isinstance(item["assert"], str) and item["assert"].strip()
+        if not (io_ok or assert_ok):
+            raise _RowError(f"{where} must have 'input' and 'output' strings or an 'assert' string")
+        tests.append(dict(item))
+    return tuple(tests)
+
+
+def _record_from_row(row: Any, default_task: str | None) -> PromptRecord:
+    """Validate one row and build its record, or raise _RowError naming the field."""
+    if not isinstance(row, dict):
+        raise _RowError(f"expected an object, got {_kind(row)}")
+    meta: dict[str, Any] = {}
+    nested = row.get("meta")
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise _RowError(f"field 'meta': must be an object, got {_kind(nested)}")
+        meta.update(nested)
+    for key, value in row.items():
+        # A null extra field is an absent one (Parquet columns hold a null where a row has no value).
+        if key in _CORE or key == "meta" or value is None:
+            continue
+        if key in meta:
+            raise _RowError(f"field {key!r}: given both at top level and inside 'meta'")
+        meta[key] = value
+
+    if row.get("id") is None:
+        raise _RowError("field 'id': missing")
+    rid = _as_text("id", row["id"])
+    if not rid.strip():
+        raise _RowError("field 'id': empty")
+
+    if row.get("prompt") is None:
+        raise _RowError("field 'prompt': missing")
+    if not isinstance(row["prompt"], str):
+        raise _RowError(f"field 'prompt': must be a string, got {_kind(row['prompt'])}")
+    if not row["prompt"].strip():
+        raise _RowError("field 'prompt': empty")
+
+    task = row.get("task")
+    if task is None:
+        if default_task is None:
+            raise _RowError("field 'task': missing (or pass a default task= to load_prompts)")
+        task = default_task
+    if not isinstance(task, str):
+        raise _RowError(f"field 'task': must be a string, got {_kind(task)}")
+    if task not in TASKS:
+        raise _RowError(f"field 'task': {task!r} is not one of "
+                        f"{', '.join(map(repr, TASKS))}{_did_you_mean(task, TASKS)}")
+
+    answer = row.get("answer")
+    if answer is None:
+        if task in _NEEDS_ANSWER:
+            raise _RowError(f"field 'answer': missing (required for task {task!r})")
+    else:
+        answer = _as_text("answer", answer)
+        if task in _NEEDS_ANSWER and not answer.strip():
+            raise _RowError(f"field 'answer': empty (required for task {task!r})")
+    if task == "countdown":
+        if not _INT_RE.fullmatch(answer.strip()):
+            raise _RowError(f"field 'answer': {answer!r} is not an integer (the countdown target)")
+        numbers = meta.get("numbers")
+        if numbers is None:
+            raise _RowError("field 'numbers': missing (required for task 'countdown')")
+        if (not isinstance(numbers, list) or not numbers
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in numbers)):
+            raise _RowError("field 'numbers': must be a non-empty list of integers")
+
+    tests = _parse_tests(row.get("tests"), task)
+
+    language = row.get("language")
+    if language is not None:
+        if not isinstance(language, str):
+            raise _RowError(f"field 'language': must be a string or null, got {_kind(language)}")
+        if language not in LANGUAGES:
+            raise _RowError(f"field 'language': {language!r} is not a known language code "
+                            f"(one of {', '.join(LANGUAGES)}, or null){_did_you_mean(language, LANGUAGES)}")
+
+    return PromptRecord(id=rid, prompt=row["prompt"], task=task, answer=answer, tests=tests,
+                        language=language, meta=meta)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    raise DataError(f"{path}: unsupported file type (expected one of {', '.join(_SUFFIXES)})")
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):  # one JSON array of objects
+        try:
+            with opener(path, "rb") as f:
+                rows = json.loads(f.read().decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        for i, row in enumerate(rows):
+            yield f"row {i} (0-based)", row
+        return
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"line {lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: {where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: {where}: invalid JSON: {e.msg} (column {e.colno})") from None
+            yield where, row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    index = 0
+    for batch in file.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            yield f"row {index} (0-based)", row
+            index += 1
+
+
+def load_prompts(path: str | Path, *, task: str | None = None) -> list[PromptRecord]:
+    """Read and validate every row of a .jsonl, .json, .jsonl.gz, .json.gz or .parquet file.
+
+    task: the task of rows that have no ``task`` field (rows that have one keep theirs).
+    Raises DataError (one line: file, row, field) on the first malformed row, a duplicate id, an
+    unreadable or unsupported file, or a file without rows.
+    """
+    path = Path(path)
+    if task is not None and task not in TASKS:
+        raise DataError(f"load_prompts: task={task!r} is not one of "
+                        f"{', '.join(map(repr, TASKS))}{_did_you_mean(str(task), TASKS)}")
+    suffix = _suffix(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = _parquet_rows(path) if suffix == ".parquet" else _json_rows(path)
+    records: list[PromptRecord] = []
+    first_seen: dict[str, str] = {}
+    for where, row in rows:
+        try:
+            record = _record_from_row(row, task)
+        except _RowError as e:
+            raise DataError(f"{path}: {where}: {e}") from None
+        if record.id in first_seen:
+            raise DataError(f"{path}: {where}: field 'id': duplicate {record.id!r} "
+                            f"(first at {first_seen[record.id]})")
+        first_seen[record.id] = where
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no rows")
+    return records
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def record_to_row(record: PromptRecord) -> dict[str, Any]:
+    """The JSON object `write_prompts` stores for a record (null fields and empty meta left out)."""
+    row: dict[str, Any] = {"id": record.id, "prompt": record.prompt, "task": record.task}
+    if record.answer is not None:
+        row["answer"] = record.answer
+    if record.tests is not None:
+        row["tests"] = list(record.tests)
+    if record.language is not None:
+        row["language"] = record.language
+    if record.meta:
+        row["meta"] = record.meta
+    return row
+
+
+def write_prompts(path: str | Path, records: Iterable[PromptRecord]) -> int:
+    """Write records as JSON Lines, atomically; `load_prompts(path)` returns them equal.
+
+    Each record is validated like a loaded row and must survive the JSON round trip (``tests`` a
+    tuple of dicts of strings; ``meta`` JSON-native: string keys, lists rather than tuples), else
+    DataError names the record and the field. Returns the number of records written.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith((".jsonl", ".jsonl.gz")):
+        raise DataError(f"{path}: write_prompts writes JSON Lines; name the file *.jsonl or *.jsonl.gz")
+    lines = []
+    seen: dict[str, int] = {}
+    for i, record in enumerate(records):
+        if not isinstance(record, PromptRecord):
+            raise DataError(f"{path}: record {i} (0-based): expected a PromptRecord, got {_kind(record)}")
+        where = f"{path}: record {i} (0-based, id {record.id!r})"
+        try:
+            line = json.dumps(record_to_row(record), ensure_ascii=False, allow_nan=False)
+            back = _record_from_row(json.loads(line), None)
+        except (TypeError, ValueError) as e:
+            field = next((k for k, v in record_to_row(record).items() if not _json_ok(v)), "meta")
+            raise DataError(f"{where}: field {field!r}: not JSON-serialisable: {e}") from None
+        except _RowError as e:
+            raise DataError(f"{where}: {e}") from None
+        for name in ("id", "prompt", "task", "answer", "tests", "language", "meta"):
+            if getattr(back, name) != getattr(record, name):
+                raise DataError(f"{where}: field {name!r}: does not survive a JSON round trip "
+                                "(tests must be a tuple of str->str dicts; meta must be JSON-native: "
+                                "str keys, lists not tuples, str/int answers as str)")
+        if record.id in seen:
+            raise DataError(f"{where}: field 'id': duplicate (first at record {seen[record.id]})")
+        seen[record.id] = i
+        lines.append(line + "\n")
+    text = "".join(lines)
+    if not lines:
+        raise DataError(f"{path}: no records to write (load_prompts refuses an empty file)")
+    if path.name.lower().endswith(".gz"):
+        atomic_write_bytes(path, gzip.compress(text.encode("utf-8"), mtime=0))
+    else:
+        atomic_write_text(path, text)
+    return len(lines)
