@@ -99,11 +99,6 @@ def test_malformed_row_is_one_line_naming_file_row_field(tmp_path, row, message)
     assert text.startswith(f"{path}: {message}"), text
 
 
-def test_languages_match_the_language_reward():
-    language = pytest.importorskip("r1mega.rewards.language")
-    assert set(LANGUAGES) == set(language.LANGUAGES)
-
-
 def test_line_numbers_count_blank_lines(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", [GOOD, "", "", {"id": "x", "prompt": "p", "task": "math"}])
     with pytest.raises(DataError, match=r"d\.jsonl: line 4: field 'answer'"):
