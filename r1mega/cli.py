@@ -1,38 +1,73 @@
 """The `r1mega` command line.
 
-    r1mega --recipe NAME [--config FILE] [--set section.field=value ...] --dry-run
-    r1mega recipes          list the named recipes
-    r1mega keys             list every config key with its type, default and documentation
+    r1mega [CONFIG] --dry-run                 validate the resolved config and print it as JSON
+    r1mega reward --data F --completions F [--out F] [CONFIG]
+                                              score completions with the trainer's reward path
+    r1mega synth TASK --out F [--solutions F] write a shipped synthetic task (and its solutions)
+    r1mega recipes                            list the named recipes
+    r1mega keys                               list every config key with its documentation
 
-A config is resolved in this order: the recipe (default: tiny), then a JSON config file (for
-instance a run's saved config.json), then each --set in order. Errors are one line on stderr and
-exit status 2, before any work starts.
+CONFIG is ``--recipe NAME`` (default: tiny), ``--config FILE`` (JSON applied over the recipe, e.g.
+a run's saved config.json) and any number of ``--set section.field=value``, applied in that order.
+Bad input is one line on stderr and exit status 2, before any work starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+import time
 import typing
 
 from r1mega.config import Config, ConfigError
+from r1mega.data import DataError
 from r1mega.recipes import RECIPES, get_recipe, summary
 
 DEFAULT_RECIPE = "tiny"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="r1mega", description="GRPO training for the DeepSeek-R1 recipe.",
-        epilog="Subcommands: 'r1mega recipes', 'r1mega keys'.")
-    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"named recipe (default: {DEFAULT_RECIPE})")
-    parser.add_argument("--config", metavar="FILE", help="JSON config applied over the recipe")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+def _config_options(default: typing.Any) -> argparse.ArgumentParser:
+    # Subcommands take the same options with SUPPRESS defaults, so values given before the
+    # subcommand are not overwritten by the subparser's defaults.
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--recipe", default=DEFAULT_RECIPE if default is None else default,
+                        help=f"named recipe (default: {DEFAULT_RECIPE})")
+    parent.add_argument("--config", metavar="FILE", default=default,
+                        help="JSON config applied over the recipe")
+    parent.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                        default=[] if default is None else default,
                         help="override one field, e.g. --set grpo.eps_high=0.28 (repeatable)")
+    return parent
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r1mega", description="GRPO training for the DeepSeek-R1 recipe.",
+                                     parents=[_config_options(None)])
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the resolved config, print it as JSON and exit")
     sub = parser.add_subparsers(dest="command")
+    config_options = _config_options(argparse.SUPPRESS)
+
+    reward = sub.add_parser("reward", parents=[config_options],
+                            help="score a file of completions and print a summary per reward")
+    reward.add_argument("--data", required=True, metavar="FILE", help="prompt dataset (.jsonl/.json/.parquet)")
+    reward.add_argument("--completions", required=True, metavar="FILE",
+                        help='rows {"id": <prompt id>, "completion": <text>}')
+    reward.add_argument("--out", metavar="FILE", help="write one JSON line of scores per completion")
+
+    synth = sub.add_parser("synth", help="write a shipped synthetic task as a prompt dataset")
+    synth.add_argument("task", help="arithmetic, countdown or programming")
+    synth.add_argument("--out", required=True, metavar="FILE", help="prompt dataset to write (.jsonl)")
+    synth.add_argument("--n", type=int, default=100, help="number of problems (default 100)")
+    synth.add_argument("--difficulty", type=int, default=1, help="task difficulty (default 1)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--split", choices=("train", "test"), default="train")
+    synth.add_argument("--solutions", metavar="FILE", help="also write the reference solutions as completions")
+    synth.add_argument("--style", choices=("r1-zero", "r1"), default="r1-zero",
+                       help="solution format (default r1-zero: <think> then <answer>)")
+
     sub.add_parser("recipes", help="list the named recipes")
     sub.add_parser("keys", help="list every config key with its type, default and documentation")
     return parser
@@ -58,12 +93,63 @@ def _list_keys() -> str:
         obj = getattr(defaults, section.name)
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
-            tp = str(hints[f.name]).replace("typing.", "")
-            if isinstance(hints[f.name], type):
-                tp = hints[f.name].__name__
+            hint = hints[f.name]
+            tp = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
             lines.append(f"{section.name}.{f.name}  ({tp}, default {getattr(obj, f.name)!r})\n"
                          f"    {f.metadata['doc']}")
     return "\n".join(lines)
+
+
+def _reward(args: argparse.Namespace, cfg: Config) -> int:
+    from r1mega.data import load_completions, load_prompts
+    from r1mega.rewards import GoldAnswerError, RewardPool, parse_gold
+    from r1mega.utils.io import atomic_write_text
+
+    rc = cfg.rewards
+    pairs = load_completions(args.completions, load_prompts(args.data))
+    for record in {record.id: record for record, _ in pairs}.values():
+        if record.task == "math":  # refuse a gold answer that could never score, before any work
+            try:
+                parse_gold(record.answer)
+            except GoldAnswerError as err:
+                raise DataError(f"{args.data}: id {record.id!r}: field 'answer': {err}") from None
+    weights = rc.weights()
+    options = {"accuracy": {"math_timeout_s": rc.math_timeout_s, "code_timeout_s": rc.code_timeout_s,
+                            "code_memory_mb": rc.code_memory_mb}} if "accuracy" in weights else None
+    start = time.perf_counter()
+    with RewardPool(weights, workers=rc.workers or None, timeout_s=rc.timeout_s, options=options) as pool:
+        scored = pool.score([record for record, _ in pairs], [text for _, text in pairs])
+        stats = pool.summary()
+    seconds = time.perf_counter() - start
+    if args.out:
+        atomic_write_text(args.out, "".join(
+            json.dumps({"id": record.id, "total": s.total, "values": s.values, "errors": s.errors})
+            + "\n" for (record, _), s in zip(pairs, scored)))
+    print(f"{'reward':<16}{'weight':>7}{'mean':>9}{'count':>7}{'skipped':>8}{'errors':>7}"
+          f"{'timeouts':>9}{'seconds':>9}")
+    for name, s in stats.items():
+        print(f"{name:<16}{weights[name]:>7g}{s['mean']:>9.4f}{s['count']:>7d}{s['skipped']:>8d}"
+              f"{s['errors']:>7d}{s['timeouts']:>9d}{s['seconds']:>9.2f}")
+    total_mean = sum(s.total for s in scored) / len(scored)
+    print(f"total mean {total_mean:.4f} over {len(scored)} completions in {seconds:.2f} s "
+          f"({len(scored) / seconds:.1f} completions/s)")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from r1mega.data.synthetic import get_task, write_task
+    from r1mega.utils.io import atomic_write_text
+
+    records = write_task(args.task, args.out, args.n, seed=args.seed, difficulty=args.difficulty,
+                         split=args.split)
+    print(f"wrote {len(records)} {args.task} prompts to {args.out}")
+    if args.solutions:
+        solution = get_task(args.task).solution
+        atomic_write_text(args.solutions, "".join(
+            json.dumps({"id": r.id, "completion": solution(r, style=args.style)}, ensure_ascii=False) + "\n"
+            for r in records))
+        print(f"wrote their {args.style} solutions to {args.solutions}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_list_keys())
         return 0
     try:
+        if args.command == "synth":
+            return _synth(args)
         cfg = resolve_config(args.recipe, args.config, args.overrides)
-    except ConfigError as err:
+        if args.command == "reward":
+            return _reward(args, cfg)
+    except (ConfigError, DataError, ValueError) as err:
         print(f"r1mega: error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:

@@ -171,6 +171,37 @@ class RolloutConfig(_Section):
 
 
 @dataclass(frozen=True)
+class RewardsConfig(_Section):
+    """Rule rewards and how they are scored; the total is the weighted sum (R1: accuracy + format)."""
+
+    section_name: typing.ClassVar[str] = "rewards"
+
+    accuracy_weight: float = knob(1.0, "Weight of answer accuracy (math, Countdown, code tests).", ge=0.0)
+    format_weight: float = knob(1.0, "Weight of the format reward.", ge=0.0)
+    format_style: Literal["answer-tags", "summary"] = knob(
+        "answer-tags", "answer-tags: <think>..</think> <answer>..</answer> (R1-Zero); "
+        "summary: <think>..</think> then a summary (R1 cold-start format).")
+    language_weight: float = knob(
+        0.0, "Weight of chain-of-thought language consistency (R1's reasoning RL stage).", ge=0.0)
+    workers: int = knob(0, "Reward worker processes; 0: half the CPUs, at most 8.", ge=0)
+    timeout_s: float = knob(10.0, "Deadline of one reward of one sample; past it the reward is 0.", gt=0.0)
+    math_timeout_s: float = knob(5.0, "math-verify's own time bound for one answer.", gt=0.0)
+    code_timeout_s: float = knob(5.0, "Wall-clock limit of one code test run in the sandbox.", gt=0.0)
+    code_memory_mb: int = knob(512, "Address-space limit of one code test run in the sandbox.", ge=64)
+
+    def _check(self) -> None:
+        if not self.weights():
+            self._fail("accuracy_weight", "leaves every reward weight at 0")
+
+    def weights(self) -> dict[str, float]:
+        """The registered reward names with a nonzero weight (r1mega.rewards.REWARDS)."""
+        named = {"accuracy": self.accuracy_weight,
+                 "format" if self.format_style == "answer-tags" else "format_summary": self.format_weight,
+                 "language": self.language_weight}
+        return {name: w for name, w in named.items() if w > 0}
+
+
+@dataclass(frozen=True)
 class OptimConfig(_Section):
     section_name: typing.ClassVar[str] = "optim"
 
@@ -191,6 +222,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     # ---- introspection -------------------------------------------------------------------

@@ -329,3 +329,39 @@ def write_prompts(path: str | Path, records: Iterable[PromptRecord]) -> int:
     else:
         atomic_write_text(path, text)
     return len(lines)
+
+
+def load_completions(path: str | Path, records: Iterable[PromptRecord]) -> list[tuple[PromptRecord, str]]:
+    """Read completions to score: rows ``{"id": <prompt id>, "completion": <text>}``, in file order.
+
+    A prompt may have several completions (a GRPO group). Every id must name one of `records`;
+    raises DataError (one line: file, row, field) otherwise, or for a missing or non-string
+    completion, before anything is scored.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    by_id = {record.id: record for record in records}
+    rows = _parquet_rows(path) if suffix == ".parquet" else _json_rows(path)
+    pairs: list[tuple[PromptRecord, str]] = []
+    for where, row in rows:
+        try:
+            if not isinstance(row, dict):
+                raise _RowError(f"expected an object, got {_kind(row)}")
+            if row.get("id") is None:
+                raise _RowError("field 'id': missing")
+            rid = _as_text("id", row["id"])
+            if rid not in by_id:
+                raise _RowError(f"field 'id': {rid!r} is not a prompt of the dataset"
+                                f"{_did_you_mean(rid, by_id)}")
+            if "completion" not in row:
+                raise _RowError("field 'completion': missing")
+            if not isinstance(row["completion"], str):
+                raise _RowError(f"field 'completion': must be a string, got {_kind(row['completion'])}")
+        except _RowError as e:
+            raise DataError(f"{path}: {where}: {e}") from None
+        pairs.append((by_id[rid], row["completion"]))
+    if not pairs:
+        raise DataError(f"{path}: no rows")
+    return pairs
