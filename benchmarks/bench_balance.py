@@ -14,21 +14,15 @@ with environment info, is appended to --out.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from _common import RESULTS, append_jsonl, environment
 from r1mega.batching import available_backends, imbalance, lower_bound, pack_microbatches, partition_balanced
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def rollout_lengths(n: int, seed: int) -> np.ndarray:
@@ -36,34 +30,6 @@ def rollout_lengths(n: int, seed: int) -> np.ndarray:
     prompt = rng.integers(64, 513, n)
     response = np.clip(rng.lognormal(mean=6.3, sigma=1.0, size=n), 1, 8192).astype(np.int64)
     return (prompt + response).astype(np.int64)
-
-
-def environment() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    try:
-        usable_cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable_cpus = os.cpu_count()
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable_cpus,
-        "git_commit": commit,
-        "git_dirty": dirty,
-    }
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -83,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats-cpp", type=int, default=9)
     ap.add_argument("--repeats-python", type=int, default=3)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_balance.jsonl"))
+    ap.add_argument("--out", default=str(RESULTS / "bench_balance.jsonl"))
     args = ap.parse_args(argv)
 
     backends = available_backends()
@@ -159,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print("ratio = seconds / cpp seconds (python's ratio is the C++ speed-up); imbalance = max rank sum / "
           "max(total/k, longest); fill = mean micro-batch tokens / max_tokens")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    print(f"wrote {len(rows)} rows to {out}")
+    append_jsonl(args.out, rows)
     return 0 if all(r["identical_across_backends"] for r in rows) else 1
 
 

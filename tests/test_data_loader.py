@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from r1mega.data import LANGUAGES, DataError, PromptRecord, load_prompts, write_prompts
+from r1mega.data import DataError, PromptRecord, load_prompts, write_prompts
 
 GOOD = {"id": "g1", "prompt": "What is 1 + 1?", "task": "math", "answer": "2"}
 CODE = {"id": "c1", "prompt": "Print the sum.", "task": "code",

@@ -1,0 +1,66 @@
+"""Shared by the benchmark scripts: the environment every result row records, and JSONL output.
+
+Scripts run as ``python benchmarks/<name>.py``, so this module imports as ``_common``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Date, interpreter, library versions, machine and git state of this run."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    try:
+        usable_cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable_cpus = os.cpu_count()
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        **{name: _version(name) for name in ("torch", "triton")},
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpus,
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append one JSON line per row (results accumulate across runs) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"wrote {len(rows)} rows to {path}")
