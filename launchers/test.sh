@@ -4,4 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launchers/setup.sh
+# The code sandbox has two backends; bubblewrap's tests skip unless it is installed. Best effort:
+# only as root with apt, and a failure here only means those tests skip.
+if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; }) \
+    && echo "test: installed bubblewrap for the sandbox tests" \
+    || echo "test: bubblewrap unavailable; its sandbox tests will skip"
+fi
 exec "${PYTHON:-python3}" -m pytest "$@"
