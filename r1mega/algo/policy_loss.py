@@ -62,7 +62,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "k1+", "k3+")
 RATIO_LEVELS = ("token", "sequence")
 
 # Log-ratios are clamped to +-20 before exp() (verl's bound) so ratios and gradients stay finite.
-_LOG_RATIO_BOUND = 20.0
+LOG_RATIO_BOUND = 20.0
 
 
 def local_denominators(mask: torch.Tensor, agg: str) -> dict[str, torch.Tensor]:
@@ -87,6 +87,46 @@ def local_denominators(mask: torch.Tensor, agg: str) -> dict[str, torch.Tensor]:
     if agg == "token-mean":
         return {"global_tokens": valid_ST.sum()}
     return {"global_sequences": valid_ST.any(dim=-1).sum()}
+
+
+def check_loss_options(
+    *, eps_low, eps_high, dual_clip, ratio_level, kl_coef, kl_estimator, kl_clamp, tis_cap, agg,
+    has_ref: bool, has_rollout: bool, global_tokens, global_sequences, norm_length,
+) -> dict[str, float]:
+    """Validate policy_loss's options (ValueError naming the argument); return the denominators given.
+
+    Shared by every implementation of the loss (r1mega.ops' fused kernels included), so they
+    accept and refuse exactly the same options with the same messages.
+    """
+    eps_low, eps_high = real("eps_low", eps_low), real("eps_high", eps_high)
+    # eps_low >= 1 is allowed: ratios are positive, so it means "no lower clip" (R1-Zero's eps 10).
+    if eps_low < 0.0:
+        raise ValueError(f"eps_low must be >= 0, got {eps_low!r}")
+    if eps_high < 0.0:
+        raise ValueError(f"eps_high must be >= 0, got {eps_high!r}")
+    if dual_clip is not None and real("dual_clip", dual_clip) <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    kl_clamp = None if kl_clamp is None else positive("kl_clamp", kl_clamp)
+    kl_coef = real("kl_coef", kl_coef)
+    if kl_coef != 0.0 and not has_ref:
+        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp")
+    tis_cap = None if tis_cap is None else positive("tis_cap", tis_cap)
+    if tis_cap is not None and not has_rollout:
+        raise ValueError("tis_cap needs rollout_logp")
+    check_choice("agg", agg, AGG_MODES)
+    denominators: dict[str, float] = {}
+    for name, value, users in (
+        ("global_tokens", global_tokens, ("token-mean",)),
+        ("global_sequences", global_sequences, AGG_MODES[1:]),
+        ("norm_length", norm_length, ("seq-mean-token-sum-norm",)),
+    ):
+        if value is not None:
+            if agg not in users:
+                raise ValueError(f"{name} is only used by agg in {users}, not by agg={agg!r}")
+            denominators[name] = positive(name, value)
+    return denominators
 
 
 def policy_loss(
@@ -184,34 +224,14 @@ def policy_loss(
             f"advantages has shape {tuple(advantages.shape)} but must be [S] {tuple(shape_ST[:1])} "
             f"or [S, T] {tuple(shape_ST)} like logp"
         )
-    eps_low, eps_high = real("eps_low", eps_low), real("eps_high", eps_high)
-    # eps_low >= 1 is allowed: ratios are positive, so it means "no lower clip" (R1-Zero's eps 10).
-    if eps_low < 0.0:
-        raise ValueError(f"eps_low must be >= 0, got {eps_low!r}")
-    if eps_high < 0.0:
-        raise ValueError(f"eps_high must be >= 0, got {eps_high!r}")
-    if dual_clip is not None and real("dual_clip", dual_clip) <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
-    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
-    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    kl_clamp = None if kl_clamp is None else positive("kl_clamp", kl_clamp)
-    kl_coef = real("kl_coef", kl_coef)
-    if kl_coef != 0.0 and ref_logp is None:
-        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp")
-    tis_cap = None if tis_cap is None else positive("tis_cap", tis_cap)
-    if tis_cap is not None and rollout_logp is None:
-        raise ValueError("tis_cap needs rollout_logp")
-    check_choice("agg", agg, AGG_MODES)
-    denominators: dict[str, float] = {}
-    for name, value, users in (
-        ("global_tokens", global_tokens, ("token-mean",)),
-        ("global_sequences", global_sequences, AGG_MODES[1:]),
-        ("norm_length", norm_length, ("seq-mean-token-sum-norm",)),
-    ):
-        if value is not None:
-            if agg not in users:
-                raise ValueError(f"{name} is only used by agg in {users}, not by agg={agg!r}")
-            denominators[name] = positive(name, value)
+    denominators = check_loss_options(
+        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_level=ratio_level,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, tis_cap=tis_cap, agg=agg,
+        has_ref=ref_logp is not None, has_rollout=rollout_logp is not None,
+        global_tokens=global_tokens, global_sequences=global_sequences, norm_length=norm_length,
+    )
+    eps_low, eps_high, kl_coef = float(eps_low), float(eps_high), float(kl_coef)
+    dual_clip, kl_clamp, tis_cap = (None if x is None else float(x) for x in (dual_clip, kl_clamp, tis_cap))
 
     inputs = (logp, old_logp, advantages, ref_logp, rollout_logp)
     dtype = reduce(torch.promote_types, (t.dtype for t in inputs if t is not None), torch.float32)
@@ -231,7 +251,7 @@ def policy_loss(
     else:
         seq_log_ratio_S = (log_ratio_ST * mask_ST).sum(-1) / mask_ST.sum(-1).clamp(min=1)
         is_log_ratio_ST = logp_ST - logp_ST.detach() + seq_log_ratio_S.detach()[:, None]
-    ratio_ST = torch.exp(is_log_ratio_ST.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND))
+    ratio_ST = torch.exp(is_log_ratio_ST.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
 
     pg_ST = torch.maximum(-adv_ST * ratio_ST, -adv_ST * ratio_ST.clamp(1.0 - eps_low, 1.0 + eps_high))
     dual_active_ST = torch.zeros_like(valid_ST)
@@ -243,7 +263,7 @@ def policy_loss(
     optional_metrics_ST: dict[str, torch.Tensor] = {}
     loss_ST = pg_ST
     if rollout_logp is not None:
-        tis_log_w_ST = (old_ST - masked(rollout_logp.detach())).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+        tis_log_w_ST = (old_ST - masked(rollout_logp.detach())).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         tis_w_ST = torch.exp(tis_log_w_ST)
         if tis_cap is not None:
             tis_w_ST = tis_w_ST.clamp(max=tis_cap)
@@ -255,8 +275,27 @@ def policy_loss(
             loss_ST = loss_ST + kl_coef * kl_ST
         optional_metrics_ST["kl_mean"] = kl_ST.detach()
 
-    loss = _aggregate(loss_ST, valid_ST, mask_ST, agg, **denominators)
+    loss = aggregate(loss_ST, valid_ST, mask_ST, agg, **denominators)
+    metrics = loss_metrics(
+        valid_ST, mask_ST, log_ratio_ST, ratio_ST,
+        clip_low_ST=(ratio_ST < 1.0 - eps_low) & (adv_ST < 0),
+        clip_high_ST=(ratio_ST > 1.0 + eps_high) & (adv_ST > 0),
+        dual_clip_ST=dual_active_ST, optional_ST=optional_metrics_ST,
+    )
+    return loss, metrics
 
+
+def loss_metrics(
+    valid_ST: torch.Tensor, mask_ST: torch.Tensor, log_ratio_ST: torch.Tensor, ratio_ST: torch.Tensor, *,
+    clip_low_ST: torch.Tensor, clip_high_ST: torch.Tensor, dual_clip_ST: torch.Tensor,
+    optional_ST: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """policy_loss's metrics from its per-token quantities: detached means over unmasked tokens.
+
+    log_ratio_ST is logp - old_logp (0 at masked tokens); the clip tensors are booleans; every
+    tensor of optional_ST (e.g. "kl_mean", "tis_weight_mean") is averaged under its own name.
+    Shared with r1mega.ops' fused loss so both report identical metrics.
+    """
     with torch.no_grad():
         tokens = mask_ST.sum()
 
@@ -264,19 +303,19 @@ def policy_loss(
             return (x_ST * mask_ST).sum() / tokens.clamp(min=1)
 
         # k3 of the sampling policy vs the current one, from the (clamped) token log-ratio.
-        old_minus_new_ST = -log_ratio_ST.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
-        metrics = {
-            "clip_frac_low": token_mean((ratio_ST < 1.0 - eps_low) & (adv_ST < 0)),
-            "clip_frac_high": token_mean((ratio_ST > 1.0 + eps_high) & (adv_ST > 0)),
-            "dual_clip_frac": token_mean(dual_active_ST),
+        old_minus_new_ST = -log_ratio_ST.detach().clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        ratio_ST = ratio_ST.detach()
+        return {
+            "clip_frac_low": token_mean(clip_low_ST),
+            "clip_frac_high": token_mean(clip_high_ST),
+            "dual_clip_frac": token_mean(dual_clip_ST),
             "ratio_mean": token_mean(ratio_ST),
             # Ratios are positive, so padding with 0 gives the masked max, and 0 when all masked.
             "ratio_max": F.pad(torch.where(valid_ST, ratio_ST, 0.0).flatten(), (0, 1)).max(),
             "approx_kl": token_mean(torch.expm1(old_minus_new_ST) - old_minus_new_ST),
-            **{name: token_mean(value_ST) for name, value_ST in optional_metrics_ST.items()},
+            **{name: token_mean(value_ST.detach()) for name, value_ST in optional_ST.items()},
             "tokens": tokens,
         }
-    return loss, metrics
 
 
 def _kl_penalty(
@@ -290,7 +329,7 @@ def _kl_penalty(
     elif base == "k2":
         value_ST = 0.5 * d_ST.square()
     else:
-        clamped_ST = d_ST if clamp is None else d_ST.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+        clamped_ST = d_ST if clamp is None else d_ST.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         # expm1(d) - d is exp(d) - d - 1 without the cancellation of 1 - 1 for small d.
         value_ST = torch.expm1(clamped_ST) - clamped_ST
     if clamp is not None:
@@ -302,7 +341,7 @@ def _kl_penalty(
     return value_ST
 
 
-def _aggregate(
+def aggregate(
     loss_ST: torch.Tensor,
     valid_ST: torch.Tensor,
     mask_ST: torch.Tensor,
