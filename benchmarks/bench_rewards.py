@@ -1,0 +1,116 @@
+"""Throughput of reward scoring: the RewardPool against in-process scoring, measured in one run.
+
+    python benchmarks/bench_rewards.py [--n-math 10000] [--n-code 1000] [--workers 1,2]
+                                       [--inline-max 200] [--out PATH]
+
+Workloads are shipped synthetic tasks with their reference solutions, a third of them corrupted so
+both the right and the wrong verdicts are timed: arithmetic (math-verify on the <answer>) and
+programming (each test case run in the code sandbox). Providers: "inline" scores in this process
+(r1mega.rewards.CompositeReward: the baseline, no isolation) and "pool/W" scores with W worker
+processes under deadlines (what the trainer uses). The table prints completions per second, the
+cost per completion and the speed relative to inline; one JSON line per row goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+from _common import RESULTS, append_jsonl, environment
+from r1mega.data.synthetic import get_task
+from r1mega.rewards import CompositeReward, RewardPool
+
+WEIGHTS = {"accuracy": 1.0, "format": 1.0}
+
+
+def _corrupt(completion: str, rng: random.Random) -> str:
+    # A wrong final answer: the number or the program's last line changes, the format stays valid.
+    head, sep, tail = completion.rpartition("</answer>")
+    body_start = head.rfind("<answer>") + len("<answer>")
+    answer = head[body_start:]
+    if "```" in answer:
+        answer = answer.replace("print(", "print(1 + ", 1) if "print(" in answer else answer + "\nraise SystemExit(1)"
+    else:
+        answer = f" {rng.randint(10**6, 10**7)} "
+    return head[:body_start] + answer + sep + tail
+
+
+def workload(task: str, n: int, seed: int) -> tuple[list, list[str]]:
+    spec = get_task(task)
+    difficulty = max(spec.difficulties)
+    records = spec.generate(n, seed=seed, difficulty=difficulty)
+    rng = random.Random(seed)
+    completions = [spec.solution(r, style="r1-zero") for r in records]
+    completions = [_corrupt(c, rng) if rng.random() < 1 / 3 else c for c in completions]
+    return records, completions
+
+
+def run_inline(records, completions) -> tuple[float, list]:
+    scorer = CompositeReward(WEIGHTS)
+    start = time.perf_counter()
+    scored = scorer.score(records, completions)
+    return time.perf_counter() - start, scored
+
+
+def run_pool(records, completions, workers: int) -> tuple[float, list]:
+    with RewardPool(WEIGHTS, workers=workers, timeout_s=60.0) as pool:
+        pool.score(records[:workers], completions[:workers])  # warm the workers' imports
+        start = time.perf_counter()
+        scored = pool.score(records, completions)
+        return time.perf_counter() - start, scored
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-math", type=int, default=10_000)
+    ap.add_argument("--n-code", type=int, default=1_000)
+    ap.add_argument("--workers", default="1,2", help="comma-separated pool sizes")
+    ap.add_argument("--inline-max", type=int, default=200,
+                    help="the inline baseline scores at most this many completions of a workload "
+                         "(rates are compared; the verdicts on that prefix must agree)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "bench_rewards.jsonl"))
+    args = ap.parse_args(argv)
+    env = environment()
+    rows = []
+    for name, task, n in (("math", "arithmetic", args.n_math), ("code", "programming", args.n_code)):
+        if n <= 0:
+            continue
+        records, completions = workload(task, n, args.seed)
+        providers = [("inline", None)] + [(f"pool/{w}", int(w)) for w in args.workers.split(",")]
+        verdicts = {}
+        for provider, workers in providers:
+            if workers is None:
+                m = min(n, args.inline_max)
+                seconds, scored = run_inline(records[:m], completions[:m])
+            else:
+                m = n
+                seconds, scored = run_pool(records, completions, workers)
+            verdicts[provider] = [s.values.get("accuracy") for s in scored]
+            rows.append({"bench": "bench_rewards", "workload": name, "provider": provider,
+                         "workers": workers, "completions": m, "seconds": seconds,
+                         "completions_per_s": m / seconds, "ms_per_completion": 1e3 * seconds / m,
+                         "accuracy_mean": sum(v or 0.0 for v in verdicts[provider]) / m,
+                         "errors": sum(bool(s.errors) for s in scored), "seed": args.seed, **env})
+        prefix = len(verdicts["inline"])
+        if any(v[:prefix] != verdicts["inline"] for v in verdicts.values()):
+            print(f"ERROR: providers disagree on the {name} verdicts", file=sys.stderr)
+            return 1
+
+    print(f"{'workload':<9}{'provider':<10}{'n':>7}{'seconds':>10}{'per s':>10}{'ms each':>9}"
+          f"{'vs inline':>10}{'accuracy':>10}{'errors':>7}")
+    for r in rows:
+        inline = next(x for x in rows if x["workload"] == r["workload"] and x["provider"] == "inline")
+        print(f"{r['workload']:<9}{r['provider']:<10}{r['completions']:>7}{r['seconds']:>10.2f}"
+              f"{r['completions_per_s']:>10.1f}{r['ms_per_completion']:>9.2f}"
+              f"{r['completions_per_s'] / inline['completions_per_s']:>9.2f}x{r['accuracy_mean']:>10.3f}{r['errors']:>7}")
+    print("vs inline = rate / inline rate (>1: faster than scoring in this process); a third of "
+          "the completions are corrupted (code accuracy is the fraction of tests passed)")
+    append_jsonl(args.out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
