@@ -55,7 +55,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return value
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if base in (int, float) and isinstance(value, bool) or not isinstance(value, base):
+    bool_for_number = base in (int, float) and isinstance(value, bool)  # bool is an int subclass
+    if bool_for_number or not isinstance(value, base):
         raise ConfigError(f"{key}: {value!r} is not a {base.__name__}")
     return value
 
