@@ -33,6 +33,10 @@ def knob(default: Any, doc: str, *, choices: tuple | None = None, ge: float | No
                                             "le": le, "lt": lt})
 
 
+def _a(type_name: str) -> str:
+    return ("an " if type_name[0] in "aeiou" else "a ") + type_name
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -57,7 +61,7 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return float(value)
     bool_for_number = base in (int, float) and isinstance(value, bool)  # bool is an int subclass
     if bool_for_number or not isinstance(value, base):
-        raise ConfigError(f"{key}: {value!r} is not a {base.__name__}")
+        raise ConfigError(f"{key}: {value!r} is not {_a(base.__name__)}")
     return value
 
 
@@ -338,5 +342,5 @@ def parse_value(key: str, raw: str) -> Any:
         if base is float:
             return float(raw)
     except ValueError:
-        raise ConfigError(f"{key}: {raw!r} is not a {base.__name__}") from None
+        raise ConfigError(f"{key}: {raw!r} is not {_a(base.__name__)}") from None
     return raw  # str and Literal: checked against choices when the section is built

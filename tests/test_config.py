@@ -46,7 +46,7 @@ def test_overrides_apply_in_order_and_validate_the_whole():
     ("gpro.kl_coef=0", r"did you mean 'grpo\.kl_coef'\?"),
     ("grpo.eps_low=-0.1", r"grpo\.eps_low: -0\.1 must be >= 0\.0"),
     ("grpo.eps_low=abc", r"grpo\.eps_low: 'abc' is not a float"),
-    ("grpo.group_size=2.5", r"grpo\.group_size: '2\.5' is not a int"),
+    ("grpo.group_size=2.5", r"grpo\.group_size: '2\.5' is not an int"),
     ("grpo.dual_clip=1.0", r"grpo\.dual_clip: 1\.0 must be > 1\.0"),
     ("grpo.agg=mean", r"grpo\.agg: 'mean' is not one of 'token-mean'"),
     ("grpo.kl_estimator=k4", r"grpo\.kl_estimator: 'k4' is not one of"),
@@ -62,7 +62,7 @@ def test_bad_overrides_name_the_key_and_value(assignment, message):
 
 
 def test_construction_validates_types_directly():
-    with pytest.raises(ConfigError, match=r"grpo\.group_size: '16' is not a int"):
+    with pytest.raises(ConfigError, match=r"grpo\.group_size: '16' is not an int"):
         GRPOConfig(group_size="16")
     with pytest.raises(ConfigError, match=r"grpo\.tis: 1 is not a bool"):
         GRPOConfig(tis=1)
