@@ -4,6 +4,10 @@
     r1mega reward --data F --completions F [--out F] [CONFIG]
                                               score completions with the trainer's reward path
     r1mega synth TASK --out F [--solutions F] write a shipped synthetic task (and its solutions)
+    r1mega convert --hf DIR --to-megatron OUT [--tp N --pp N --ep N --etp N --dtype D]
+    r1mega convert --megatron DIR --to-hf OUT [layout]
+                                              Hugging Face safetensors <-> megatron checkpoint
+                                              (one process, or under torchrun for a layout)
     r1mega recipes                            list the named recipes
     r1mega keys                               list every config key with its documentation
 
@@ -67,6 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--solutions", metavar="FILE", help="also write the reference solutions as completions")
     synth.add_argument("--style", choices=("r1-zero", "r1"), default="r1-zero",
                        help="solution format (default r1-zero: <think> then <answer>)")
+
+    convert = sub.add_parser(
+        "convert", help="convert a Hugging Face safetensors directory to a megatron checkpoint or back",
+        description="Hugging Face safetensors <-> megatron distributed checkpoint. Runs as one process "
+        "(tp=pp=ep=1) or under torchrun with one process per rank of the layout; the megatron "
+        "checkpoint loads into any layout. --hf DIR --to-hf OUT passes through megatron in memory.")
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json + safetensors)")
+    source.add_argument("--megatron", metavar="DIR", help="a checkpoint written by --to-megatron")
+    target = convert.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-megatron", metavar="OUT", help="write a megatron checkpoint (needs --hf)")
+    target.add_argument("--to-hf", metavar="OUT", help="write a Hugging Face safetensors directory")
+    for name, doc in (("tp", "tensor-parallel"), ("pp", "pipeline-parallel"), ("ep", "expert-parallel")):
+        convert.add_argument(f"--{name}", type=int, default=1, help=f"{doc} size (default 1)")
+    convert.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: tp)")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                         help="megatron parameter dtype (default: the config's)")
 
     sub.add_parser("recipes", help="list the named recipes")
     sub.add_parser("keys", help="list every config key with its type, default and documentation")
@@ -152,6 +173,39 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    import warnings
+
+    from r1mega.models import check_hf_checkpoint, describe_hf_model, hf_io
+    from r1mega.parallel import ParallelConfig
+
+    if args.to_megatron and not args.hf:
+        raise ValueError("convert: --to-megatron needs --hf DIR")
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
+    if args.hf:  # refuse a broken or unsupported directory before any process group or model exists
+        check_hf_checkpoint(args.hf, describe_hf_model(args.hf))
+    warnings.filterwarnings("ignore", module=r"megatron\.")  # its import-time notes about TE/Apex
+    import torch.distributed as dist
+
+    from r1mega.parallel import destroy_parallel
+
+    try:
+        if args.to_megatron:
+            hf_io.convert_hf_to_megatron(args.hf, args.to_megatron, parallel, dtype=args.dtype)
+        elif args.megatron:
+            hf_io.convert_megatron_to_hf(args.megatron, args.to_hf, parallel)
+        else:
+            hf_io.convert_hf_to_hf(args.hf, args.to_hf, parallel, dtype=args.dtype)
+        if dist.get_rank() == 0:
+            target = args.to_megatron or args.to_hf
+            kind = "megatron checkpoint" if args.to_megatron else "Hugging Face directory"
+            print(f"wrote {kind} {target} (tp={parallel.tp} pp={parallel.pp} ep={parallel.ep} "
+                  f"on {dist.get_world_size()} rank(s))")
+    finally:
+        destroy_parallel(process_group=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "recipes":
@@ -163,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "synth":
             return _synth(args)
+        if args.command == "convert":
+            return _convert(args)
         cfg = resolve_config(args.recipe, args.config, args.overrides)
         if args.command == "reward":
             return _reward(args, cfg)

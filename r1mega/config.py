@@ -220,6 +220,82 @@ class OptimConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ParallelConfig(_Section):
+    """Model-parallel sizes; dp = world_size / (tp * pp) is derived, never set."""
+
+    section_name: typing.ClassVar[str] = "parallel"
+
+    tp: int = knob(1, "Tensor-parallel size: attention heads, FFN columns and the vocabulary are split over tp ranks.", ge=1)
+    pp: int = knob(1, "Pipeline-parallel size: the layers are split into pp stages.", ge=1)
+    ep: int = knob(1, "Expert-parallel size: the routed experts of each MoE layer are split over ep ranks.", ge=1)
+    etp: Optional[int] = knob(
+        None, "Expert tensor-parallel size: each expert's FFN is split over etp ranks; None: same as tp "
+        "(megatron's default). 1 is usual with ep > 1.", ge=1)
+    sequence_parallel: Optional[bool] = knob(
+        None, "Split activations outside attention/MLP along the sequence over the TP group; None: on "
+        "when tp > 1. Megatron requires it for MoE with tp > 1.")
+    moe_dispatcher: Literal["alltoall", "allgather"] = knob(
+        "alltoall", "How routed tokens reach their experts across the EP group.")
+    pp_first_stage_layers: Optional[int] = knob(
+        None, "Layers on the first pipeline stage when the layers do not split evenly; None: even split.", ge=1)
+    pp_last_stage_layers: Optional[int] = knob(
+        None, "Layers on the last pipeline stage when the layers do not split evenly; None: even split.", ge=1)
+
+    def _check(self) -> None:
+        if self.sequence_parallel and self.tp == 1:
+            self._fail("sequence_parallel", "needs parallel.tp > 1")
+        if self.pp == 1:
+            for name in ("pp_first_stage_layers", "pp_last_stage_layers"):
+                if getattr(self, name) is not None:
+                    self._fail(name, "needs parallel.pp > 1")
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def uses_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    def dp(self, world_size: int) -> int:
+        """Data-parallel size at `world_size` (checked)."""
+        self.check_world(world_size)
+        return world_size // (self.tp * self.pp)
+
+    def check_world(self, world_size: int) -> None:
+        """Raise ConfigError unless `world_size` ranks can hold this layout."""
+        if world_size < 1:
+            raise ConfigError(f"parallel: world size {world_size} must be >= 1")
+        dense = self.tp * self.pp
+        if world_size % dense:
+            raise ConfigError(f"parallel: world size {world_size} is not a multiple of tp*pp = "
+                              f"{self.tp}*{self.pp} = {dense}")
+        expert = self.expert_tp * self.ep * self.pp
+        if world_size % expert:
+            raise ConfigError(f"parallel: world size {world_size} is not a multiple of etp*ep*pp = "
+                              f"{self.expert_tp}*{self.ep}*{self.pp} = {expert}")
+
+    def check_model(self, *, num_layers: int, moe: bool) -> None:
+        """Raise ConfigError when this layout cannot split a model of `num_layers` layers."""
+        if moe and self.tp > 1 and not self.uses_sequence_parallel:
+            self._fail("sequence_parallel", "must be on (or None) for an MoE model with tp > 1 "
+                       "(megatron requires sequence parallelism there)")
+        if not moe and (self.ep > 1 or self.etp is not None and self.etp != self.tp):
+            self._fail("ep", "is for MoE models; this model has no experts")
+        first, last = self.pp_first_stage_layers, self.pp_last_stage_layers
+        if self.pp == 1:
+            return
+        middle_stages = self.pp - (first is not None) - (last is not None)
+        middle_layers = num_layers - (first or 0) - (last or 0)
+        if middle_layers < 0 or (middle_stages == 0 and middle_layers != 0) or \
+                (middle_stages > 0 and (middle_layers % middle_stages or middle_layers == 0)):
+            raise ConfigError(
+                f"parallel: {num_layers} layers cannot be split over pp={self.pp} stages "
+                f"(pp_first_stage_layers={first}, pp_last_stage_layers={last}); every stage needs "
+                "at least one layer and the middle stages an equal share")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole r1mega run. Build one with a recipe, then `with_overrides`."""
 
@@ -228,6 +304,7 @@ class Config:
     batch: BatchConfig = field(default_factory=BatchConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     # ---- introspection -------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""megatron-core GPT models built from Hugging Face configs, and streaming HF checkpoint I/O.
+
+    desc = describe_hf_model(hf_dir)                      # typed ModelDesc, or UnsupportedModelError
+    parallel = ParallelConfig(tp=2, ep=2)                  # r1mega.parallel
+    layout = init_parallel(parallel)                       # checks the world size, sets up groups
+    model = build_model(desc, parallel)                    # this rank's GPTModel
+    report = load_hf_weights(model, desc, hf_dir)          # each rank reads only its slices
+    logits = forward_logits(model, input_ids)              # [B, T, V] on the last stage
+    export_hf_weights(model, desc, out_dir, dtypes=report.dtypes)
+
+Only :mod:`r1mega.models.hf_config` is imported eagerly; the rest (which imports megatron) loads
+on first use, so that describing or checking a checkpoint stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from r1mega.models.hf_config import (
+    SUPPORTED_ARCHS,
+    MLADesc,
+    ModelDesc,
+    MoEDesc,
+    RopeDesc,
+    UnsupportedModelError,
+    describe_hf_config,
+    describe_hf_model,
+    load_hf_config,
+)
+
+_LAZY = {
+    "build_model": "r1mega.models.build",
+    "forward_logits": "r1mega.models.build",
+    "model_config": "r1mega.models.build",
+    "make_transformer_config": "r1mega.models.transformer_config",
+    "layer_spec": "r1mega.models.transformer_config",
+    "transformer_engine_available": "r1mega.models.transformer_config",
+    "CheckpointError": "r1mega.models.hf_io",
+    "LoadReport": "r1mega.models.hf_io",
+    "check_hf_checkpoint": "r1mega.models.hf_io",
+    "expected_hf_tensors": "r1mega.models.hf_io",
+    "export_hf_weights": "r1mega.models.hf_io",
+    "load_hf_weights": "r1mega.models.hf_io",
+    "scan_hf_checkpoint": "r1mega.models.hf_io",
+    "convert_hf_to_megatron": "r1mega.models.hf_io",
+    "convert_megatron_to_hf": "r1mega.models.hf_io",
+    "convert_hf_to_hf": "r1mega.models.hf_io",
+}
+
+__all__ = ["SUPPORTED_ARCHS", "MLADesc", "ModelDesc", "MoEDesc", "RopeDesc", "UnsupportedModelError",  # noqa: PLE0604
+           "describe_hf_config", "describe_hf_model", "load_hf_config", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'r1mega.models' has no attribute {name!r}")

@@ -1,0 +1,353 @@
+"""A Hugging Face ``config.json`` as r1mega's typed model description, or a refusal that names why.
+
+:func:`describe_hf_config` reads the keys each supported family uses and returns a frozen
+:class:`ModelDesc`; everything r1mega builds (megatron's TransformerConfig, the tensor-name map of
+the checkpoint converter) is derived from it, never from the raw dict. Anything the megatron model
+could not reproduce exactly is refused by name with :class:`UnsupportedModelError`: an unknown
+architecture, a rope scaling type, sliding-window attention, quantised weights, a router variant.
+
+Supported families (``ModelDesc.arch``):
+
+* ``deepseek_v3`` — multi-latent attention (MLA), sigmoid router with the aux-loss-free expert bias
+  (``e_score_correction_bias``), group-limited top-k, routed scaling factor, shared experts, the
+  first ``first_k_dense_replace`` layers dense. RoPE: default or YaRN.
+* ``qwen3_moe`` — softmax top-k router (``norm_topk_prob`` either way), q/k RMSNorm on the head dim,
+  ``decoder_sparse_step``/``mlp_only_layers`` layer pattern.
+* ``qwen2`` — dense, q/k/v biases, optionally tied embeddings (Qwen2 and Qwen2.5).
+* ``llama`` — dense Llama-3 (rope scaling ``llama3`` with megatron's fixed constants, or none).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+SUPPORTED_ARCHS = ("deepseek_v3", "qwen3_moe", "qwen2", "llama")
+_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+
+
+class UnsupportedModelError(ValueError):
+    """A config.json r1mega cannot build exactly; the message names the key and value."""
+
+
+@dataclass(frozen=True)
+class RopeDesc:
+    """Rotary position embedding. ``kind``: default | linear | llama3 | yarn."""
+
+    theta: float
+    kind: Literal["default", "linear", "llama3", "yarn"] = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None  # yarn
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float = 1.0  # yarn
+    mscale_all_dim: float = 0.0  # yarn
+
+
+@dataclass(frozen=True)
+class MLADesc:
+    """DeepSeek multi-latent attention dimensions; ``q_lora_rank`` None means a plain q projection."""
+
+    q_lora_rank: Optional[int]
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class MoEDesc:
+    """Routed (and shared) experts and their router, as megatron names the choices."""
+
+    num_experts: int
+    topk: int
+    ffn_hidden_size: int
+    layers: tuple[bool, ...]  # per layer: True = MoE, False = dense MLP
+    score_function: Literal["softmax", "sigmoid"]
+    pre_softmax: bool  # softmax over all experts then top-k (no renormalisation)
+    expert_bias: bool  # aux-loss-free balancing bias (DeepSeek-V3 e_score_correction_bias)
+    num_groups: Optional[int] = None  # group-limited top-k
+    group_topk: Optional[int] = None
+    scaling_factor: Optional[float] = None  # routed_scaling_factor
+    shared_ffn_hidden_size: int = 0  # 0: no shared experts
+    router_fp32: bool = False  # router logits in fp32 (DeepSeek-V3) or the model dtype (Qwen3-MoE)
+
+
+@dataclass(frozen=True)
+class ModelDesc:
+    """Everything r1mega needs to build a model and map its checkpoint; derived from config.json."""
+
+    arch: Literal["deepseek_v3", "qwen3_moe", "qwen2", "llama"]
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # attention head dim (MLA: unused by the attention, kept for reference)
+    ffn_hidden_size: int  # dense-layer FFN width
+    norm_eps: float
+    rope: RopeDesc
+    max_position_embeddings: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    dtype: Literal["float32", "bfloat16", "float16"]
+    init_std: float = 0.02
+    mla: Optional[MLADesc] = None
+    moe: Optional[MoEDesc] = None
+    config: dict = field(default_factory=dict, compare=False, repr=False)  # the config.json as read
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and self.moe.layers[layer]
+
+
+# ---------------------------------------------------------------------------------------------
+def load_hf_config(path: str | Path) -> dict:
+    """The config.json of a model directory (or the file itself) as a dict."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UnsupportedModelError(f"{file}: no config.json") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UnsupportedModelError(f"{file}: cannot read a JSON config ({err})") from None
+    if not isinstance(data, dict):
+        raise UnsupportedModelError(f"{file}: expected a JSON object")
+    return data
+
+
+def describe_hf_model(path: str | Path) -> ModelDesc:
+    """`describe_hf_config` of the config.json in a model directory."""
+    return describe_hf_config(load_hf_config(path))
+
+
+_MISSING = object()
+
+
+class _Reader:
+    def __init__(self, cfg: dict, arch: str):
+        self.cfg, self.arch = cfg, arch
+
+    def get(self, key: str, default: Any = _MISSING, *, aliases: tuple[str, ...] = ()) -> Any:
+        for name in (key, *aliases):
+            if name in self.cfg and self.cfg[name] is not None:
+                return self.cfg[name]
+        if default is _MISSING:
+            raise UnsupportedModelError(f"config.json ({self.arch}): required key {key!r} is missing")
+        return default
+
+    def int(self, key: str, default: Any = _MISSING, *, aliases: tuple[str, ...] = (), ge: int = 1) -> int:
+        value = self.get(key, default, aliases=aliases)
+        if not isinstance(value, int) or isinstance(value, bool) or value < ge:
+            raise UnsupportedModelError(f"config.json ({self.arch}): {key}={value!r} must be an integer >= {ge}")
+        return value
+
+    def refuse(self, key: str, value: Any, why: str) -> None:
+        raise UnsupportedModelError(f"config.json ({self.arch}): {key}={value!r} is not supported: {why}")
+
+    def require(self, key: str, allowed: tuple, default: Any, why: str) -> Any:
+        value = self.get(key, default)
+        if value not in allowed:
+            self.refuse(key, value, why)
+        return value
+
+
+def model_type_of(cfg: dict) -> str:
+    """The family of a config.json: its model_type, checked against its architectures."""
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    if model_type in SUPPORTED_ARCHS:
+        return model_type
+    shown = f"model_type {model_type!r}" + (f", architectures {archs}" if archs else "")
+    raise UnsupportedModelError(
+        f"config.json: {shown} is not supported; supported model_type: {', '.join(SUPPORTED_ARCHS)}")
+
+
+def describe_hf_config(cfg: dict) -> ModelDesc:
+    """The ModelDesc of a Hugging Face config dict, or UnsupportedModelError naming the problem."""
+    arch = model_type_of(cfg)
+    r = _Reader(cfg, arch)
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?") if isinstance(cfg["quantization_config"], dict) else "?"
+        r.refuse("quantization_config", f"quant_method={method}", "quantised checkpoints must be dequantised first")
+    act = r.get("hidden_act", "silu", aliases=("hidden_activation",))
+    if act != "silu":
+        r.refuse("hidden_act", act, "only silu (SwiGLU) MLPs are supported")
+    if r.get("use_sliding_window", False):
+        r.refuse("use_sliding_window", True, "sliding-window attention is not supported")
+    layer_types = r.get("layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        r.refuse("layer_types", sorted(set(layer_types)), "only full_attention layers are supported")
+    if r.get("pretraining_tp", 1) != 1:
+        r.refuse("pretraining_tp", cfg["pretraining_tp"], "only 1 is supported")
+
+    hidden = r.int("hidden_size")
+    heads = r.int("num_attention_heads")
+    layers = r.int("num_hidden_layers")
+    kv_heads = r.int("num_key_value_heads", heads)
+    if heads % kv_heads:
+        r.refuse("num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
+    head_dim = r.int("head_dim", hidden // heads) if arch != "deepseek_v3" else hidden // heads
+    raw_dtype = r.get("dtype", None, aliases=("torch_dtype",)) or "float32"
+    if raw_dtype not in _DTYPES:
+        r.refuse("dtype", raw_dtype, f"expected one of {', '.join(sorted(set(_DTYPES.values())))}")
+    common = dict(
+        arch=arch, vocab_size=r.int("vocab_size"), hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=r.int("intermediate_size"),
+        norm_eps=float(r.get("rms_norm_eps", 1e-6)), max_position_embeddings=r.int("max_position_embeddings", 4096),
+        tie_embeddings=bool(r.get("tie_word_embeddings", False)), dtype=_DTYPES[raw_dtype],
+        init_std=float(r.get("initializer_range", 0.02)), config=cfg,
+    )
+    if arch == "deepseek_v3":
+        return _deepseek_v3(r, common)
+    if arch == "qwen3_moe":
+        return _qwen3_moe(r, common)
+    if arch == "qwen2":
+        return ModelDesc(**common, rope=_rope(r, mla=False), qkv_bias=True, qk_norm=False)
+    # llama
+    if r.get("attention_bias", False):
+        r.refuse("attention_bias", True, "biases on q/k/v/o projections are not supported for llama")
+    if r.get("mlp_bias", False):
+        r.refuse("mlp_bias", True, "MLP biases are not supported")
+    return ModelDesc(**common, rope=_rope(r, mla=False), qkv_bias=False, qk_norm=False)
+
+
+def _rope_params(r: _Reader) -> dict:
+    """rope_parameters (transformers >= 5) or the older rope_theta + rope_scaling keys."""
+    params = r.get("rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return dict(params)
+    scaling = r.get("rope_scaling", None) or {}
+    if not isinstance(scaling, dict):
+        r.refuse("rope_scaling", scaling, "expected an object")
+    merged = {**scaling, "rope_theta": r.get("rope_theta", 10000.0)}
+    merged.setdefault("rope_type", scaling.get("type", "default"))
+    return merged
+
+
+def _rope(r: _Reader, *, mla: bool) -> RopeDesc:
+    p = _rope_params(r)
+    kind = p.get("rope_type", p.get("type", "default"))
+    theta = float(p["rope_theta"])
+    if p.get("partial_rotary_factor", 1.0) != 1.0:
+        r.refuse("rope_parameters.partial_rotary_factor", p["partial_rotary_factor"], "only 1.0 is supported")
+    if kind == "default":
+        return RopeDesc(theta=theta)
+    if kind == "linear" and not mla:
+        return RopeDesc(theta=theta, kind="linear", factor=float(p["factor"]))
+    if kind == "llama3" and not mla:
+        # megatron's RotaryEmbedding applies the llama3.1 rule with these constants built in.
+        fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        for key, value in fixed.items():
+            if float(p.get(key, value)) != value:
+                r.refuse(f"rope_parameters.{key}", p.get(key), f"megatron's llama3 rope scaling fixes it at {value:g}")
+        return RopeDesc(theta=theta, kind="llama3", factor=float(p["factor"]))
+    if kind == "yarn" and mla:
+        if p.get("attention_factor") is not None:
+            r.refuse("rope_parameters.attention_factor", p["attention_factor"],
+                     "an explicit YaRN attention factor is not supported (it is derived from mscale)")
+        if p.get("truncate", True) is not True:
+            r.refuse("rope_parameters.truncate", p["truncate"], "megatron's YaRN always truncates")
+        original = int(p.get("original_max_position_embeddings") or 4096)
+        factor = p.get("factor")
+        factor = float(factor) if factor is not None else r.get("max_position_embeddings") / original
+        # transformers: cos/sin scaled by m(mscale)/m(mscale_all_dim) when both are set, else by
+        # m(1); the softmax scale by m(mscale_all_dim)^2 when it is set. megatron always uses the
+        # ratio and m(mscale_all_dim)^2, so "mscale_all_dim without mscale" has no equivalent.
+        mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+        if mscale_all_dim and not mscale:
+            r.refuse("rope_parameters.mscale", mscale, "YaRN with mscale_all_dim but no mscale has no megatron equivalent")
+        if not (mscale and mscale_all_dim):
+            mscale, mscale_all_dim = 1.0, 0.0
+        return RopeDesc(theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=original,
+                        beta_fast=float(p.get("beta_fast") or 32), beta_slow=float(p.get("beta_slow") or 1),
+                        mscale=float(mscale), mscale_all_dim=float(mscale_all_dim))
+    where = "multi-latent attention supports default and yarn" if mla else "supported: default, linear, llama3"
+    r.refuse("rope_parameters.rope_type", kind, where)
+    raise AssertionError  # unreachable
+
+
+def _deepseek_v3(r: _Reader, common: dict) -> ModelDesc:
+    if r.get("attention_bias", False):
+        r.refuse("attention_bias", True, "MLA projections without biases only")
+    if r.get("rope_interleave", True) is not True:
+        r.refuse("rope_interleave", r.get("rope_interleave"),
+                 "megatron's MLA applies RoPE to interleaved pairs (DeepSeek's layout) only")
+    r.require("scoring_func", ("sigmoid",), "sigmoid", "DeepSeek-V3 routers score with sigmoid")
+    r.require("topk_method", ("noaux_tc",), "noaux_tc", "only the aux-loss-free noaux_tc router is supported")
+    if r.int("moe_layer_freq", 1) != 1:
+        r.refuse("moe_layer_freq", r.get("moe_layer_freq"),
+                 "transformers' DeepSeek-V3 makes every layer from first_k_dense_replace on an MoE layer")
+    layers = common["num_layers"]
+    experts = r.int("n_routed_experts", aliases=("num_local_experts",))
+    topk = r.int("num_experts_per_tok")
+    groups = r.int("n_group", 1)
+    group_topk = r.int("topk_group", 1)
+    if experts % groups:
+        r.refuse("n_group", groups, f"must divide n_routed_experts={experts}")
+    if group_topk > groups:
+        r.refuse("topk_group", group_topk, f"must be <= n_group={groups}")
+    if groups > 1 and topk // group_topk != 2:
+        # transformers (and DeepSeek's reference code) score a group by its top-2 experts; megatron
+        # by its top (topk // group_topk): they agree only when that quotient is 2.
+        r.refuse("topk_group", group_topk, f"group scoring matches transformers only when "
+                 f"num_experts_per_tok // topk_group == 2 (num_experts_per_tok={topk})")
+    if topk == 1:
+        r.refuse("num_experts_per_tok", 1, "megatron's sigmoid router does not renormalise a single expert's weight")
+    if not r.get("norm_topk_prob", True):
+        r.refuse("norm_topk_prob", False, "megatron's sigmoid router always renormalises the top-k weights")
+    first_dense = r.int("first_k_dense_replace", 0, ge=0)
+    shared = r.int("n_shared_experts", 0, ge=0)
+    moe_ffn = r.int("moe_intermediate_size")
+    moe = MoEDesc(
+        num_experts=experts, topk=topk, ffn_hidden_size=moe_ffn,
+        layers=tuple(i >= first_dense for i in range(layers)), score_function="sigmoid",
+        pre_softmax=False, expert_bias=True,
+        num_groups=groups if groups > 1 else None, group_topk=group_topk if groups > 1 else None,
+        scaling_factor=float(r.get("routed_scaling_factor", 1.0)), shared_ffn_hidden_size=shared * moe_ffn,
+        router_fp32=True,
+    )
+    mla = MLADesc(q_lora_rank=r.get("q_lora_rank", None), kv_lora_rank=r.int("kv_lora_rank"),
+                  qk_nope_head_dim=r.int("qk_nope_head_dim"), qk_rope_head_dim=r.int("qk_rope_head_dim"),
+                  v_head_dim=r.int("v_head_dim"))
+    if mla.q_lora_rank is not None:
+        r.int("q_lora_rank")
+    if mla.qk_rope_head_dim % 2:
+        r.refuse("qk_rope_head_dim", mla.qk_rope_head_dim, "must be even")
+    rope = _rope(r, mla=True)
+    if rope.kind == "yarn" and not math.isfinite(rope.factor):
+        r.refuse("rope_parameters.factor", rope.factor, "must be finite")
+    return ModelDesc(**{**common, "head_dim": mla.qk_head_dim}, rope=rope, qkv_bias=False, qk_norm=True,
+                     mla=mla, moe=moe if any(moe.layers) else None)
+
+
+def _qwen3_moe(r: _Reader, common: dict) -> ModelDesc:
+    if r.get("attention_bias", False):
+        r.refuse("attention_bias", True, "attention biases are not supported for qwen3_moe")
+    layers = common["num_layers"]
+    experts = r.int("num_experts", aliases=("num_local_experts",), ge=0)
+    step = r.int("decoder_sparse_step", 1)
+    dense_only = set(r.get("mlp_only_layers", []) or [])
+    pattern = tuple(experts > 0 and i not in dense_only and (i + 1) % step == 0 for i in range(layers))
+    if r.get("shared_expert_intermediate_size", 0):
+        r.refuse("shared_expert_intermediate_size", r.get("shared_expert_intermediate_size"),
+                 "qwen3_moe has no shared experts")
+    moe = None
+    if any(pattern):
+        norm = bool(r.get("norm_topk_prob", False))
+        moe = MoEDesc(num_experts=experts, topk=r.int("num_experts_per_tok"),
+                      ffn_hidden_size=r.int("moe_intermediate_size"), layers=pattern,
+                      score_function="softmax", pre_softmax=not norm, expert_bias=False)
+    return ModelDesc(**common, rope=_rope(r, mla=False), qkv_bias=False, qk_norm=True, moe=moe)

@@ -1,0 +1,52 @@
+"""Helpers shared by the model worker scripts (imported from the workers' own directory)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import warnings
+from pathlib import Path
+
+LOGIT_ATOL = 2e-5  # fp32 rounding: measured max |diff| <= 1e-6 at these sizes
+
+
+def raw_tensors(directory: str | Path) -> dict[str, tuple[str, tuple, bytes]]:
+    """name -> (dtype, shape, raw bytes) of every tensor in a safetensors directory."""
+    out = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        data = file.read_bytes()
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size])
+        header.pop("__metadata__", None)
+        base = 8 + size
+        for name, meta in header.items():
+            start, end = meta["data_offsets"]
+            assert name not in out, f"{name} twice in {directory}"
+            out[name] = (meta["dtype"], tuple(meta["shape"]), data[base + start: base + end])
+    return out
+
+
+def same_tensors(src: str | Path, dst: str | Path) -> list[str]:
+    """Differences between two safetensors directories, per tensor (names, dtypes, shapes, bytes)."""
+    a, b = raw_tensors(src), raw_tensors(dst)
+    problems = [f"missing {n}" for n in sorted(set(a) - set(b))] + [f"extra {n}" for n in sorted(set(b) - set(a))]
+    problems += [f"differs {n}" for n in sorted(set(a) & set(b)) if a[n] != b[n]]
+    return problems
+
+
+def reference(root: Path, name: str):
+    import torch
+
+    return torch.load(root / f"{name}.ref.pt")
+
+
+def quiet_megatron() -> None:
+    """Silence megatron's import-time notes (no TE/Apex) in a worker's logs."""
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+    sys.stdout.flush()
