@@ -8,6 +8,17 @@
     logits = forward_logits(model, input_ids)              # [B, T, V] on the last stage
     export_hf_weights(model, desc, out_dir, dtypes=report.dtypes)
 
+The trainer's entry point is :func:`load_policy` (r1mega.models.policy): a :class:`Policy` with
+log-probs, a GRPO training step, atomic checkpoints loadable in any layout
+(r1mega.models.checkpoint) and the HF-named weight stream for rollout engines
+(r1mega.models.buckets)::
+
+    policy = load_policy(hf_or_checkpoint_dir, tp=2, ep=2)
+    logp = policy.logprobs(input_ids, attention_mask)      # [S, T] on every rank
+    metrics = policy.train_step(batch)
+    policy.save_checkpoint(run_dir, data_state=sampler.state_dict())
+    for bucket in policy.hf_weight_buckets(1 << 30): ...
+
 Only :mod:`r1mega.models.hf_config` is imported eagerly; the rest (which imports megatron) loads
 on first use, so that describing or checking a checkpoint stays cheap.
 """
@@ -45,6 +56,13 @@ _LAZY = {
     "convert_hf_to_megatron": "r1mega.models.hf_io",
     "convert_megatron_to_hf": "r1mega.models.hf_io",
     "convert_hf_to_hf": "r1mega.models.hf_io",
+    "Policy": "r1mega.models.policy",
+    "load_policy": "r1mega.models.policy",
+    "save_checkpoint": "r1mega.models.checkpoint",
+    "load_checkpoint": "r1mega.models.checkpoint",
+    "resolve_checkpoint": "r1mega.models.checkpoint",
+    "list_checkpoints": "r1mega.models.checkpoint",
+    "hf_weight_buckets": "r1mega.models.buckets",
 }
 
 __all__ = ["SUPPORTED_ARCHS", "MLADesc", "ModelDesc", "MoEDesc", "RopeDesc", "UnsupportedModelError",  # noqa: PLE0604

@@ -1,0 +1,65 @@
+"""Checkpoint directories without a model: the ``latest`` pointer, partial and interrupted saves,
+pruning, metadata checks.
+
+The checks that need a trained model (a save SIGKILLed mid-write leaves the previous checkpoint
+loadable and no partial step directory; bad saves are refused; resuming in other layouts) are in
+tests/test_models_policy.py, which owns the reference run they share.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from r1mega.models.checkpoint import (
+    LATEST_NAME,
+    META_NAME,
+    _cleanup,
+    list_checkpoints,
+    read_meta,
+    resolve_checkpoint,
+)
+from r1mega.models.hf_io import CheckpointError
+
+
+def _fake_step(root, step, *, complete=True):
+    path = root / f"step_{step:08d}"
+    (path / "weights").mkdir(parents=True)
+    if complete:
+        (path / META_NAME).write_text(json.dumps({"format": 1, "step": step}))
+    return path
+
+
+def test_resolve_follows_latest_and_ignores_partial_directories(tmp_path):
+    first, second = _fake_step(tmp_path, 1), _fake_step(tmp_path, 2)
+    _fake_step(tmp_path, 3, complete=False)  # a crash before its metadata: not a checkpoint
+    (tmp_path / "step_00000004.tmp-0badc0de").mkdir()
+    assert resolve_checkpoint(tmp_path) == second  # no pointer: the newest complete one
+    (tmp_path / LATEST_NAME).write_text("step_00000001\n")
+    assert resolve_checkpoint(tmp_path) == first  # the pointer wins
+    assert resolve_checkpoint(second) == second  # a step directory is itself
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2]
+    (tmp_path / LATEST_NAME).write_text("step_00000003\n")
+    with pytest.raises(CheckpointError, match="step_00000003.*not a complete checkpoint"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_resolve_refuses_a_directory_without_checkpoints(tmp_path):
+    (tmp_path / "step_00000001.tmp-00000000").mkdir()
+    with pytest.raises(CheckpointError, match="not an r1mega checkpoint"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / META_NAME).write_text("{\"format\": 99}")
+    with pytest.raises(CheckpointError, match="format 99"):
+        read_meta(tmp_path / "x")
+
+
+def test_cleanup_removes_interrupted_saves_and_old_steps(tmp_path):
+    steps = [_fake_step(tmp_path, s) for s in (1, 2, 3)]
+    (tmp_path / "step_00000004.tmp-12345678").mkdir()
+    (tmp_path / "notes.txt").write_text("kept")
+    _cleanup(tmp_path, keep_last=2, keep=steps[-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_00000002", "step_00000003"]
+    _cleanup(tmp_path, keep_last=None, keep=steps[-1])
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]

@@ -1,0 +1,298 @@
+"""Worker for the Policy tests (tests/test_models_policy.py, tests/test_models_checkpoint.py).
+
+Modes (argv[1]):
+
+reference ROOT OUT            1 rank. For DeepSeek-V3, Qwen3-MoE and Qwen2: log-probs vs transformers,
+                              a 3-step GRPO trajectory (checkpoint after step 1 in OUT/ckpt-FAMILY),
+                              the bucket stream vs the HF export; the TP1 results go to OUT/ref-FAMILY.pt.
+layouts ROOT OUT NAME...      every layout NAME (tests/workers/_policy_common.LAYOUTS) in turn, re-
+                              initialising the groups: log-probs vs transformers and vs TP1, the
+                              trajectory vs TP1, resume from the TP1 checkpoint (and from the previous
+                              layout's of the same family) vs TP1, the bucket stream vs the HF export.
+kill OUT FAMILY MARKER        1 process (no torchrun): resume OUT/ckpt-FAMILY, train a step, start
+                              saving step 2; after the weights are written, touch MARKER and wait to
+                              be killed.
+
+Prints one line per check for the test to read.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from _models_common import LOGIT_ATOL, log, quiet_megatron, reference
+from _policy_common import (
+    DATA_STATE,
+    LAYOUTS,
+    MICRO_BATCH,
+    OPTIM,
+    RESUME_AT,
+    STEPS,
+    collect_buckets,
+    compare_with_export,
+    digest,
+    full_batch,
+    make_batch,
+    rel,
+    rel_params,
+)
+
+FAMILIES = ("deepseek_v3", "qwen3_moe", "qwen2")
+
+
+def parity(policy, root: Path, family: str) -> float:
+    """max |our log-probs - transformers'| on the fixture's ids."""
+    import torch
+
+    ref = reference(root, family)
+    ids = ref["ids"]
+    expected = torch.log_softmax(ref["logits"][:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    got = policy.logprobs(ids)
+    assert got.shape == ids.shape and got.dtype == torch.float32 and bool((got[:, 0] == 0).all())
+    return float((got[:, 1:].double() - expected).abs().max())
+
+
+def trajectory(policy, batch, steps, *, save_to=None):
+    losses, norms = [], []
+    for _ in range(steps):
+        metrics = policy.train_step(batch)
+        assert metrics["update_successful"] == 1.0, metrics
+        losses.append(metrics["loss"])
+        norms.append(metrics["grad_norm"])
+        if save_to is not None and policy.step == RESUME_AT:
+            policy.save_checkpoint(save_to, data_state=DATA_STATE)
+    return losses, norms
+
+
+def params_of(buckets):
+    return {name: value[3] for name, value in buckets.items()}
+
+
+def load(path, **kwargs):
+    from r1mega.config import OptimConfig
+    from r1mega.models import load_policy
+
+    return load_policy(path, optim=OptimConfig(**OPTIM), micro_batch_size=MICRO_BATCH, **kwargs)
+
+
+def check_save_refusals(policy, out: Path) -> None:
+    """A bad data_state or an existing step is refused before anything is written; keep_last prunes."""
+    from r1mega.models import list_checkpoints
+    from r1mega.models.hf_io import CheckpointError
+
+    root = out / "ckpt-refusals"
+    for data_state, what in (({"x": float("nan")}, "nan"), ({"x": object()}, "object"), ([1, 2], "list")):
+        try:
+            policy.save_checkpoint(root, data_state=data_state)
+        except CheckpointError as err:
+            assert "JSON-safe" in str(err), err
+            log(f"refused data_state {what}: {err}")
+        else:
+            raise AssertionError(f"data_state {what} was accepted")
+    assert not root.exists() or not any(root.iterdir())
+    policy.save_checkpoint(root, data_state={"a": 1})
+    try:
+        policy.save_checkpoint(root)
+    except CheckpointError as err:
+        assert "already exists" in str(err), err
+        log(f"refused existing step: {err}")
+    else:
+        raise AssertionError("saving an existing step was accepted")
+    policy.step += 1  # pretend another step was taken: keep_last=1 must remove the older one
+    policy.save_checkpoint(root, keep_last=1)
+    policy.step -= 1
+    kept = [step for step, _ in list_checkpoints(root)]
+    assert kept == [policy.step + 1], kept
+    log(f"keep_last ok {kept}")
+
+
+def check_refusals(policy, batch) -> None:
+    """Bad batches are refused with a ValueError naming the problem, before any collective."""
+    bad_mask = batch["attention_mask"].clone()
+    bad_mask[0, 2] = False  # a hole: not right-padded
+    early = batch["completion_mask"].clone()
+    early[:, 0] = True
+    cases = {
+        "left padding": (dict(batch, attention_mask=bad_mask), "right-padded"),
+        "t=0 in the loss": (dict(batch, completion_mask=early), "must be 0 at t = 0"),
+        "unknown key": (dict(batch, global_tokens=10), "unknown batch key 'global_tokens'"),
+        "missing key": ({k: v for k, v in batch.items() if k != "old_logp"}, "no 'old_logp'"),
+        "norm_length": (dict(batch, agg="seq-mean-token-sum-norm"), "needs norm_length"),
+        "shape": (dict(batch, old_logp=batch["old_logp"][:, 1:]), "old_logp has shape"),
+    }
+    for what, (bad, message) in cases.items():
+        try:
+            policy.train_step(bad)
+        except ValueError as err:
+            assert message in str(err), (what, err)
+        else:
+            raise AssertionError(f"{what} was accepted")
+    log(f"refused bad batches: {', '.join(cases)}")
+
+
+def check_bf16(root: Path) -> None:
+    """bf16 parameters (fp32 Adam main weights): log-probs near fp32's, a finite step, source dtypes out."""
+    import torch
+
+    from r1mega.models import load_policy
+
+    ids = reference(root, "deepseek_v3")["ids"]
+    fp32 = load_policy(root / "deepseek_v3_bf16").logprobs(ids)
+    policy = load_policy(root / "deepseek_v3_bf16", dtype=torch.bfloat16)
+    logp = policy.logprobs(ids)
+    diff = float((logp - fp32).abs().max())
+    assert diff < 0.05, diff
+    cm = torch.ones_like(ids, dtype=torch.bool)
+    cm[:, 0] = False
+    metrics = policy.train_step(dict(input_ids=ids, attention_mask=torch.ones_like(cm), completion_mask=cm,
+                                     old_logp=logp, advantages=torch.tensor([1.0, -1.0])))
+    assert metrics["update_successful"] == 1.0 and torch.isfinite(torch.tensor(metrics["grad_norm"])), metrics
+    dtypes = {str(t.dtype) for bucket in policy.hf_weight_buckets(1 << 20) for _, t in bucket}
+    assert dtypes == {"torch.bfloat16", "torch.float32"}, dtypes  # bf16 weights, fp32 expert bias
+    log(f"bf16 ok max_abs_diff_vs_fp32 {diff:.3g}")
+
+
+def run_reference(root: Path, out: Path) -> None:
+    import torch
+
+    for family in FAMILIES:
+        policy = load(root / family)
+        diff = parity(policy, root, family)
+        assert diff <= LOGIT_ATOL, f"{family}: log-probs differ from transformers by {diff:.3g}"
+        log(f"parity {family} tp1 max_abs_diff {diff:.3g}")
+        ids, am, cm, adv, g = make_batch(policy.desc.vocab_size)
+        logp0 = policy.logprobs(ids, am)
+        assert bool((logp0[~am] == 0).all())
+        batch = full_batch(family, ids, am, cm, adv, logp0, g)
+        losses, norms = trajectory(policy, batch, STEPS, save_to=out / f"ckpt-{family}")
+        if family == "deepseek_v3":
+            check_save_refusals(policy, out)
+            check_refusals(policy, batch)
+        final_logp = policy.logprobs(ids, am)
+        buckets, count, _ = collect_buckets(policy)
+        export = out / f"export-{family}-tp1"
+        policy.export_hf(export)
+        problems = compare_with_export(buckets, export)
+        assert not problems, problems[:5]
+        assert count > 1, count
+        log(f"buckets {family} tp1 ok count={count} tensors={len(buckets)}")
+        log(f"trajectory {family} tp1 losses {' '.join(f'{x:.6f}' for x in losses)} "
+            f"grad_norms {' '.join(f'{x:.6f}' for x in norms)}")
+        torch.save({"batch": batch, "logp0": logp0, "losses": losses, "grad_norms": norms, "final_logp": final_logp,
+                    "final_params": params_of(buckets)}, out / f"ref-{family}.pt")
+        del policy
+    check_bf16(root)
+    check_converted(root, out)
+
+
+def check_converted(root: Path, out: Path) -> None:
+    """A directory written by `r1mega convert --to-megatron` loads as a Policy (weights only)."""
+    from r1mega.models import convert_hf_to_megatron
+    from r1mega.parallel import ParallelConfig
+
+    convert_hf_to_megatron(root / "qwen2", out / "converted-qwen2", ParallelConfig())
+    policy = load(out / "converted-qwen2", trainable=False)
+    diff = parity(policy, root, "qwen2")
+    assert diff <= LOGIT_ATOL and policy.optimizer is None, diff
+    log(f"converted qwen2 ok max_abs_diff {diff:.3g}")
+
+
+def run_layouts(root: Path, out: Path, names: list[str]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from r1mega.parallel import ParallelConfig, destroy_parallel
+
+    previous_ckpt: dict[str, Path] = {}
+    for name in names:
+        family, kwargs = LAYOUTS[name]
+        parallel = ParallelConfig(**kwargs)
+        ref = torch.load(out / f"ref-{family}.pt", weights_only=False)
+        batch, ids, am = ref["batch"], ref["batch"]["input_ids"], ref["batch"]["attention_mask"]
+        started = time.perf_counter()
+
+        policy = load(root / family, parallel=parallel)
+        diff = parity(policy, root, family)
+        assert diff <= LOGIT_ATOL, f"{name}: log-probs differ from transformers by {diff:.3g}"
+        logp0 = rel(policy.logprobs(ids, am), ref["logp0"])
+        if policy.layout.dp > 1:  # each data-parallel replica passes only its own rows
+            mine = slice(policy.layout.dp_rank, None, policy.layout.dp)
+            own = policy.logprobs(ids[mine], am[mine], split_dp=False)
+            assert rel(own, ref["logp0"][mine]) <= 1e-6, rel(own, ref["logp0"][mine])
+        save_to = out / f"ckpt-{name}"
+        losses, norms = trajectory(policy, batch, STEPS, save_to=save_to)
+        final_logp = rel(policy.logprobs(ids, am), ref["final_logp"])
+        buckets, count, largest = collect_buckets(policy)
+        params = rel_params(params_of(buckets), ref["final_params"])
+        export = out / f"export-{name}"
+        policy.export_hf(export)
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest(buckets))
+        assert len(set(digests)) == 1, f"{name}: ranks received different buckets"
+        if dist.get_rank() == 0:
+            problems = compare_with_export(buckets, export)
+            assert not problems, f"{name}: bucket stream != HF export: {problems[:5]}"
+        del policy, buckets
+
+        sources = [("tp1", out / f"ckpt-{family}")] + ([previous_ckpt[family]] if family in previous_ckpt else [])
+        resume = []
+        for source_name, source in sources:
+            resumed = load(source, parallel=parallel)
+            assert resumed.step == RESUME_AT and resumed.data_state == DATA_STATE, (resumed.step, resumed.data_state)
+            assert resumed.load_report.optimizer, resumed.load_report
+            r_losses, _ = trajectory(resumed, batch, STEPS - RESUME_AT)
+            r_logp = rel(resumed.logprobs(ids, am), ref["final_logp"])
+            r_params = rel_params(params_of(collect_buckets(resumed)[0]), ref["final_params"])
+            resume.append((source_name, rel(r_losses, ref["losses"][RESUME_AT:]), r_logp, r_params,
+                           resumed.load_report.rng.split(" ")[0]))
+            del resumed
+        previous_ckpt[family] = (name, save_to)
+
+        if dist.get_rank() == 0:
+            log(f"layout {name} parity {diff:.3g} logp0 {logp0:.3g} losses {rel(losses, ref['losses']):.3g} "
+                f"grad_norms {rel(norms, ref['grad_norms']):.3g} final_logp {final_logp:.3g} params {params:.3g} "
+                f"buckets {count} largest {largest} seconds {time.perf_counter() - started:.1f}")
+            for source_name, r_loss, r_logp, r_params, rng in resume:
+                log(f"resume {name} from {source_name} losses {r_loss:.3g} final_logp {r_logp:.3g} "
+                    f"params {r_params:.3g} rng {rng}")
+            log(f"export {name} ok")
+    destroy_parallel(process_group=True)
+
+
+def run_kill(out: Path, family: str, marker: Path) -> None:
+    import torch
+    from megatron.core import dist_checkpointing
+
+    ref = torch.load(out / f"ref-{family}.pt", weights_only=False)
+    policy = load(out / f"ckpt-{family}")
+    assert policy.step == RESUME_AT
+    log(f"resumed step {policy.step} rng {policy.load_report.rng}")  # same layout: restored
+    policy.train_step(ref["batch"])
+    original = dist_checkpointing.save
+
+    def save_then_hang(*args, **kwargs):  # the weights are on disk; the checkpoint is not published yet
+        result = original(*args, **kwargs)
+        marker.write_text("written\n")
+        time.sleep(600)
+        return result
+
+    dist_checkpointing.save = save_then_hang
+    policy.save_checkpoint(out / f"ckpt-{family}", data_state={"never": "published"})
+    raise AssertionError("the save was not killed")
+
+
+def main() -> None:
+    quiet_megatron()
+    mode = sys.argv[1]
+    if mode == "reference":
+        run_reference(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif mode == "layouts":
+        run_layouts(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
+    elif mode == "kill":
+        run_kill(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main()
