@@ -540,3 +540,17 @@ def test_code_reward_rejects_bad_tests():
         code_reward(fenced(ADD), [{"stdin": "1"}])
     with pytest.raises(ValueError, match="list"):
         code_reward(fenced(ADD), "assert True")
+
+
+def test_runs_from_a_virtual_environment_under_tmp(tmp_path):
+    # A venv under /tmp is hidden by the sandbox's private /tmp; its base interpreter must be used.
+    if not AVAILABLE:
+        pytest.skip("no sandbox backend works here")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+                   check=True)
+    code = ("from r1mega.rewards.sandbox import run_sandboxed; "
+            "r = run_sandboxed('print(6 * 7)', timeout_s=10, memory_mb=256); print(r.stdout.strip(), r.error)")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "42", out.stdout

@@ -387,10 +387,16 @@ import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 BACKENDS = ("bwrap", "unshare")
-DEFAULT_PYTHON = os.environ.get("R1MEGA_SANDBOX_PYTHON") or sys.executable
-"""The interpreter programs run with: the trainer's own (``sys.executable``) unless
-``R1MEGA_SANDBOX_PYTHON`` names another. It may live where others cannot read (pyenv under
-/root): both backends make its prefix, and only that, reachable inside the sandbox."""
+# The base interpreter the trainer's runs on (a virtual environment's is made from it): the
+# launcher and, by default, the programs run on it with -I -S, so a venv adds nothing to them.
+_HOST_PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+DEFAULT_PYTHON = os.environ.get("R1MEGA_SANDBOX_PYTHON") or _HOST_PYTHON
+"""The interpreter programs run with: the one the trainer's runs on, unless
+``R1MEGA_SANDBOX_PYTHON`` names another. A virtual environment's interpreter is replaced by the
+base interpreter it was made from: programs run without site-packages, so the environment adds
+nothing, and one under /tmp would not even exist inside the sandbox's private /tmp. It may live
+where others cannot read (pyenv under /root): both backends make its prefix, and only that,
+reachable inside the sandbox."""
 
 # `python -I -S -c _NO_SITE_BOOT main.py`: runs main.py as __main__ without site-packages
 # (3x faster start than with site, which also runs every .pth file) yet with the builtins the
@@ -453,8 +459,8 @@ class SandboxResult:
 @functools.lru_cache(maxsize=8)
 def _interpreter_dirs(python: str) -> tuple[str, ...]:
     """The directories `python` needs (its bin dir and prefixes), real paths, outermost only."""
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
-        prefixes = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    if os.path.realpath(python) == _HOST_PYTHON:
+        prefixes = [sys.base_prefix, sys.base_exec_prefix]
     else:
         code = ("import sys, json; print(json.dumps([sys.prefix, sys.base_prefix, "
                 "sys.exec_prefix, sys.base_exec_prefix]))")
@@ -755,13 +761,13 @@ def _run_backend(backend: str, program: str, stdin: str, timeout_s: float, pytho
             "limits": limits, "disk_mb": disk_mb, "expose": list(_interpreter_dirs(python)),
         }).encode()
         run = _Run(backend, control, stdin.encode(), timeout_s, max_output)
-        cmd = [sys.executable, "-I", "-S", _LAUNCHER_PATH, str(run.control_r), str(run.status_w)]
+        cmd = [_HOST_PYTHON, "-I", "-S", _LAUNCHER_PATH, str(run.control_r), str(run.status_w)]
     else:
         if _bwrap_features() is None:
             raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
         run = _Run(backend, program.encode(), stdin.encode(), timeout_s, max_output)
         cmd = _bwrap_argv(python, run.control_r, run.info_w, run.status_w, argv, limits, disk_mb)
-        cmd = [sys.executable, "-I", "-S", _LAUNCHER_PATH, "--exec-bwrap", json.dumps({
+        cmd = [_HOST_PYTHON, "-I", "-S", _LAUNCHER_PATH, "--exec-bwrap", json.dumps({
             "parent_pid": os.getpid(), "argv": cmd, "expose": list(_interpreter_dirs(python))})]
     run.start(cmd)
     stdout, stderr, timed_out, truncated = run.run()
