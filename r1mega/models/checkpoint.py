@@ -321,7 +321,7 @@ def save_checkpoint(policy, root: str | Path, *, data_state: Optional[dict] = No
     error = None
     if rank == 0:
         try:
-            from r1mega.utils.io import atomic_write_text
+            from r1mega.utils.io import atomic_write_text, fsync_dir
 
             policy._copy_side_files(tmp / HF_DIR)
             layout = policy.layout
@@ -337,21 +337,13 @@ def save_checkpoint(policy, root: str | Path, *, data_state: Optional[dict] = No
             atomic_write_text(tmp / META_NAME, json.dumps(meta, indent=2) + "\n")
             _fsync_tree(tmp)
             os.rename(tmp, final)
-            _fsync_tree_dir(root)
+            fsync_dir(root)
             atomic_write_text(root / LATEST_NAME, final.name + "\n")
             _cleanup(root, keep_last, keep=final)
         except OSError as err:
             error = f"save_checkpoint: {err}"
     _agree(error)
     return final
-
-
-def _fsync_tree_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _cleanup(root: Path, keep_last: Optional[int], keep: Path) -> None:
