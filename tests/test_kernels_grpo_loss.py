@@ -137,6 +137,11 @@ def logp_rounding_floors(batch, opts, temperature, ulps=2.0):
     step = ulps * torch.finfo(torch.float32).eps * logp.detach().abs().clamp(min=1.0)
     random_signs = torch.randint(0, 2, logp.shape, generator=torch.Generator().manual_seed(0)).to(logp) * 2 - 1
     floors = dict.fromkeys(["loss", "grad", *metrics], 0.0)
+    # Two implementations round each log-prob independently, so their losses differ by about
+    # sum_t dloss/dlogp_t * delta_t with delta_t of random sign: four standard deviations of that
+    # sum bound it (the sampled directions below can cancel when advantages have mixed signs).
+    (dloss_dlogp,) = torch.autograd.grad(policy_loss(logp, *args, **double)[0], logp, retain_graph=True)
+    floors["loss"] = 4.0 * (dloss_dlogp * step).square().sum().sqrt().item()
     for signs in (1.0, -1.0, random_signs):
         moved_loss, moved_metrics, moved_grad = loss_metrics_grad(signs * step)
         floors["grad"] = max(floors["grad"], (moved_grad - grad).abs().max().item())
