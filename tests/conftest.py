@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import random
+
 import pytest
 import torch
 
-from r1mega.utils.triton_env import use_interpreter_without_cuda
+from r1mega.utils.triton_env import interpreter_on, use_interpreter_without_cuda
 
 # Before any test module imports a kernel module (see r1mega.utils.triton_env).
 use_interpreter_without_cuda()
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A generator with a fresh seed (or R1MEGA_TEST_SEED), printed for replay on failure."""
+    seed = int(os.environ.get("R1MEGA_TEST_SEED", random.randrange(2**31)))
+    print(f"R1MEGA_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _runnable_backend(request):
+    # On a CUDA machine the interpreter stays off: Triton cannot take CPU tensors there.
+    callspec = getattr(request.node, "callspec", None)
+    params = callspec.params if callspec else {}
+    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" and not interpreter_on():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
 
 
 def pytest_collection_modifyitems(config, items):

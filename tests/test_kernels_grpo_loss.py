@@ -30,22 +30,10 @@ from tests.test_kernels_logprob import (
     DEVICES,
     KERNEL_DEVICE,
     assert_within_torch_error,
-    fresh_generator,
     random_logits,
-    skip_backend_that_cannot_run,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's masked lanes
-
-
-@pytest.fixture
-def gen():
-    return fresh_generator()
-
-
-@pytest.fixture(autouse=True)
-def _runnable_backend(request):
-    skip_backend_that_cannot_run(request)
 
 
 CASES = {

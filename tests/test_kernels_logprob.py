@@ -10,8 +10,6 @@ seed is printed, so a failure can be replayed with R1MEGA_TEST_SEED=<seed>).
 from __future__ import annotations
 
 import math
-import os
-import random
 
 import pytest
 import torch
@@ -35,31 +33,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # Where tests that launch kernels directly put their tensors.
 KERNEL_DEVICE = "cpu" if interpreter_on() or not torch.cuda.is_available() else "cuda"
 FLOAT32_ULP = torch.finfo(torch.float32).eps
-
-
-def skip_backend_that_cannot_run(request) -> None:
-    """On a CUDA machine conftest leaves the interpreter off: Triton cannot take CPU tensors there."""
-    callspec = getattr(request.node, "callspec", None)
-    params = callspec.params if callspec else {}
-    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" and not interpreter_on():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-
-
-@pytest.fixture(autouse=True)
-def _runnable_backend(request):
-    skip_backend_that_cannot_run(request)
-
-
-def fresh_generator() -> torch.Generator:
-    """A generator with a fresh seed (or R1MEGA_TEST_SEED), printed for replay on failure."""
-    seed = int(os.environ.get("R1MEGA_TEST_SEED", random.randrange(2**31)))
-    print(f"R1MEGA_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture
-def gen():
-    return fresh_generator()
 
 
 def max_error(x: torch.Tensor, reference: torch.Tensor) -> float:

@@ -30,22 +30,10 @@ from tests.test_kernels_logprob import (
     BACKENDS,
     DEVICES,
     assert_within_torch_error,
-    fresh_generator,
     max_error,
-    skip_backend_that_cannot_run,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's masked lanes
-
-
-@pytest.fixture
-def gen():
-    return fresh_generator()
-
-
-@pytest.fixture(autouse=True)
-def _runnable_backend(request):
-    skip_backend_that_cannot_run(request)
 
 
 TEMPERATURE = 0.8  # the batches' log-probs are made at this temperature; every call here uses it

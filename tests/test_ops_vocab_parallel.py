@@ -29,29 +29,17 @@ from tests.test_kernels_logprob import (
     BACKENDS,
     DEVICES,
     KERNEL_DEVICE,
-    fresh_generator,
     random_logits,
-    skip_backend_that_cannot_run,
 )
 from tests.torchrun import run_torchrun
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's masked lanes
 
 
-@pytest.fixture
-def gen():
-    return fresh_generator()
-
-
-@pytest.fixture(autouse=True)
-def _runnable_backend(request):
-    skip_backend_that_cannot_run(request)
-
-
 @pytest.mark.distributed
-def test_tensor_parallel_ranks_match_the_unsharded_ops():
+def test_tensor_parallel_ranks_match_the_unsharded_ops(gen):
     """2 ranks, every case in one launch (each launch costs ~5 s); the seed is fresh and printed."""
-    seed = fresh_generator().initial_seed()
+    seed = gen.initial_seed()
     out = run_torchrun("vocab_parallel_tp.py", 2, str(seed), timeout_s=400)
     print(out)
     assert "vocab parallel ok on 2 ranks" in out
