@@ -167,13 +167,30 @@ class BatchConfig(_Section):
 
 @dataclass(frozen=True)
 class RolloutConfig(_Section):
+    """The rollout engine and how it samples; read by r1mega.rollout.engine_from_config and
+    r1mega.rollout.sampling_params."""
+
     section_name: typing.ClassVar[str] = "rollout"
 
+    engine: Literal["hf", "vllm"] = knob(
+        "hf", "Rollout engine: hf (transformers, CPU or GPU) or vllm (colocated vLLM, GPU only).")
     temperature: float = knob(1.0, "Sampling temperature (R1: 1.0); log-probs are taken at the same temperature.", gt=0.0)
     top_p: float = knob(1.0, "Nucleus sampling mass; 1.0 keeps the full distribution (needed for exact ratios).", gt=0.0, le=1.0)
+    top_k: int = knob(0, "Sample among the k most likely tokens; 0 keeps every token (needed for exact ratios).", ge=0)
     max_new_tokens: int = knob(32768, "Longest completion (R1-Zero: 32768, later 65536).", ge=1)
     max_prompt_tokens: int = knob(2048, "Longest prompt; longer prompts are refused when the data loads.", ge=1)
-
+    refit_bucket_mb: int = knob(512, "Byte budget of one weight-stream bucket sent to the engine (MiB).", ge=1)
+    sleep_level: int = knob(
+        2, "Engine sleep while training: 1 offloads the weights, 2 drops them (a full refit follows every wake).",
+        choices=(1, 2))
+    verify_refit: bool = knob(False, "After each refit, check every tensor the engine holds against the policy's.")
+    router_replay: bool = knob(
+        False, "MoE: record the engine's expert choices and replay them in the trainer's forward (R3).")
+    fp8: bool = knob(False, "vllm: FP8 rollouts (blockwise 128x128 weight scales, quantised during every refit).")
+    tp: int = knob(1, "vllm: tensor-parallel size of each rollout engine (a divisor of the world size).", ge=1)
+    gpu_memory_utilization: float = knob(
+        0.5, "vllm: share of each GPU's memory the engine may take while awake.", gt=0.0, le=1.0)
+    max_batch_rows: int = knob(256, "hf: most sequences decoded in one batch (prompts x group size).", ge=1)
 
 @dataclass(frozen=True)
 class RewardsConfig(_Section):

@@ -1,35 +1,40 @@
 """The model's weights as full Hugging Face-named tensors, streamed in buckets of a byte budget.
 
-This is what a rollout engine loads after each training step (``engine.load_weights(bucket)``):
+This is what a rollout engine loads after each training step (``engine.refit(stream.buckets(n))``):
 the same names, shapes, dtypes and bytes as :func:`r1mega.models.hf_io.export_hf_weights` writes,
-without touching the disk.
+without touching the disk. It runs every step, so:
 
-How a bucket is made (every rank runs the same plan, in the same order):
+* **The plan is made once.** :class:`WeightStream` lists which rank owns each tensor with one
+  ``all_gather_object`` when it is built (:meth:`r1mega.models.Policy.weight_stream` keeps one per
+  set of options); every refit after that exchanges tensors only.
+* **Only engine ranks receive.** With ``dst_ranks`` the owners send each bucket point to point to
+  those ranks (the ones hosting an engine); the other ranks take part in the tensor-parallel
+  gathers of what they own and see empty buckets. Without it every rank receives (one
+  broadcast per owner), as a colocated engine on every GPU needs.
+* **Layer order.** Tensors come as the model runs: the embedding, then layer 0, 1, ... (each
+  layer's tensors together), then the final norm and the output layer, so an engine that
+  finalises a layer once all its weights arrived (vLLM's layerwise reload) never buffers
+  out-of-order layers.
+* **No tensor is refused.** Units (one megatron tensor -> one or more HF tensors: fused q/k/v and
+  gate/up are split) are packed greedily into buckets of at most ``bucket_bytes``; a unit larger
+  than the budget is sent alone in a bucket of its own.
 
-1. Plan (once per call): every rank lists the megatron tensors it holds that take part in an
-   export (data-parallel replica 0 only; a tied output layer is skipped) with their Hugging Face
-   names; an ``all_gather_object`` gives everyone the owner of each: the rank with
-   (expert-)tensor-parallel rank 0 among the holders. Units (one megatron tensor -> one or
-   more HF tensors: fused q/k/v and gate/up are split) are ordered as
-   :func:`~r1mega.models.hf_io.expected_hf_tensors` lists the names, and packed greedily into
-   buckets of at most ``bucket_bytes`` (a unit larger than the budget gets a bucket of its own).
-2. Gather: for each unit of the bucket, the holders all-gather its tensor-parallel shards over
-   their TP group (the expert-TP group for experts) and the owner assembles the full tensors,
-   cast to the export dtype. Experts are owned by the EP rank that holds them and pipeline
-   stages own their layers, so nothing is gathered over EP or PP.
-3. Send: each owner packs its part of the bucket into one byte buffer and broadcasts it to all
-   ranks; every rank unpacks views of it (no copy).
+How a bucket moves: for each unit the holders all-gather its tensor-parallel shards over their TP
+group (the expert-TP group for experts) and the owner (the holder with (expert-)TP rank 0, on
+data-parallel replica 0) assembles the full tensors in the export dtype. Experts are owned by the
+EP rank holding them and pipeline stages own their layers, so nothing is gathered over EP or PP.
+Each owner packs its part of the bucket into one byte buffer and sends it; receivers unpack views.
 
-Memory: one bucket of full tensors on every rank, plus, on an owner, its shards' all-gather
-buffers for one unit and its packed copy. Let go of a bucket before asking for the next one.
-The tensors are yielded on every rank (a rollout engine may live on any of them); they are
-read-only views of a shared buffer: clone one to keep it past the next bucket.
+Memory: one bucket of full tensors on every receiving rank, plus, on an owner, its shards'
+all-gather buffers for one unit and its packed copy. The tensors are read-only views of a shared
+buffer: clone one to keep it past the next bucket.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,23 +42,26 @@ import torch
 
 from r1mega.models.hf_config import ModelDesc
 from r1mega.models.hf_io import (
-    _ST_DTYPES,
+    ST_DTYPES,
     CheckpointError,
-    _group,
-    _hf_pieces,
-    _model_entries,
+    entry_tp_group,
     expected_hf_tensors,
     export_dtypes,
+    hf_pieces,
+    model_entries,
 )
 
 _ALIGN = 16  # byte alignment of each tensor inside a packed buffer
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
-class _Unit:
-    names: tuple[str, ...]  # HF names, in the order _hf_pieces yields them
+class Unit:
+    """One megatron tensor's Hugging Face tensors, who sends them and their packed size."""
+
+    names: tuple[str, ...]  # HF names, in the order hf_pieces yields them
     owner: int  # global rank that assembles the unit and sends it
-    order: int  # position of its first name in expected_hf_tensors
+    order: tuple[int, int]  # (layer position, position in expected_hf_tensors)
     nbytes: int
 
 
@@ -65,44 +73,16 @@ def _padded(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def plan(model, desc: ModelDesc, dtypes: dict[str, str]):
-    """(units in export order, this rank's exporting entries by names); collective."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    shapes = expected_hf_tensors(desc)
-    order = {name: i for i, name in enumerate(shapes)}
-    mine = {}
-    listing = []
-    for entry in _model_entries(model, desc):
-        if not entry.export:
-            continue
-        replica = ps.get_expert_data_parallel_rank() if entry.expert else ps.get_data_parallel_rank()
-        if replica != 0:
-            continue
-        names = tuple(entry.hf)
-        mine[names] = entry
-        listing.append((names, _group(entry.expert)[1] == 0))
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, listing)
-    owners: dict[tuple[str, ...], int] = {}
-    for rank, items in enumerate(everyone):
-        for names, is_owner in items:
-            if is_owner:
-                if names in owners:
-                    raise CheckpointError(f"internal: {names[0]!r} is owned by ranks {owners[names]} and {rank}")
-                owners[names] = rank
-    covered = [n for names in owners for n in names]
-    if sorted(covered) != sorted(shapes):
-        missing = sorted(set(shapes) - set(covered))
-        raise CheckpointError(f"internal: the bucket plan misses {missing[:3]} or repeats a tensor")
-    units = [_Unit(names, owner, min(order[n] for n in names),
-                   sum(_padded(_nbytes(shapes[n], _ST_DTYPES[dtypes[n]])) for n in names))
-             for names, owner in owners.items()]
-    return sorted(units, key=lambda u: u.order), mine
+def layer_position(name: str, num_layers: int) -> int:
+    """Where `name` comes in the forward pass: embedding -1, layer L at L, norm / lm_head after."""
+    m = _LAYER.match(name)
+    if m is not None:
+        return int(m.group(1))
+    return -1 if name.startswith("model.embed_tokens") else num_layers
 
 
-def bucketize(units: list[_Unit], bucket_bytes: int) -> list[list[_Unit]]:
+def bucketize(units: list[Unit], bucket_bytes: int) -> list[list[Unit]]:
+    """Greedy packing in order; a unit larger than the budget gets a bucket of its own."""
     buckets, current, size = [], [], 0
     for unit in units:
         if current and size + unit.nbytes > bucket_bytes:
@@ -115,62 +95,147 @@ def bucketize(units: list[_Unit], bucket_bytes: int) -> list[list[_Unit]]:
     return buckets
 
 
-@torch.no_grad()
-def hf_weight_buckets(model, desc: ModelDesc, bucket_bytes: int, *,
-                      dtypes: Optional[dict[str, str]] = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield lists of (Hugging Face name, full tensor) of at most `bucket_bytes` each; every rank.
+class WeightStream:
+    """The weight stream of one model in one layout; build it on every rank (collective).
 
-    `dtypes` maps HF names to safetensors dtypes (F32, BF16, ...) as for export_hf_weights;
-    missing names take :func:`~r1mega.models.hf_io.export_dtypes`. Every rank must iterate the
-    generator to the end (each bucket is a collective).
+    `dtypes` maps HF names to safetensors dtypes (F32, BF16, ...) as for export_hf_weights
+    (missing names take :func:`~r1mega.models.hf_io.export_dtypes`). `dst_ranks`: the global ranks
+    that receive the tensors (None: all).
     """
-    import torch.distributed as dist
 
+    def __init__(self, model, desc: ModelDesc, *, dtypes: Optional[dict[str, str]] = None,
+                 dst_ranks: Optional[Sequence[int]] = None):
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        if dst_ranks is not None:
+            dst_ranks = sorted(set(int(r) for r in dst_ranks))
+            if not dst_ranks or dst_ranks[0] < 0 or dst_ranks[-1] >= world:
+                raise ValueError(f"dst_ranks must be a non-empty list of ranks in [0, {world}), got {dst_ranks}")
+        self.model, self.desc = model, desc
+        self.dtypes = {**export_dtypes(desc), **(dtypes or {})}
+        self.dst_ranks = dst_ranks
+        self.shapes = expected_hf_tensors(desc)
+        order = {name: i for i, name in enumerate(self.shapes)}
+        listing = []
+        for entry in self._entries().values():
+            listing.append((tuple(entry.hf), entry_tp_group(entry.expert)[1] == 0))
+        everyone = [None] * world
+        dist.all_gather_object(everyone, listing)
+        owners: dict[tuple[str, ...], int] = {}
+        for rank, items in enumerate(everyone):
+            for names, is_owner in items:
+                if is_owner:
+                    if names in owners:
+                        raise CheckpointError(f"internal: {names[0]!r} is owned by ranks {owners[names]} and {rank}")
+                    owners[names] = rank
+        covered = [n for names in owners for n in names]
+        if sorted(covered) != sorted(self.shapes):
+            missing = sorted(set(self.shapes) - set(covered))
+            raise CheckpointError(f"internal: the bucket plan misses {missing[:3]} or repeats a tensor")
+        layers = desc.num_layers
+        self.units = sorted(
+            (Unit(names, owner, (layer_position(names[0], layers), min(order[n] for n in names)),
+                  sum(_padded(_nbytes(self.shapes[n], ST_DTYPES[self.dtypes[n]])) for n in names))
+             for names, owner in owners.items()), key=lambda u: u.order)
+        self.total_bytes = sum(_nbytes(self.shapes[n], ST_DTYPES[self.dtypes[n]]) for n in self.shapes)
+
+    def _entries(self):
+        """This rank's exporting megatron tensors by their HF names (local; cheap)."""
+        from megatron.core import parallel_state as ps
+
+        mine = {}
+        for entry in model_entries(self.model, self.desc):
+            if not entry.export:
+                continue
+            replica = ps.get_expert_data_parallel_rank() if entry.expert else ps.get_data_parallel_rank()
+            if replica == 0:
+                mine[tuple(entry.hf)] = entry
+        return mine
+
+    @property
+    def receives(self) -> bool:
+        """Whether this rank gets the tensors."""
+        import torch.distributed as dist
+
+        return self.dst_ranks is None or dist.get_rank() in self.dst_ranks
+
+    @torch.no_grad()
+    def buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Yield lists of (Hugging Face name, full tensor) of at most `bucket_bytes` each (or one
+        larger tensor alone). Every rank must iterate to the end (each bucket is collective);
+        ranks outside `dst_ranks` get empty lists."""
+        import torch.distributed as dist
+
+        if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+        mine = self._entries()  # fresh references: a checkpoint load may have replaced tensors
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = next(self.model.parameters()).device  # NCCL moves CUDA tensors
+        for bucket in bucketize(self.units, bucket_bytes):
+            built: dict[str, torch.Tensor] = {}
+            for unit in bucket:  # 1. gather the shards of the units this rank holds
+                entry = mine.get(unit.names)
+                if entry is None:
+                    continue
+                group, _, size = entry_tp_group(entry.expert)
+                local = entry.tensor.detach()
+                if entry.split_dim is not None and size > 1:
+                    chunks = [torch.empty_like(local) for _ in range(size)]
+                    dist.all_gather(chunks, local.contiguous(), group=group)
+                else:
+                    chunks = [local]
+                if rank != unit.owner:
+                    continue
+                for name, full in hf_pieces(entry, chunks, self.desc).items():
+                    if tuple(full.shape) != self.shapes[name]:
+                        raise CheckpointError(f"internal: {name!r} assembled with shape {tuple(full.shape)}, "
+                                              f"expected {self.shapes[name]}")
+                    built[name] = full.to(ST_DTYPES[self.dtypes[name]])
+                del chunks
+            out: dict[str, torch.Tensor] = {}
+            for owner in sorted({u.owner for u in bucket}):  # 2. one packed buffer per owner
+                names = [n for u in bucket if u.owner == owner for n in u.names]
+                targets = [r for r in (range(world) if self.dst_ranks is None else self.dst_ranks) if r != owner]
+                receive = rank != owner and rank in targets
+                if rank != owner and not receive:
+                    continue
+                layout, total = [], 0
+                for name in names:
+                    dtype = ST_DTYPES[self.dtypes[name]]
+                    layout.append((name, total, dtype))
+                    total += _padded(_nbytes(self.shapes[name], dtype))
+                buffer = torch.empty(total, dtype=torch.uint8, device=device)
+                if rank == owner:
+                    for name, offset, dtype in layout:
+                        raw = built.pop(name).contiguous().reshape(-1).view(torch.uint8)
+                        buffer[offset: offset + raw.numel()].copy_(raw)
+                self._send(buffer, owner, targets, rank, world)
+                if rank == owner and self.dst_ranks is not None and owner not in self.dst_ranks:
+                    continue
+                for name, offset, dtype in layout:
+                    n = _nbytes(self.shapes[name], dtype)
+                    out[name] = buffer[offset: offset + n].view(dtype).view(self.shapes[name])
+            yield [(name, out[name]) for u in bucket for name in u.names if name in out]
+            del out
+
+    def _send(self, buffer: torch.Tensor, owner: int, targets: list[int], rank: int, world: int) -> None:
+        import torch.distributed as dist
+
+        if world == 1 or not targets:
+            return
+        if self.dst_ranks is None:
+            dist.broadcast(buffer, src=owner)
+        elif rank == owner:
+            for req in [dist.isend(buffer, dst=t) for t in targets]:
+                req.wait()
+        else:
+            dist.recv(buffer, src=owner)
+
+
+def hf_weight_buckets(model, desc: ModelDesc, bucket_bytes: int, *, dtypes: Optional[dict[str, str]] = None,
+                      dst_ranks: Optional[Sequence[int]] = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """One pass of a fresh :class:`WeightStream` (plans again: prefer a kept stream for refits)."""
     if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
-    dtypes = {**export_dtypes(desc), **(dtypes or {})}
-    shapes = expected_hf_tensors(desc)
-    units, mine = plan(model, desc, dtypes)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = next(model.parameters()).device  # NCCL broadcasts CUDA tensors
-    for bucket in bucketize(units, bucket_bytes):
-        built: dict[str, torch.Tensor] = {}
-        for unit in bucket:  # 1. gather the shards of the units this rank holds
-            entry = mine.get(unit.names)
-            if entry is None:
-                continue
-            group, _, size = _group(entry.expert)
-            local = entry.tensor.detach()
-            if entry.split_dim is not None and size > 1:
-                chunks = [torch.empty_like(local) for _ in range(size)]
-                dist.all_gather(chunks, local.contiguous(), group=group)
-            else:
-                chunks = [local]
-            if rank != unit.owner:
-                continue
-            for name, full in _hf_pieces(entry, chunks, desc).items():
-                if tuple(full.shape) != shapes[name]:
-                    raise CheckpointError(f"internal: {name!r} assembled with shape {tuple(full.shape)}, "
-                                          f"expected {shapes[name]}")
-                built[name] = full.to(_ST_DTYPES[dtypes[name]])
-            del chunks
-        out: dict[str, torch.Tensor] = {}
-        for owner in sorted({u.owner for u in bucket}):  # 2. one broadcast per owner
-            names = [n for u in bucket if u.owner == owner for n in u.names]
-            layout, total = [], 0
-            for name in names:
-                dtype = _ST_DTYPES[dtypes[name]]
-                layout.append((name, total, dtype))
-                total += _padded(_nbytes(shapes[name], dtype))
-            buffer = torch.empty(total, dtype=torch.uint8, device=device)
-            if rank == owner:
-                for name, offset, dtype in layout:
-                    raw = built.pop(name).contiguous().reshape(-1).view(torch.uint8)
-                    buffer[offset: offset + raw.numel()].copy_(raw)
-            if world > 1:
-                dist.broadcast(buffer, src=owner)
-            for name, offset, dtype in layout:
-                n = _nbytes(shapes[name], dtype)
-                out[name] = buffer[offset: offset + n].view(dtype).view(shapes[name])
-        yield [(name, out[name]) for u in bucket for name in u.names]
-        del out
+    return WeightStream(model, desc, dtypes=dtypes, dst_ranks=dst_ranks).buckets(bucket_bytes)

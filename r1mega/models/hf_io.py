@@ -65,10 +65,10 @@ from r1mega.models.hf_config import ModelDesc
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
               "U8": torch.uint8, "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 _DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
@@ -233,7 +233,7 @@ def check_hf_checkpoint(path: str | Path, desc: ModelDesc) -> tuple[dict[str, Te
         elif info.shape != shape:
             problems.append(f"tensor {name!r} in {info.file} has shape {_fmt_shape(info.shape)}, "
                             f"expected {_fmt_shape(shape)}")
-        elif info.dtype not in _ST_DTYPES or not _ST_DTYPES[info.dtype].is_floating_point:
+        elif info.dtype not in ST_DTYPES or not ST_DTYPES[info.dtype].is_floating_point:
             problems.append(f"tensor {name!r} in {info.file} has dtype {info.dtype}, expected a float dtype")
     for name in sorted(set(found) - set(expected)):
         if _ignored(desc, name):
@@ -250,7 +250,7 @@ def check_hf_checkpoint(path: str | Path, desc: ModelDesc) -> tuple[dict[str, Te
 # megatron parameter <-> Hugging Face tensors
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class _Entry:
+class Entry:
     """One megatron tensor of this rank and the Hugging Face tensors it is made of."""
 
     name: str  # megatron local name (state_dict key)
@@ -326,7 +326,7 @@ def unwrap_model(model):
     return model
 
 
-def _model_entries(model, desc: ModelDesc) -> list[_Entry]:
+def model_entries(model, desc: ModelDesc) -> list[Entry]:
     """This rank's megatron tensors (parameters and persistent buffers) with their HF sources."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.experts import SequentialMLP
@@ -372,11 +372,11 @@ def _model_entries(model, desc: ModelDesc) -> list[_Entry]:
             kind, hf = _map_layer(desc, layer_of[prefix], suffix)
         if kind != "copy" and split_dim not in (None, 0):
             raise CheckpointError(f"internal: megatron tensor {name!r} is split along dim {split_dim}, expected 0")
-        entries.append(_Entry(name, tensor, kind, hf, expert, split_dim, export))
+        entries.append(Entry(name, tensor, kind, hf, expert, split_dim, export))
     return entries
 
 
-def _group(expert: bool):
+def entry_tp_group(expert: bool):
     from megatron.core import parallel_state as ps
 
     if expert:
@@ -438,7 +438,7 @@ class _Reader:
         return handle[tuple(index)]
 
 
-def _read_local(entry: _Entry, reader: _Reader, desc: ModelDesc) -> torch.Tensor:
+def _read_local(entry: Entry, reader: _Reader, desc: ModelDesc) -> torch.Tensor:
     """The rank-local value of one megatron tensor, read from its HF slices."""
     if entry.split_dim is None:
         parts = [reader.slice(name) for name in entry.hf]
@@ -447,7 +447,7 @@ def _read_local(entry: _Entry, reader: _Reader, desc: ModelDesc) -> torch.Tensor
         if entry.kind == "swiglu":
             return torch.cat(parts, dim=0)
         return _interleave_qkv(parts, desc)
-    _, rank, size = _group(entry.expert)
+    _, rank, size = entry_tp_group(entry.expert)
     dim = entry.split_dim
     if entry.kind == "copy":
         n = reader.tensors[entry.hf[0]].shape[dim]
@@ -494,7 +494,7 @@ def load_hf_weights(model, desc: ModelDesc, path: str | Path) -> LoadReport:
     tensors, ignored = check_hf_checkpoint(root, desc)
     report = LoadReport(dtypes={n: info.dtype for n, info in tensors.items()}, ignored=ignored)
     with _Reader(root, tensors) as reader:
-        for entry in _model_entries(model, desc):
+        for entry in model_entries(model, desc):
             value = _read_local(entry, reader, desc)
             if tuple(value.shape) != tuple(entry.tensor.shape):
                 raise CheckpointError(
@@ -515,7 +515,7 @@ def export_dtypes(desc: ModelDesc) -> dict[str, str]:
     return {name: "F32" if name.endswith("e_score_correction_bias") else base for name in expected_hf_tensors(desc)}
 
 
-def _hf_pieces(entry: _Entry, chunks: list[torch.Tensor], desc: ModelDesc) -> dict[str, torch.Tensor]:
+def hf_pieces(entry: Entry, chunks: list[torch.Tensor], desc: ModelDesc) -> dict[str, torch.Tensor]:
     """Full HF tensors from the tensor-parallel chunks (in rank order) of one megatron tensor."""
     if entry.kind == "copy":
         return {entry.hf[0]: chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=entry.split_dim)}
@@ -537,7 +537,7 @@ class _StreamingWriter:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         self.sizes = {}
         for name, dtype, shape in layout:
-            size = math.prod(shape) * torch.empty((), dtype=_ST_DTYPES[dtype]).element_size()
+            size = math.prod(shape) * torch.empty((), dtype=ST_DTYPES[dtype]).element_size()
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
             self.sizes[name] = size
             offset += size
@@ -593,13 +593,13 @@ def export_hf_weights(model, desc: ModelDesc, path: str | Path, *, dtypes: Optio
     shapes = expected_hf_tensors(desc)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = []  # entries this rank takes part in exporting (gathers), in model order
-    for entry in _model_entries(model, desc):
+    for entry in model_entries(model, desc):
         if not entry.export:
             continue
         replica = ps.get_expert_data_parallel_rank() if entry.expert else ps.get_data_parallel_rank()
         if replica == 0:
             mine.append(entry)
-    writes = [e for e in mine if _group(e.expert)[1] == 0]
+    writes = [e for e in mine if entry_tp_group(e.expert)[1] == 0]
     layout = [(name, dtypes[name], shapes[name]) for e in writes for name in e.hf]
 
     everyone = [None] * world
@@ -619,7 +619,7 @@ def export_hf_weights(model, desc: ModelDesc, path: str | Path, *, dtypes: Optio
     writer = _StreamingWriter(root / files[rank], layout) if layout else None
     try:
         for entry in mine:
-            group, group_rank, size = _group(entry.expert)
+            group, group_rank, size = entry_tp_group(entry.expert)
             local = entry.tensor.detach()
             if entry.split_dim is not None and size > 1:
                 chunks = [torch.empty_like(local) for _ in range(size)]
@@ -628,11 +628,11 @@ def export_hf_weights(model, desc: ModelDesc, path: str | Path, *, dtypes: Optio
                 chunks = [local]
             if group_rank != 0:
                 continue
-            for name, full in _hf_pieces(entry, chunks, desc).items():
+            for name, full in hf_pieces(entry, chunks, desc).items():
                 if tuple(full.shape) != shapes[name]:
                     raise CheckpointError(f"internal: exported {name!r} has shape {_fmt_shape(full.shape)}, "
                                           f"expected {_fmt_shape(shapes[name])}")
-                writer.write(name, _tensor_bytes(full.to(_ST_DTYPES[dtypes[name]])))
+                writer.write(name, _tensor_bytes(full.to(ST_DTYPES[dtypes[name]])))
         if writer is not None:
             writer.close()
     except BaseException:
@@ -645,7 +645,7 @@ def export_hf_weights(model, desc: ModelDesc, path: str | Path, *, dtypes: Optio
 
         if len(writers) > 1:
             weight_map = {n: files[r] for r in writers for n in everyone[r]}
-            total = sum(math.prod(shapes[n]) * torch.empty((), dtype=_ST_DTYPES[dtypes[n]]).element_size()
+            total = sum(math.prod(shapes[n]) * torch.empty((), dtype=ST_DTYPES[dtypes[n]]).element_size()
                         for n in weight_map)
             atomic_write_text(root / INDEX_NAME, json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
@@ -663,13 +663,13 @@ MEGATRON_WEIGHTS = "weights"  # megatron dist_checkpointing directory inside a c
 HF_FILES = "hf"  # the source's non-weight files (config.json verbatim, tokenizer, ...)
 
 
-def _hf_side_files(root: Path) -> list[Path]:
+def hf_side_files(root: Path) -> list[Path]:
     """The files of a HF directory that are not weights (config, tokenizer, generation config)."""
     return sorted(p for p in root.iterdir() if p.is_file() and not p.name.endswith(".safetensors")
                   and p.name != INDEX_NAME and not p.name.startswith("."))
 
 
-def _copy_files(files: list[Path], dest: Path) -> None:
+def copy_files(files: list[Path], dest: Path) -> None:
     from r1mega.utils.io import atomic_write_bytes
 
     for file in files:
@@ -707,7 +707,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, parallel, *,
             "written_with": {"tp": parallel.tp, "pp": parallel.pp, "ep": parallel.ep, "etp": parallel.expert_tp}}
     if dist.get_rank() == 0:
         (out_dir / MEGATRON_WEIGHTS).mkdir(parents=True, exist_ok=True)
-        _copy_files(_hf_side_files(hf_dir), out_dir / HF_FILES)
+        copy_files(hf_side_files(hf_dir), out_dir / HF_FILES)
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(out_dir / MEGATRON_WEIGHTS))
     if dist.get_rank() == 0:
@@ -743,11 +743,11 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, parall
     model = build_model(desc, parallel, dtype=meta["params_dtype"])
     state = dist_checkpointing.load(model.sharded_state_dict(), str(megatron_dir / MEGATRON_WEIGHTS))
     model.load_state_dict(state)
-    side = _hf_side_files(megatron_dir / HF_FILES)
+    side = hf_side_files(megatron_dir / HF_FILES)
     config_text = (megatron_dir / HF_FILES / "config.json").read_text()
     written = export_hf_weights(model, desc, out_dir, dtypes=meta["dtypes"], config_json=config_text)
     if dist.get_rank() == 0:
-        _copy_files([f for f in side if f.name != "config.json"], out_dir)
+        copy_files([f for f in side if f.name != "config.json"], out_dir)
     dist.barrier()
     return written
 
@@ -774,6 +774,6 @@ def convert_hf_to_hf(hf_dir: str | Path, out_dir: str | Path, parallel, *, dtype
     written = export_hf_weights(model, desc, out_dir, dtypes=report.dtypes,
                                 config_json=(hf_dir / "config.json").read_text())
     if dist.get_rank() == 0:
-        _copy_files([f for f in _hf_side_files(hf_dir) if f.name != "config.json"], out_dir)
+        copy_files([f for f in hf_side_files(hf_dir) if f.name != "config.json"], out_dir)
     dist.barrier()
     return written

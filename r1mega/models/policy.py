@@ -53,7 +53,7 @@ Parallelism, per step (micro-batches of ``micro_batch_size`` rows):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -124,7 +124,7 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
                 parallel: Optional[ParallelConfig] = None, dtype: torch.dtype = torch.float32,
                 optim: Optional[OptimConfig] = None, trainable: bool = True, micro_batch_size: int = 1,
                 temperature: float = 1.0, seed: int = 0, backend: Optional[str] = None,
-                load_optimizer: bool = True, **config_overrides) -> Policy:
+                load_optimizer: bool = True, router_replay: bool = False, **config_overrides) -> Policy:
     """A :class:`Policy` for `path` in the layout tp/ep/pp (or `parallel`); call on every rank.
 
     Initialises ``torch.distributed`` (torchrun's environment, or a one-process group) and
@@ -134,7 +134,9 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
     or rollout-side model). `optim` (default :class:`~r1mega.config.OptimConfig`) sets Adam,
     weight decay, gradient clipping and warm-up. `load_optimizer=False` restores a checkpoint's
     weights and step count only (fresh Adam moments, scheduler and RNG). `config_overrides` go to
-    megatron's TransformerConfig.
+    megatron's TransformerConfig. `router_replay=True` (MoE models) lets log-probs and training
+    steps take the rollout engine's recorded expert choices (``routes``; see
+    :mod:`r1mega.models.router_replay`).
     Problems with `path` (not a model, a bad tensor) raise before any process group is set up.
     """
     from r1mega.models import checkpoint as ckpt
@@ -163,6 +165,8 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
     policy = Policy(model, desc, parallel, dtype=dtype, hf_dtypes=hf_dtypes, side_files=source.config_dir,
                     optim=optim, trainable=trainable, micro_batch_size=micro_batch_size,
                     temperature=temperature, backend=backend, seed=seed)
+    if router_replay:
+        policy.enable_router_replay()
     if source.kind == "checkpoint":
         report = ckpt.load_checkpoint(policy, source.path, load_optimizer=load_optimizer, load_model=False)
         policy.data_state = report.data_state
@@ -256,6 +260,9 @@ class Policy:
         self.load_report = None
         self.optim = optim or OptimConfig()
         self.ddp = self.optimizer = self.scheduler = None
+        self._streams: dict = {}
+        self._offloaded: Optional[list] = None  # (tensor, bytes, host copy) while offloaded
+        self.router_replay = None  # r1mega.models.router_replay.RouterReplay once enabled
         _fix_expert_bias_padding(model)
         if trainable:
             self._setup_training()
@@ -370,15 +377,43 @@ class Policy:
                            group=ps.get_pipeline_model_parallel_group())
         return tensor
 
+    # ---- router replay ---------------------------------------------------------------------
+    def enable_router_replay(self) -> None:
+        """Let log-probs and training steps replay recorded expert choices (MoE models)."""
+        from r1mega.models.hf_io import unwrap_model
+        from r1mega.models.router_replay import RouterReplay
+
+        if not self.desc.is_moe:
+            raise ValueError(f"router replay needs an MoE model; {self.desc.arch} has no experts")
+        if self.router_replay is None:
+            moe_layers = tuple(i for i in range(self.desc.num_layers) if self.desc.is_moe_layer(i))
+            self.router_replay = RouterReplay(unwrap_model(self.model), moe_layers, self.desc.moe.topk)
+
+    def _check_routes(self, routes: torch.Tensor, shape) -> torch.Tensor:
+        from r1mega.models.router_replay import check_routes
+
+        if self.router_replay is None:
+            raise ValueError("routes given, but the policy was loaded without router_replay=True")
+        replay = self.router_replay
+        check_routes(routes, tuple(shape), len(replay.moe_layers), replay.top_k, self.desc.moe.num_experts)
+        return routes
+
+    def _replay(self, mb: dict) -> None:
+        if self.router_replay is not None:
+            self.router_replay.set(mb.get("routes"), mb["attention_mask"], tp=self.layout.tp,
+                                   tp_rank=self.layout.tp_rank, sequence_parallel=self.model.config.sequence_parallel)
+
     # ---- log-probs -------------------------------------------------------------------------
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-                 micro_batch_size: Optional[int] = None, split_dp: bool = True) -> torch.Tensor:
+                 micro_batch_size: Optional[int] = None, split_dp: bool = True,
+                 routes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[S, T] float32 log-probs of `input_ids` (see the module docstring for the alignment).
 
         Same arguments on every rank; the same result on every rank. The rows are split over the
         data-parallel ranks (``split_dp=False``: each data-parallel replica passes and gets its
-        own rows).
+        own rows). `routes` ([S, T, moe_layers, top_k] expert ids, e.g. the rollout engine's)
+        replays those expert choices (needs ``router_replay=True`` at load).
         """
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
@@ -390,8 +425,10 @@ class Policy:
         mbs = micro_batch_size or self.micro_batch_size
         start, stop, n_mb = self._rows(n_rows, split_dp, mbs)
         seq_pad = self._padded_len(seq)
-        mbs_list = self._micro_batches({"input_ids": input_ids[start:stop], "attention_mask": am[start:stop]},
-                                       n_mb, mbs, seq_pad)
+        tensors = {"input_ids": input_ids[start:stop], "attention_mask": am[start:stop]}
+        if routes is not None:
+            tensors["routes"] = self._check_routes(routes, input_ids.shape)[start:stop]
+        mbs_list = self._micro_batches(tensors, n_mb, mbs, seq_pad)
         tp_group = ps.get_tensor_model_parallel_group()
 
         def loss_func(mb, output):
@@ -402,6 +439,7 @@ class Policy:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
+            self._replay(mb)
             out = model(mb["input_ids"], mb["position_ids"], None, padding_mask=mb["padding_mask"])
             return out, lambda output: loss_func(mb, output)
 
@@ -411,6 +449,8 @@ class Policy:
             results = self._run(forward_step, mbs_list, seq_pad, mbs, forward_only=True)
         finally:
             self.model.train(was_training)
+            if self.router_replay is not None:
+                self.router_replay.clear()
         rows = n_mb * mbs
         if not self.layout.is_last_stage:  # receives the result below
             full = torch.zeros(n_rows, seq, device=self.device)
@@ -435,10 +475,12 @@ class Policy:
 
         if self.optimizer is None:
             raise RuntimeError("train_step: this policy was loaded with trainable=False")
-        unknown = sorted(set(batch) - set(REQUIRED_TENSORS) - set(OPTIONAL_TENSORS) - set(LOSS_OPTIONS))
+        if self._offloaded is not None:
+            raise RuntimeError("train_step: the training state is offloaded; call onload_training_state() first")
+        unknown = sorted(set(batch) - set(REQUIRED_TENSORS) - set(OPTIONAL_TENSORS) - {"routes"} - set(LOSS_OPTIONS))
         if unknown:
             raise ValueError(f"train_step: unknown batch key {unknown[0]!r}; tensors: "
-                             f"{', '.join(REQUIRED_TENSORS + OPTIONAL_TENSORS)}; "
+                             f"{', '.join(REQUIRED_TENSORS + OPTIONAL_TENSORS + ('routes',))}; "
                              f"loss options: {', '.join(LOSS_OPTIONS)}")
         missing = [k for k in REQUIRED_TENSORS if batch.get(k) is None]
         if missing:
@@ -473,6 +515,8 @@ class Policy:
             raise ValueError(f"advantages must be a float tensor of shape [S] {tuple(shape[:1])} or [S, T] "
                              f"{tuple(shape)}, got {adv!r:.80}")
         tensors["advantages"] = adv.float()
+        if batch.get("routes") is not None:
+            tensors["routes"] = self._check_routes(batch["routes"], shape)
         return tensors, options, agg
 
     def train_step(self, batch: Mapping[str, Any], *, split_dp: bool = True,
@@ -534,6 +578,7 @@ class Policy:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
+            self._replay(mb)
             out = model(mb["input_ids"], mb["position_ids"], None, padding_mask=mb["padding_mask"])
             return out, lambda output: loss_func(mb, output)
 
@@ -541,7 +586,11 @@ class Policy:
         self.model.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        results = self._run(forward_step, micro_batches, seq_pad, mbs, forward_only=False)
+        try:
+            results = self._run(forward_step, micro_batches, seq_pad, mbs, forward_only=False)
+        finally:
+            if self.router_replay is not None:
+                self.router_replay.clear()
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
@@ -564,17 +613,85 @@ class Policy:
         out.update(ratio_max=float(packed[-1]), update_successful=float(bool(ok)), step=float(self.step))
         return out
 
+    # ---- colocation ------------------------------------------------------------------------
+    def _training_state(self) -> list[tuple[torch.Tensor, bool]]:
+        """(tensor, keep its values) of the optimizer states, the fp32 main copies of low-precision
+        parameters and the gradient buffers (never the model's parameters)."""
+        out, seen = [], set()
+
+        def add(t, keep):
+            if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                out.append((t, keep))
+
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for state in opt.optimizer.state.values():
+                for value in state.values():
+                    add(value, True)
+            for group in getattr(opt, "shard_fp32_from_float16_groups", None) or []:
+                for t in group:
+                    add(t, True)
+        for buffer in self.ddp.buffers + self.ddp.expert_parallel_buffers:
+            add(buffer.grad_data, False)  # zeroed before every step: nothing to keep
+        return out
+
+    def offload_training_state(self) -> int:
+        """Release the device memory of the optimizer states and gradient buffers (before a
+        colocated engine wakes); the optimizer states go to host memory. Returns the bytes
+        released. :meth:`onload_training_state` restores them; a step in between raises."""
+        if self.optimizer is None:
+            return 0
+        if self._offloaded is not None:
+            raise RuntimeError("offload_training_state: already offloaded; call onload_training_state() first")
+        pin = self.device.type == "cuda"
+        self._offloaded, freed = [], 0
+        for tensor, keep in self._training_state():
+            storage = tensor.untyped_storage()
+            host = tensor.detach().to("cpu", copy=True).pin_memory() if keep and pin else \
+                (tensor.detach().to("cpu", copy=True) if keep else None)
+            self._offloaded.append((tensor, storage.nbytes(), host))
+            freed += storage.nbytes()
+            storage.resize_(0)
+        return freed
+
+    def onload_training_state(self) -> None:
+        """Undo :meth:`offload_training_state` (a no-op when nothing is offloaded)."""
+        if not self._offloaded:
+            self._offloaded = None
+            return
+        for tensor, nbytes, host in self._offloaded:
+            tensor.untyped_storage().resize_(nbytes)
+            if host is None:
+                tensor.zero_()
+            else:
+                tensor.copy_(host, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._offloaded = None
+
     # ---- weights out -----------------------------------------------------------------------
-    def hf_weight_buckets(self, bucket_bytes: int, *, dtypes: Optional[dict[str, str]] = None
-                          ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Full Hugging Face-named tensors in buckets of at most `bucket_bytes`, on every rank.
+    def weight_stream(self, *, dtypes: Optional[dict[str, str]] = None,
+                      dst_ranks: Optional[Sequence[int]] = None):
+        """The :class:`~r1mega.models.buckets.WeightStream` of this policy (collective the first time
+        for a set of options; kept and reused, so a refit every step plans once)."""
+        from r1mega.models.buckets import WeightStream
+
+        dtypes = {**self.hf_dtypes, **(dtypes or {})}
+        key = (tuple(sorted(dtypes.items())), None if dst_ranks is None else tuple(sorted(set(dst_ranks))))
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = WeightStream(self.model, self.desc, dtypes=dtypes, dst_ranks=dst_ranks)
+        return stream
+
+    def hf_weight_buckets(self, bucket_bytes: int, *, dtypes: Optional[dict[str, str]] = None,
+                          dst_ranks: Optional[Sequence[int]] = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full Hugging Face-named tensors in buckets of at most `bucket_bytes`, in layer order.
 
         The tensors, dtypes (default: the source's, as :meth:`export_hf` writes) and bytes of
-        the HF export; see :mod:`r1mega.models.buckets` for the gathering and the memory bound.
+        the HF export; every rank iterates, the ranks in `dst_ranks` (default: all) receive. See
+        :mod:`r1mega.models.buckets` for the plan (made once), the gathering and the memory bound.
         """
-        from r1mega.models.buckets import hf_weight_buckets
-
-        return hf_weight_buckets(self.model, self.desc, bucket_bytes, dtypes={**self.hf_dtypes, **(dtypes or {})})
+        return self.weight_stream(dtypes=dtypes, dst_ranks=dst_ranks).buckets(bucket_bytes)
 
     def export_hf(self, out_dir: str | Path) -> list[str]:
         """Write a Hugging Face directory (safetensors in the source dtypes, config, tokenizer)."""
@@ -594,13 +711,13 @@ class Policy:
     def _copy_side_files(self, dest: Path, *, skip_config: bool = False) -> None:
         import json
 
-        from r1mega.models.hf_io import _copy_files, _hf_side_files
+        from r1mega.models.hf_io import copy_files, hf_side_files
         from r1mega.utils.io import atomic_write_text
 
         dest.mkdir(parents=True, exist_ok=True)
-        files = _hf_side_files(self.side_files) if self.side_files and self.side_files.is_dir() else []
+        files = hf_side_files(self.side_files) if self.side_files and self.side_files.is_dir() else []
         files = [f for f in files if not (skip_config and f.name == "config.json")]
-        _copy_files(files, dest)
+        copy_files(files, dest)
         if not skip_config and not (dest / "config.json").exists():
             atomic_write_text(dest / "config.json", json.dumps(self.desc.config, indent=2) + "\n")
 

@@ -1,0 +1,99 @@
+"""Policy -> engine: building an engine from the config, the colocated refit order, verification.
+
+The order a colocated step follows (the one that avoids the wake-up OOMs and stale caches users
+report against vLLM, verl and NeMo-RL: old weights, new weights, optimizer state and KV cache
+never coexist on the device, and no cache survives a weight change)::
+
+    wake_and_refit(policy, engine, ...)   # offload optimizer state + grads, wake weights, stream,
+                                          # wake the KV cache, reset the prefix cache
+    completions = engine.generate(...)
+    sleep_for_training(policy, engine, level)  # engine sleeps, optimizer state comes back
+    policy.train_step(...)
+
+Every rank calls these (the stream is collective); ranks without an engine pass ``engine=None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
+
+import torch
+
+from r1mega.config import RolloutConfig
+from r1mega.rollout.engine import Engine, RefitStats
+from r1mega.rollout.sampling import SamplingParams
+
+
+def engine_from_config(rollout: RolloutConfig, model_config: Any, *, seed: int = 0, tokenizer: Any = None,
+                       dtype: torch.dtype = torch.float32, device: Optional[str] = None) -> Engine:
+    """The engine `rollout.engine` names, with the options of the config's rollout section."""
+    from r1mega.rollout import make_engine
+
+    if rollout.engine == "hf":
+        for key, default in (("fp8", False), ("tp", 1)):
+            if getattr(rollout, key) != default:
+                raise ValueError(f"rollout.{key}: {getattr(rollout, key)!r} is for the vllm engine; the hf engine "
+                                 f"needs {default!r}")
+        return make_engine("hf", model_config, tokenizer=tokenizer, dtype=dtype, seed=seed,
+                           max_batch_rows=rollout.max_batch_rows, device=device or "cpu")
+    return make_engine("vllm", model_config, tokenizer=tokenizer, dtype=dtype, seed=seed, tp=rollout.tp,
+                       gpu_memory_utilization=rollout.gpu_memory_utilization, fp8=rollout.fp8,
+                       return_routes=rollout.router_replay,
+                       max_model_len=rollout.max_prompt_tokens + rollout.max_new_tokens)
+
+
+def sampling_params(rollout: RolloutConfig, *, n: int, seed: Optional[int] = None, stop: Sequence[str] = (),
+                    stop_token_ids: Sequence[int] = ()) -> SamplingParams:
+    """The SamplingParams of a rollout step: G = `n` completions per prompt at the config's settings."""
+    return SamplingParams(n=n, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                          max_new_tokens=rollout.max_new_tokens, stop=tuple(stop), stop_token_ids=tuple(stop_token_ids),
+                          seed=seed, return_logprobs=True, return_routes=rollout.router_replay)
+
+
+def _drain(buckets: Iterable) -> None:
+    for _ in buckets:
+        pass
+
+
+def wake_and_refit(policy, engine: Optional[Engine], *, bucket_bytes: int, verify: bool = False,
+                   dst_ranks: Optional[Sequence[int]] = None) -> Optional[RefitStats]:
+    """Bring `engine` up to date with `policy` in the colocated order (module docstring).
+
+    Returns the refit's stats on ranks with an engine. `verify` streams a second time and checks
+    every tensor the engine holds (raises naming the first mismatch)."""
+    policy.offload_training_state()
+    if engine is not None and engine.state["weights"] == "asleep":
+        engine.wake_up(["weights"])
+    stream = policy.weight_stream(dst_ranks=dst_ranks)
+    stats = None
+    if engine is not None:
+        stats = engine.refit(stream.buckets(bucket_bytes))
+    else:
+        _drain(stream.buckets(bucket_bytes))
+    if verify:
+        problems = verify_refit(engine, stream.buckets(bucket_bytes))
+        if problems:
+            raise RuntimeError(f"refit verification: {len(problems)} tensors differ from the policy's "
+                               f"(first: {problems[0]!r})")
+    if engine is not None:
+        if engine.state["kv_cache"] == "asleep":
+            engine.wake_up(["kv_cache"])
+        engine.reset_prefix_cache()
+    return stats
+
+
+def sleep_for_training(policy, engine: Optional[Engine], level: int) -> None:
+    """The engine releases its memory; the policy's optimizer state and gradients come back."""
+    if engine is not None:
+        engine.sleep(level)
+    policy.onload_training_state()
+
+
+def verify_refit(engine: Optional[Engine], buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]) -> list[str]:
+    """Names of streamed tensors that the engine does not hold bit for bit (collective: every rank
+    iterates `buckets`; ranks without an engine return [])."""
+    if engine is None:
+        _drain(buckets)
+        return []
+    return engine.verify_weights(buckets)
