@@ -209,11 +209,11 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def _generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        prompts = check_prompts(prompt_token_ids, self.vocab_size, self.max_positions, params.max_new_tokens)
         if params.stop and self.tokenizer is None:
             raise ValueError("hf engine: stop strings need a tokenizer (HFEngine(..., tokenizer=DIR))")
         if params.return_routes and self.routes is None:
             raise ValueError(f"hf engine: return_routes needs an MoE model; {self.desc.arch} has no experts")
+        prompts = check_prompts(prompt_token_ids, self.vocab_size, self.max_positions, params.max_new_tokens)
         start = time.perf_counter()
         per_chunk = max(1, self.max_batch_rows // params.n)
         out: list[Completion] = []

@@ -1,0 +1,61 @@
+"""The rollout conformance suite for the `hf` engine: the policy in TP1, TP2, EP2 and PP2 (torchrun on
+gloo) feeds the engine through the weight stream; the engine's log-probs equal the policy's before
+and after a training step and its refit, a stale engine is caught, router replay holds. See
+tests/workers/rollout_conformance.py for each check; the figures are printed (pytest -s) and the
+assertions live in the worker.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.models_fixtures import build_fixture_set
+from tests.torchrun import run_torchrun
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    return build_fixture_set(tmp_path_factory.getbasetemp() / "tiny-hf-models")
+
+
+def _checks(stdout: str) -> dict[tuple[str, str], str]:
+    return {(m[1], m[2]): m[3] for m in re.finditer(r"^CHECK (\S+) (\S+) (.+)$", stdout, re.M)}
+
+
+def _report(checks):
+    for (layout, name), value in sorted(checks.items()):
+        print(f"{layout:10s} {name:28s} {value}")
+
+
+def test_one_rank_layouts(tiny_models):
+    out = run_torchrun("rollout_conformance.py", 1, str(tiny_models), "ds-tp1", "qwen3-tp1", "qwen2-tp1", "offload",
+                       timeout_s=400)
+    checks = _checks(out)
+    _report(checks)
+    for layout in ("ds-tp1", "qwen3-tp1", "qwen2-tp1"):
+        assert float(checks[(layout, "logprob_diff")]) < 1e-4
+        assert float(checks[(layout, "refit_logprob_diff")]) < 1e-4
+        assert float(checks[(layout, "stale_logprob_diff")]) > 1e-2
+        assert checks[(layout, "stream_plans")] == "1"
+    for layout in ("ds-tp1", "qwen3-tp1"):
+        assert float(checks[(layout, "replay_exact_diff")]) < 1e-4
+        assert float(checks[(layout, "replay_on_diff")]) * 2 < float(checks[(layout, "replay_off_diff")])
+    assert checks[("ds-tp1", "offload_bitwise")] == "ok"
+
+
+def test_two_rank_layouts(tiny_models):
+    layouts = ("ds-tp2", "ds-ep2", "ds-pp2", "qwen3-ep2")
+    out = run_torchrun("rollout_conformance.py", 2, str(tiny_models), *layouts, timeout_s=600)
+    checks = _checks(out)
+    _report(checks)
+    for layout in layouts:
+        assert float(checks[(layout, "logprob_diff")]) < 1e-4
+        assert float(checks[(layout, "refit_logprob_diff")]) < 1e-4
+        assert float(checks[(layout, "stale_logprob_diff")]) > 1e-2
+        assert float(checks[(layout, "replay_exact_diff")]) < 1e-4
+        assert float(checks[(layout, "replay_on_diff")]) * 2 < float(checks[(layout, "replay_off_diff")])
+        assert checks[(layout, "stream_plans")] == "1"
