@@ -59,3 +59,21 @@ def test_two_rank_layouts(tiny_models):
         assert float(checks[(layout, "replay_exact_diff")]) < 1e-4
         assert float(checks[(layout, "replay_on_diff")]) * 2 < float(checks[(layout, "replay_off_diff")])
         assert checks[(layout, "stream_plans")] == "1"
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_vllm(), reason="needs vLLM (pip install -e '.[gpu]')")
+@pytest.mark.parametrize("nproc, layout", [(1, "ds-tp1"), (1, "qwen3-tp1"), (1, "qwen2-tp1"), (2, "ds-tp2"),
+                                           (2, "ds-ep2"), (2, "ds-pp2")])
+def test_vllm_engine_layouts(tiny_models, nproc, layout):
+    out = run_torchrun("rollout_conformance.py", nproc, str(tiny_models), layout, timeout_s=900,
+                       env={"R1MEGA_TEST_ENGINE": "vllm"})
+    checks = _checks(out)
+    _report(checks)
+    assert (layout, "refit_logprob_diff") in checks

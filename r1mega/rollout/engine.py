@@ -123,16 +123,10 @@ class Engine(ABC):
     def load_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
         """Load (Hugging Face name, full tensor) pairs, e.g. one bucket of the weight stream;
         returns the bytes loaded. Names must be expected tensors; shapes are checked."""
-        self._require_open("load_weights")
-        if not self._weights_awake:
-            raise EngineStateError(f"{self.name} engine: load_weights while the weights sleep; call "
-                                   "wake_up(['weights']) first")
-        names = [name for name, _ in bucket]
-        unknown = [n for n in names if n not in self._expected]
-        if unknown:
-            raise KeyError(f"{self.name} engine: load_weights got {unknown[0]!r}, which this model does not have")
+        self._require_awake_weights("load_weights")
+        self._check_names(bucket)
         nbytes = self._load_weights(bucket)
-        self._loaded.update(names)
+        self._loaded.update(name for name, _ in bucket)
         return nbytes
 
     def refit(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]], *, allow_partial: bool = False) -> RefitStats:
@@ -142,25 +136,43 @@ class Engine(ABC):
         a ValueError names the first missing or repeated one. Afterwards the prefix cache is
         reset, so no cached state of the old weights survives.
         """
-        self._require_open("refit")
+        self._require_awake_weights("refit")
         start = time.perf_counter()
         seen: set[str] = set()
-        nbytes = count = 0
-        for bucket in buckets:
-            count += 1
-            for name, _ in bucket:
-                if name in seen:
-                    raise ValueError(f"{self.name} engine: refit got {name!r} twice in one pass of the stream")
-                seen.add(name)
-            nbytes += self.load_weights(bucket)
+        totals = {"bytes": 0, "buckets": 0}
+
+        def tracked():
+            for bucket in buckets:
+                self._check_names(bucket)
+                for name, tensor in bucket:
+                    if name in seen:
+                        raise ValueError(f"{self.name} engine: refit got {name!r} twice in one pass of the stream")
+                    seen.add(name)
+                    totals["bytes"] += tensor.numel() * tensor.element_size()
+                totals["buckets"] += 1
+                yield bucket
+
+        self._refit_stream(tracked())
+        self._loaded.update(seen)
         missing = sorted(self._expected - seen)
         if missing and not allow_partial:
             raise ValueError(f"{self.name} engine: the refit stream lacked {len(missing)} tensors "
                              f"(first: {missing[0]!r})")
-        self._finish_refit()
         self.reset_prefix_cache()
         self.refits += 1
-        return RefitStats(tensors=len(seen), bytes=nbytes, buckets=count, seconds=time.perf_counter() - start)
+        return RefitStats(tensors=len(seen), bytes=totals["bytes"], buckets=totals["buckets"],
+                          seconds=time.perf_counter() - start)
+
+    def _require_awake_weights(self, what: str) -> None:
+        self._require_open(what)
+        if not self._weights_awake:
+            raise EngineStateError(f"{self.name} engine: {what} while the weights sleep; call "
+                                   "wake_up(['weights']) first")
+
+    def _check_names(self, bucket) -> None:
+        unknown = [n for n, _ in bucket if n not in self._expected]
+        if unknown:
+            raise KeyError(f"{self.name} engine: got tensor {unknown[0]!r}, which this model does not have")
 
     def held_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor) of what the engine holds, for verifying a refit
@@ -247,8 +259,11 @@ class Engine(ABC):
     @abstractmethod
     def _held_weights(self) -> Iterable[tuple[str, torch.Tensor]]: ...
 
-    def _finish_refit(self) -> None:
-        """After a whole pass of the stream (e.g. re-quantise, process weights after loading)."""
+    def _refit_stream(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]) -> None:
+        """Load one pass of the stream; engines with a reload protocol of their own (vLLM's
+        layerwise reload, which re-quantises) override this."""
+        for bucket in buckets:
+            self._load_weights(bucket)
 
     @abstractmethod
     def _sleep(self, level: int) -> None: ...

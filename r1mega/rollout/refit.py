@@ -37,6 +37,9 @@ def engine_from_config(rollout: RolloutConfig, model_config: Any, *, seed: int =
                                  f"needs {default!r}")
         return make_engine("hf", model_config, tokenizer=tokenizer, dtype=dtype, seed=seed,
                            max_batch_rows=rollout.max_batch_rows, device=device or "cpu")
+    if rollout.verify_refit:
+        raise ValueError("rollout.verify_refit: True needs the hf engine; the vllm engine keeps weights fused, "
+                         "sharded and possibly FP8 (check its log-probs against the policy's instead)")
     return make_engine("vllm", model_config, tokenizer=tokenizer, dtype=dtype, seed=seed, tp=rollout.tp,
                        gpu_memory_utilization=rollout.gpu_memory_utilization, fp8=rollout.fp8,
                        return_routes=rollout.router_replay,

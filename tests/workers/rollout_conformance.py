@@ -17,8 +17,13 @@ Also, in a one-rank job: offloading and restoring the training state between two
 the trajectory bit for bit unchanged.
 
 Prints one line per check: ``CHECK <layout> <name> <value>``.
+
+R1MEGA_TEST_ENGINE=vllm (GPU, vLLM installed; one layout per process, as vLLM allows one
+sleep-mode engine per process) runs the same checks with a vLLM engine on every rank (fp32, so the
+tolerance is R1MEGA_VLLM_TOL, default 5e-3: other kernels; verification by log-probs only).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +41,8 @@ LAYOUTS = {
 }
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 17]]
 N, NEW = 3, 10
-TOL = 1e-4
+ENGINE = os.environ.get("R1MEGA_TEST_ENGINE", "hf")
+TOL = 1e-4 if ENGINE == "hf" else float(os.environ.get("R1MEGA_VLLM_TOL", "5e-3"))
 LR = 2e-2
 # Router perturbation: DeepSeek-V3's expert bias only selects experts (the mixture weights ignore it),
 # so replay must hold exactly; Qwen3-MoE's router weight also sets the mixture weights, so replay
@@ -74,10 +80,10 @@ def sequences(completions, prompts):
 
 
 def on_rank0(fn):
-    """fn() on rank 0, its (picklable) result on every rank."""
+    """fn() on rank 0 (every rank with vLLM: each hosts an engine), rank 0's result on every rank."""
     import torch.distributed as dist
 
-    box = [fn() if dist.get_rank() == 0 else None]
+    box = [fn() if dist.get_rank() == 0 or ENGINE == "vllm" else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -131,10 +137,16 @@ def run_layout(root: Path, layout: str) -> None:
                          optim=OptimConfig(lr=LR, grad_clip=None, weight_decay=0.0), router_replay=moe)
     rank0 = dist.get_rank() == 0
     stream_checks(policy, layout)
-    engine = make_engine("hf", policy.desc.config) if rank0 else None
-    stats = wake_and_refit(policy, engine, bucket_bytes=24 << 10, verify=True, dst_ranks=[0])
-    stale_problems = verify_refit(engine, policy.hf_weight_buckets(24 << 10, dst_ranks=[0]))
-    assert not stale_problems, stale_problems[:3]
+    if ENGINE == "hf":  # on rank 0 only, fed point to point
+        engine, dst = (make_engine("hf", policy.desc.config) if rank0 else None), [0]
+    else:  # on every rank, as colocated vLLM runs
+        moe = moe and policy.layout.pp == 1  # vLLM returns no routes under pipeline parallelism
+        engine, dst = make_engine("vllm", policy.side_files, dtype=torch.float32, return_routes=moe,
+                                  gpu_memory_utilization=0.3), None
+    stats = wake_and_refit(policy, engine, bucket_bytes=24 << 10, verify=ENGINE == "hf", dst_ranks=dst)
+    if ENGINE == "hf":
+        problems = verify_refit(engine, policy.hf_weight_buckets(24 << 10, dst_ranks=dst))
+        assert not problems, problems[:3]
     if rank0:
         check(layout, "refit_buckets", stats.buckets)
     params = SamplingParams(n=N, max_new_tokens=NEW, seed=11, return_routes=moe)
@@ -163,7 +175,7 @@ def run_layout(root: Path, layout: str) -> None:
         engine.wake_up()
     stale = on_rank0(sample)
     d_stale = diff(stale, policy.logprobs(stale["ids"], stale["am"]))
-    wake_and_refit(policy, engine, bucket_bytes=24 << 10, dst_ranks=[0])
+    wake_and_refit(policy, engine, bucket_bytes=24 << 10, dst_ranks=dst)
     after = on_rank0(sample)
     d1 = diff(after, policy.logprobs(after["ids"], after["am"]))
     sleep_for_training(policy, engine, 2)

@@ -1,0 +1,117 @@
+"""The vLLM engine's CPU-testable parts: request and engine arguments, output conversion, refusals.
+
+vLLM does not install on CPU machines; the stand-ins below have the fields of vLLM 0.32.0's
+``CompletionOutput`` and ``Logprob`` (vllm/outputs.py:51, vllm/logprobs.py:13), which is all
+convert_completion reads. The engine itself runs in the GPU-marked conformance test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+
+from r1mega.rollout import SamplingParams
+from r1mega.rollout.vllm_engine import convert_completion, llm_kwargs, vllm_sampling_kwargs
+
+
+@dataclass
+class Logprob:  # vllm.logprobs.Logprob
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+@dataclass
+class CompletionOutput:  # vllm.outputs.CompletionOutput (the fields convert_completion reads)
+    index: int
+    text: str
+    token_ids: list
+    cumulative_logprob: Optional[float]
+    logprobs: Optional[list]
+    routed_experts: Optional[np.ndarray] = None
+    finish_reason: Optional[str] = None
+    stop_reason: object = None
+
+
+def test_sampling_kwargs():
+    params = SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=33, stop_token_ids=(7,))
+    kw = vllm_sampling_kwargs(params, seed=12, eos_token_ids=(2, 7), has_tokenizer=False)
+    assert kw == dict(n=4, temperature=0.7, top_p=0.9, top_k=5, max_tokens=33, stop=[], stop_token_ids=[7, 2],
+                      ignore_eos=False, include_stop_str_in_output=True, seed=12, logprobs=0, detokenize=False)
+    greedy = vllm_sampling_kwargs(SamplingParams(temperature=0.0, ignore_eos=True, return_logprobs=False), seed=1,
+                                  eos_token_ids=(2,), has_tokenizer=True)
+    assert greedy["temperature"] == 0.0 and greedy["stop_token_ids"] == [] and greedy["logprobs"] is None
+    strings = vllm_sampling_kwargs(SamplingParams(stop=("</answer>",)), seed=1, eos_token_ids=(), has_tokenizer=True)
+    assert strings["stop"] == ["</answer>"] and strings["detokenize"] is True
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        vllm_sampling_kwargs(SamplingParams(stop=("x",)), seed=1, eos_token_ids=(), has_tokenizer=False)
+    with pytest.raises(ValueError, match="vLLM refuses"):
+        vllm_sampling_kwargs(SamplingParams(temperature=2.5), seed=1, eos_token_ids=(), has_tokenizer=False)
+
+
+def test_llm_kwargs():
+    kw = llm_kwargs("/m", tp=2, dtype=torch.bfloat16, seed=3, gpu_memory_utilization=0.4, max_model_len=4096,
+                    fp8=False, return_routes=False, has_tokenizer=False, expert_parallel=False)
+    assert kw == dict(model="/m", tensor_parallel_size=2, dtype="bfloat16", seed=3,
+                      distributed_executor_backend="external_launcher", enable_sleep_mode=True, load_format="dummy",
+                      skip_tokenizer_init=True, logprobs_mode="processed_logprobs", gpu_memory_utilization=0.4,
+                      enable_prefix_caching=True, enable_expert_parallel=False, max_logprobs=0, max_model_len=4096)
+    moe = llm_kwargs("/m", tp=1, dtype=torch.float32, seed=0, gpu_memory_utilization=0.5, max_model_len=None,
+                     fp8=True, return_routes=True, has_tokenizer=True, expert_parallel=True)
+    assert moe["quantization"] == "fp8_per_block" and moe["enable_return_routed_experts"] is True
+    assert moe["skip_tokenizer_init"] is False and "max_model_len" not in moe and moe["dtype"] == "float32"
+    with pytest.raises(ValueError, match="dtype"):
+        llm_kwargs("/m", tp=1, dtype=torch.int8, seed=0, gpu_memory_utilization=0.5, max_model_len=None, fp8=False,
+                   return_routes=False, has_tokenizer=False, expert_parallel=False)
+
+
+def _output(tokens, finish="stop", stop_reason=None, layers=4, top_k=2, prompt_len=3, logprobs=True):
+    steps = [{t: Logprob(-0.5 - i, rank=3), 99: Logprob(-9.0, rank=1)} for i, t in enumerate(tokens)] if logprobs \
+        else None
+    experts = np.arange((prompt_len + len(tokens) - 1) * layers * top_k, dtype=np.uint8).reshape(-1, layers, top_k) % 8
+    return CompletionOutput(index=0, text="", token_ids=tokens, cumulative_logprob=None, logprobs=steps,
+                            routed_experts=experts, finish_reason=finish, stop_reason=stop_reason)
+
+
+def test_convert_completion():
+    out = _output([5, 6, 2], stop_reason=None)
+    c = convert_completion(out, prompt_index=1, sample_index=2, prompt_len=3, moe_layers=(1, 3), top_k=2,
+                           want_logprobs=True, want_routes=True, elapsed_s=0.5)
+    assert c.token_ids.tolist() == [5, 6, 2] and c.token_ids.dtype == torch.int64
+    assert torch.allclose(c.logprobs, torch.tensor([-0.5, -1.5, -2.5])) and c.logprobs.dtype == torch.float32
+    assert (c.prompt_index, c.sample_index, c.finish_reason, c.stop_reason) == (1, 2, "stop", None)
+    full = torch.as_tensor(out.routed_experts).to(torch.int16)
+    assert c.routes.shape == (6, 2, 2) and c.routes.dtype == torch.int16
+    assert torch.equal(c.routes[:5], full[:, [1, 3]]) and c.routes[5].tolist() == [[0, 1], [0, 1]]
+    for theirs, ours in (("length", "length"), ("abort", "abort"), ("error", "abort"), ("repetition", "abort")):
+        got = convert_completion(_output([1], finish=theirs), prompt_index=0, sample_index=0, prompt_len=3,
+                                 moe_layers=(), top_k=2, want_logprobs=False, want_routes=False, elapsed_s=0.0)
+        assert got.finish_reason == ours and got.logprobs is None and got.routes is None
+    with pytest.raises(RuntimeError, match="log-prob per token"):
+        convert_completion(_output([1, 2], logprobs=False), prompt_index=0, sample_index=0, prompt_len=3,
+                           moe_layers=(), top_k=2, want_logprobs=True, want_routes=False, elapsed_s=0.0)
+    with pytest.raises(RuntimeError, match="routed positions"):
+        convert_completion(_output([1, 2]), prompt_index=0, sample_index=0, prompt_len=4, moe_layers=(0,), top_k=2,
+                           want_logprobs=False, want_routes=True, elapsed_s=0.0)
+
+
+def test_engine_refuses_without_vllm_or_cuda(tmp_path):
+    from r1mega.rollout import make_engine
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the GPU test builds the engine")
+    with pytest.raises(RuntimeError, match="vllm engine: (vLLM is not installed|needs CUDA)"):
+        make_engine("vllm", tmp_path)
+
+
+def test_config_refuses_verify_with_vllm(tmp_path):
+    from r1mega.config import Config
+    from r1mega.rollout import engine_from_config
+
+    rollout = Config().with_overrides(["rollout.engine=vllm", "rollout.verify_refit=true"]).rollout
+    with pytest.raises(ValueError, match="verify_refit"):
+        engine_from_config(rollout, tmp_path)
