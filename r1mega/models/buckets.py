@@ -23,11 +23,13 @@ How a bucket moves: for each unit the holders all-gather its tensor-parallel sha
 group (the expert-TP group for experts) and the owner (the holder with (expert-)TP rank 0, on
 data-parallel replica 0) assembles the full tensors in the export dtype. Experts are owned by the
 EP rank holding them and pipeline stages own their layers, so nothing is gathered over EP or PP.
-Each owner packs its part of the bucket into one byte buffer and sends it; receivers unpack views.
+Each owner packs its part of the bucket into one byte buffer and sends it; receivers unpack views
+(an owner that is the only receiver yields its tensors as built, without packing).
 
 Memory: one bucket of full tensors on every receiving rank, plus, on an owner, its shards'
-all-gather buffers for one unit and its packed copy. The tensors are read-only views of a shared
-buffer: clone one to keep it past the next bucket.
+all-gather buffers for one unit and its packed copy. The tensors are read-only: views of a shared
+buffer or, where the owner is the only receiver, possibly the model's own parameter; clone one to
+keep it past the next bucket or the next training step.
 """
 
 from __future__ import annotations
@@ -199,6 +201,10 @@ class WeightStream:
                 targets = [r for r in (range(world) if self.dst_ranks is None else self.dst_ranks) if r != owner]
                 receive = rank != owner and rank in targets
                 if rank != owner and not receive:
+                    continue
+                if rank == owner and not (targets and world > 1):  # nobody else receives: no packing copy
+                    if self.dst_ranks is None or owner in self.dst_ranks:
+                        out.update((name, built.pop(name)) for name in names)
                     continue
                 layout, total = [], 0
                 for name in names:
