@@ -49,6 +49,7 @@ from r1mega.models.hf_io import (
     entry_tp_group,
     expected_hf_tensors,
     export_dtypes,
+    gather_chunks,
     hf_pieces,
     model_entries,
 )
@@ -180,13 +181,7 @@ class WeightStream:
                 entry = mine.get(unit.names)
                 if entry is None:
                     continue
-                group, _, size = entry_tp_group(entry.expert)
-                local = entry.tensor.detach()
-                if entry.split_dim is not None and size > 1:
-                    chunks = [torch.empty_like(local) for _ in range(size)]
-                    dist.all_gather(chunks, local.contiguous(), group=group)
-                else:
-                    chunks = [local]
+                chunks = gather_chunks(entry)
                 if rank != unit.owner:
                     continue
                 for name, full in hf_pieces(entry, chunks, self.desc).items():

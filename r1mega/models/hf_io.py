@@ -386,6 +386,20 @@ def entry_tp_group(expert: bool):
             ps.get_tensor_model_parallel_world_size())
 
 
+def gather_chunks(entry: Entry) -> list[torch.Tensor]:
+    """This rank's tensor of `entry` and its (expert-)tensor-parallel peers', in rank order
+    (collective over that group when the tensor is split; just the local tensor otherwise)."""
+    import torch.distributed as dist
+
+    group, _, size = entry_tp_group(entry.expert)
+    local = entry.tensor.detach()
+    if entry.split_dim is None or size == 1:
+        return [local]
+    chunks = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(chunks, local.contiguous(), group=group)
+    return chunks
+
+
 def _chunk(n: int, rank: int, size: int, what: str) -> slice:
     if n % size:
         raise CheckpointError(f"{what}: dimension {n} is not divisible by the {size} tensor-parallel ranks")
@@ -619,14 +633,8 @@ def export_hf_weights(model, desc: ModelDesc, path: str | Path, *, dtypes: Optio
     writer = _StreamingWriter(root / files[rank], layout) if layout else None
     try:
         for entry in mine:
-            group, group_rank, size = entry_tp_group(entry.expert)
-            local = entry.tensor.detach()
-            if entry.split_dim is not None and size > 1:
-                chunks = [torch.empty_like(local) for _ in range(size)]
-                dist.all_gather(chunks, local.contiguous(), group=group)
-            else:
-                chunks = [local]
-            if group_rank != 0:
+            chunks = gather_chunks(entry)
+            if entry_tp_group(entry.expert)[1] != 0:
                 continue
             for name, full in hf_pieces(entry, chunks, desc).items():
                 if tuple(full.shape) != shapes[name]:

@@ -32,6 +32,7 @@ _LAZY = {
     "HFEngine": "r1mega.rollout.hf_engine",
     "VLLMEngine": "r1mega.rollout.vllm_engine",
     "verify_refit": "r1mega.rollout.refit",
+    "Colocation": "r1mega.rollout.refit",
     "wake_and_refit": "r1mega.rollout.refit",
     "sleep_for_training": "r1mega.rollout.refit",
     "engine_from_config": "r1mega.rollout.refit",

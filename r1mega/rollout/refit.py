@@ -11,6 +11,7 @@ never coexist on the device, and no cache survives a weight change)::
     policy.train_step(...)
 
 Every rank calls these (the stream is collective); ranks without an engine pass ``engine=None``.
+:class:`Colocation` runs the same two steps with the options of the config's rollout section.
 """
 
 from __future__ import annotations
@@ -100,3 +101,22 @@ def verify_refit(engine: Optional[Engine], buckets: Iterable[Sequence[tuple[str,
         _drain(buckets)
         return []
     return engine.verify_weights(buckets)
+
+
+class Colocation:
+    """A policy and its rollout engine, refit and put to sleep as the config's rollout section says
+    (``refit_bucket_mb``, ``verify_refit``, ``sleep_level``). `dst_ranks`: the ranks hosting an
+    engine (None: every rank, as colocated vLLM)."""
+
+    def __init__(self, policy, engine: Optional[Engine], rollout: RolloutConfig, *,
+                 dst_ranks: Optional[Sequence[int]] = None):
+        self.policy, self.engine, self.rollout, self.dst_ranks = policy, engine, rollout, dst_ranks
+
+    def refit(self) -> Optional[RefitStats]:
+        """Offload the training state, wake the engine's weights, stream, wake its KV cache."""
+        return wake_and_refit(self.policy, self.engine, bucket_bytes=self.rollout.refit_bucket_mb << 20,
+                              verify=self.rollout.verify_refit, dst_ranks=self.dst_ranks)
+
+    def release(self) -> None:
+        """The engine sleeps at ``rollout.sleep_level``; the training state comes back."""
+        sleep_for_training(self.policy, self.engine, self.rollout.sleep_level)

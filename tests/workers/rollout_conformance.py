@@ -126,10 +126,11 @@ def run_layout(root: Path, layout: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from r1mega.config import OptimConfig, ParallelConfig
+    from r1mega.config import Config, OptimConfig, ParallelConfig
     from r1mega.models import load_policy
     from r1mega.models.hf_io import unwrap_model
-    from r1mega.rollout import SamplingParams, make_engine, sleep_for_training, verify_refit, wake_and_refit
+    from r1mega.rollout import (Colocation, SamplingParams, make_engine, sleep_for_training, verify_refit,
+                                wake_and_refit)
 
     family, kwargs = LAYOUTS[layout]
     moe = family in PERTURB
@@ -175,10 +176,16 @@ def run_layout(root: Path, layout: str) -> None:
         engine.wake_up()
     stale = on_rank0(sample)
     d_stale = diff(stale, policy.logprobs(stale["ids"], stale["am"]))
-    wake_and_refit(policy, engine, bucket_bytes=24 << 10, dst_ranks=dst)
+    # the refit a run does: the options of the config's rollout section
+    rollout = Config().with_overrides(["rollout.refit_bucket_mb=1", f"rollout.verify_refit={ENGINE == 'hf'}",
+                                       "rollout.sleep_level=2"]).rollout
+    colocation = Colocation(policy, engine, rollout, dst_ranks=dst)
+    colocation.refit()
     after = on_rank0(sample)
     d1 = diff(after, policy.logprobs(after["ids"], after["am"]))
-    sleep_for_training(policy, engine, 2)
+    colocation.release()
+    if engine is not None:
+        assert engine.state["weights"] == "asleep" and engine.missing_weights(), "sleep level 2 keeps no weights"
     changed = sum(a != b for a, b in zip(before["tokens"], after["tokens"]))
     if rank0:
         check(layout, "stale_logprob_diff", f"{d_stale:.3g}")
