@@ -22,6 +22,14 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Every tiny Hugging Face fixture model (tests/models_fixtures.py), built once per session."""
+    from tests.models_fixtures import build_fixture_set
+
+    return build_fixture_set(tmp_path_factory.getbasetemp() / "tiny-hf-models")
+
+
 @pytest.fixture(autouse=True)
 def _runnable_backend(request):
     # On a CUDA machine the interpreter stays off: Triton cannot take CPU tensors there.

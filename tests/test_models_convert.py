@@ -20,14 +20,9 @@ from r1mega.models.hf_io import (
     expected_hf_tensors,
 )
 from r1mega.parallel import ParallelConfig
-from tests.models_fixtures import CONFIGS, build_fixture_set
+from tests.models_fixtures import CONFIGS
 from tests.torchrun import run_torchrun
 from tests.workers._models_common import same_tensors
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    return build_fixture_set(tmp_path_factory.getbasetemp() / "tiny-hf-models")
 
 
 # ---- descriptions ---------------------------------------------------------------------------

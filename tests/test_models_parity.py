@@ -7,15 +7,10 @@ import re
 
 import pytest
 
-from tests.models_fixtures import BF16, FIXTURES, build_fixture_set
+from tests.models_fixtures import BF16, FIXTURES
 from tests.torchrun import run_torchrun
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    return build_fixture_set(tmp_path_factory.getbasetemp() / "tiny-hf-models")
 
 
 def test_tp1_logits_match_transformers_and_round_trip_is_bitwise(tiny_models):

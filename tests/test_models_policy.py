@@ -30,7 +30,6 @@ from r1mega.models.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
-from tests.models_fixtures import build_fixture_set
 from tests.torchrun import WORKERS, run_torchrun
 from tests.workers._policy_common import DATA_STATE, REL_TOL, RESUME_AT, STEPS
 
@@ -39,11 +38,6 @@ pytestmark = pytest.mark.distributed
 TWO_RANKS = ("ds-tp2", "ds-ep2", "ds-pp2", "qwen3-ep2", "qwen2-pp2")
 FOUR_RANKS = ("ds-tp2ep2", "ds-tp2pp2", "qwen3-tp2", "qwen2-tp2")
 NUMBER = r"([0-9.e+-]+|nan|inf)"
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    return build_fixture_set(tmp_path_factory.getbasetemp() / "tiny-hf-models")
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,9 @@ import re
 
 import pytest
 
-from tests.models_fixtures import build_fixture_set
 from tests.torchrun import run_torchrun
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    return build_fixture_set(tmp_path_factory.getbasetemp() / "tiny-hf-models")
 
 
 def _checks(stdout: str) -> dict[tuple[str, str], str]:

@@ -21,16 +21,11 @@ from r1mega.rollout import (
     mismatch_sums,
     processed_logits,
 )
-from tests.models_fixtures import build_fixture_set, load_hf_model
+from tests.models_fixtures import load_hf_model
 
 ARCHS = ("deepseek_v3", "qwen3_moe", "qwen2", "llama")
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 TOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    return build_fixture_set(tmp_path_factory.getbasetemp() / "tiny-hf-models")
 
 
 def checkpoint_stream(path: Path) -> list[list[tuple[str, torch.Tensor]]]:
