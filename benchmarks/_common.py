@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,12 @@ def append_jsonl(path: str | Path, rows: list[dict]) -> None:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print(f"wrote {len(rows)} rows to {path}")
+
+
+def run_torchrun(script: str | Path, world: int, args: list[str]) -> None:
+    """Run a benchmark script's worker mode on `world` gloo ranks (one OpenMP thread each)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           str(Path(script).resolve()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1",
+           "PYTHONPATH": str(REPO / "benchmarks") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)

@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, RESULTS, append_jsonl, environment
+from _common import RESULTS, append_jsonl, environment, run_torchrun
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
             max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.05, num_hidden_layers=3,
@@ -191,14 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         for world in sorted({LAYOUTS[n][0] for n in names}):
             group = [n for n in names if LAYOUTS[n][0] == world]
             result = tmp / f"result-{world}.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                   str(Path(__file__).resolve()), "--worker", "--models", str(tmp), "--layouts", ",".join(group),
-                   "--medium-bytes", str(medium_bytes), "--result", str(result), "--rows", str(args.rows),
-                   "--seq", str(args.seq), "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats)]
-            env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1",
-                        "PYTHONPATH": str(REPO / "benchmarks") + os.pathsep + os.environ.get("PYTHONPATH", "")}
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, env=env_vars, stdout=subprocess.DEVNULL)
+            run_torchrun(__file__, world, ["--worker", "--models", str(tmp), "--layouts", ",".join(group),
+                                           "--medium-bytes", str(medium_bytes), "--result", str(result),
+                                           "--rows", str(args.rows), "--seq", str(args.seq),
+                                           "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats)])
             print(f"world {world}: {', '.join(group)} in {time.perf_counter() - t0:.0f} s")
             rows += json.loads(result.read_text())
 

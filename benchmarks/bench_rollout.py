@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, RESULTS, append_jsonl, environment
+from _common import RESULTS, append_jsonl, environment, run_torchrun
 
 MEDIUM = dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=8,
               max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.05, num_hidden_layers=4,
@@ -218,13 +216,9 @@ def bench_refit(args, tmp: Path) -> list[dict]:
     for world in sorted({LAYOUTS[n][0] for n in names}):
         group = [n for n in names if LAYOUTS[n][0] == world]
         result = tmp / f"refit-{world}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               str(Path(__file__).resolve()), "--worker", "--models", str(tmp), "--layouts", ",".join(group),
-               "--result", str(result), "--repeats", str(args.repeats)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1",
-               "PYTHONPATH": str(REPO / "benchmarks") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        run_torchrun(__file__, world, ["--worker", "--models", str(tmp), "--layouts", ",".join(group),
+                                       "--result", str(result), "--repeats", str(args.repeats)])
         print(f"world {world}: {', '.join(group)} in {time.perf_counter() - t0:.0f} s")
         rows += json.loads(result.read_text())
     for row in rows:
