@@ -106,6 +106,30 @@ class RunConfig(_Section):
     name: str = knob("r1mega", "Run name; the run directory is out_dir/name.")
     out_dir: str = knob("runs", "Parent directory of run directories.")
     seed: int = knob(0, "Seed for sampling, shuffling and initialisation.", ge=0)
+    model: Optional[str] = knob(
+        None, "Policy to train: a Hugging Face directory or an r1mega checkpoint; None: the embedded base "
+        "model (pretrained once by `r1mega pretrain` into the cache).")
+    data: Optional[str] = knob(
+        None, "Training prompts (.jsonl/.json/.parquet, r1mega.data rows); None: the embedded task "
+        "(two-digit addition, train split).")
+    heldout: Optional[str] = knob(
+        None, "Held-out prompts evaluated before training, every run.eval_every steps and at the end; "
+        "None: the embedded task's test split (with run.data None) or no evaluation.")
+    template: Literal["r1_zero", "chat", "raw"] = knob(
+        "r1_zero", "How a question becomes the prompt: the R1-Zero template, the tokenizer's chat template, "
+        "or the question alone.")
+    steps: int = knob(100, "RL steps (each: one rollout batch, batch.minibatches_per_step optimizer steps).", ge=1)
+    eval_every: int = knob(25, "Evaluate the held-out prompts every N steps (and before and after); 0: only "
+                           "before and after.", ge=0)
+    eval_samples: int = knob(4, "k: samples per held-out prompt; pass@1 is their mean accuracy (R1: 4-64).", ge=1)
+    eval_temperature: float = knob(0.6, "Evaluation sampling temperature (R1's protocol: 0.6).", ge=0.0)
+    eval_top_p: float = knob(0.95, "Evaluation nucleus mass (R1's protocol: 0.95).", gt=0.0, le=1.0)
+    eval_max_prompts: int = knob(200, "Most held-out prompts evaluated (the first N of the file).", ge=1)
+    save_every: int = knob(50, "Save a checkpoint every N steps (and at the end); 0: only at the end.", ge=0)
+    keep_checkpoints: int = knob(2, "Checkpoints kept (older ones are removed).", ge=1)
+    samples_per_step: int = knob(2, "Completions written to samples.jsonl each step.", ge=0)
+    tensorboard: bool = knob(True, "Write TensorBoard event files into the run directory.")
+    wandb: bool = knob(False, "Also log to Weights & Biases (needs the wandb package and a login).")
 
     def _check(self) -> None:
         if not self.name or "/" in self.name:
@@ -144,6 +168,14 @@ class GRPOConfig(_Section):
         None, "Constant length for seq-mean-token-sum-norm (Dr. GRPO); None: the max response length.", ge=1)
     ref_update_interval: int = knob(
         0, "Replace the reference policy by the current one every N steps (R1: 400); 0: never.", ge=0)
+    dynamic_sampling: bool = knob(
+        False, "DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts.")
+    max_resample_rounds: int = knob(
+        2, "Dynamic sampling: most extra rollout rounds per step to refill dropped groups.", ge=0)
+    overlong: Literal["none", "mask", "soft"] = knob(
+        "none", "Truncated completions: none; mask (left out of the loss); soft (DAPO's length penalty over "
+        "the last grpo.overlong_buffer tokens of the budget).")
+    overlong_buffer: int = knob(16, "Tokens before rollout.max_new_tokens where the soft penalty grows to -1.", ge=1)
 
     def _check(self) -> None:
         if self.norm_length is not None and self.agg != "seq-mean-token-sum-norm":

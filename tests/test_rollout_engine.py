@@ -139,6 +139,11 @@ def test_seeded_runs_are_reproducible_and_per_prompt(tiny_models, engines):
     assert all(torch.equal(x.token_ids, y.token_ids) and torch.equal(x.logprobs, y.logprobs) for x, y in zip(a, b))
     fewer = engine.generate(PROMPTS[:2], params)  # the other prompts do not matter
     assert all(torch.equal(x.token_ids, y.token_ids) for x, y in zip(a, fewer))
+    rest = engine.generate(PROMPTS[1:], params, first_prompt_index=1)  # a batch split over engines
+    assert [c.prompt_index for c in rest[:4]] == [1] * 4
+    assert all(torch.equal(x.token_ids, y.token_ids) for x, y in zip(a[4:], rest))
+    with pytest.raises(ValueError, match="first_prompt_index"):
+        engine.generate(PROMPTS, params, first_prompt_index=-1)
     chunked = loaded_engine(tiny_models / "qwen3_moe", max_batch_rows=5).generate(PROMPTS, params)
     assert all(torch.equal(x.token_ids, y.token_ids) for x, y in zip(a, chunked))
     other = engine.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=12, seed=8))

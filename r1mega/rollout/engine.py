@@ -96,8 +96,15 @@ class Engine(ABC):
             raise EngineStateError(f"{self.name} engine: {what} after close(); build a new engine")
 
     # ---- generation -----------------------------------------------------------------------
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        """params.n completions of every prompt, prompt-major (all of prompt 0, then prompt 1, ...)."""
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams, *,
+                 first_prompt_index: int = 0) -> list[Completion]:
+        """params.n completions of every prompt, prompt-major (all of prompt 0, then prompt 1, ...).
+
+        Prompt i of this call counts as prompt ``first_prompt_index + i`` (its completions'
+        ``prompt_index`` and, with a seed, their random streams), so a batch split over several
+        engines samples what one engine would."""
+        if isinstance(first_prompt_index, bool) or not isinstance(first_prompt_index, int) or first_prompt_index < 0:
+            raise ValueError(f"generate: first_prompt_index must be an int >= 0, got {first_prompt_index!r}")
         self._require_open("generate")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"generate: params must be r1mega.rollout.SamplingParams, got {type(params).__name__}")
@@ -112,7 +119,7 @@ class Engine(ABC):
                                    f"{len(self._expected)} tensors not loaded since {why} (first: {missing[0]!r}); "
                                    "pass the whole weight stream to refit() or load_weights()")
         self._abort.clear()
-        return self._generate(prompt_token_ids, params)
+        return self._generate(prompt_token_ids, params, first_prompt_index)
 
     def abort(self) -> None:
         """Ask a generate call running in another thread to stop: its unfinished completions end
@@ -251,7 +258,8 @@ class Engine(ABC):
 
     # ---- hooks ----------------------------------------------------------------------------
     @abstractmethod
-    def _generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]: ...
+    def _generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                  first_prompt_index: int) -> list[Completion]: ...
 
     @abstractmethod
     def _load_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> int: ...

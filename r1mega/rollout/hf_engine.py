@@ -211,7 +211,8 @@ class HFEngine(Engine):
         return torch.tensor(sorted(ids), dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def _generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+    def _generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                  first_prompt_index: int = 0) -> list[Completion]:
         if params.stop and self.tokenizer is None:
             raise ValueError("hf engine: stop strings need a tokenizer (HFEngine(..., tokenizer=DIR))")
         if params.return_routes and self.routes is None:
@@ -221,7 +222,7 @@ class HFEngine(Engine):
         per_chunk = max(1, self.max_batch_rows // params.n)
         out: list[Completion] = []
         for first in range(0, len(prompts), per_chunk):
-            out += self._generate_chunk(prompts[first:first + per_chunk], first, params, start)
+            out += self._generate_chunk(prompts[first:first + per_chunk], first_prompt_index + first, params, start)
         return out
 
     def _forward(self, ids, attention_mask, positions, cache, keep_last: bool):

@@ -183,14 +183,15 @@ class VLLMEngine(Engine):
             return ()
         return tuple(ids) if isinstance(ids, list) else (int(ids),)
 
-    def _generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+    def _generate(self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                  first_prompt_index: int = 0) -> list[Completion]:
         prompts = check_prompts(prompt_token_ids, self.desc.vocab_size, self.desc.max_position_embeddings,
                                 params.max_new_tokens)
         if params.return_routes and not self.return_routes:
             raise ValueError("vllm engine: return_routes needs the engine built with return_routes=True")
         base = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
         requests = [self._vllm.SamplingParams(**vllm_sampling_kwargs(
-            params, seed=row_seed(base, i, 0) >> 2, eos_token_ids=self.eos_token_ids,
+            params, seed=row_seed(base, first_prompt_index + i, 0) >> 2, eos_token_ids=self.eos_token_ids,
             has_tokenizer=self.tokenizer_dir is not None)) for i in range(len(prompts))]
         start = time.perf_counter()
         outputs = self.llm.generate([self._vllm.TokensPrompt(prompt_token_ids=p) for p in prompts], requests,
@@ -201,7 +202,7 @@ class VLLMEngine(Engine):
             samples = sorted(request.outputs, key=lambda o: o.index)
             for j, sample in enumerate(samples):
                 out.append(convert_completion(
-                    sample, prompt_index=i, sample_index=j, prompt_len=len(prompts[i]), moe_layers=self.moe_layers,
+                    sample, prompt_index=first_prompt_index + i, sample_index=j, prompt_len=len(prompts[i]), moe_layers=self.moe_layers,
                     top_k=self.desc.moe.topk if self.desc.is_moe else 0, want_logprobs=params.return_logprobs,
                     want_routes=params.return_routes, elapsed_s=elapsed))
         return out

@@ -1,0 +1,143 @@
+"""``r1mega pretrain``: the embedded default's base model, made from scratch on 2 CPU cores.
+
+A byte-level BPE tokenizer is trained on the base corpus (:mod:`r1mega.data.base_corpus`), then the
+tiny Qwen3-MoE (:func:`r1mega.models.tiny.tiny_moe_config`) learns the corpus as a language model
+(every token, AdamW, linear warm-up then cosine decay) in plain PyTorch on the transformers model
+class. The result is an ordinary Hugging Face directory (config, safetensors, tokenizer,
+generation config) that ``transformers`` loads, written atomically, with ``pretrain.json``
+recording how it was made. Deterministic for a given spec on a given machine.
+
+:func:`ensure_base_model` builds it once into a cache directory keyed by the spec and reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from r1mega.utils.io import atomic_write_text
+
+VERSION = 1  # bump when the corpus, the model or the recipe changes what a spec produces
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """What the base model is made from; its hash names the cache entry."""
+
+    steps: int = 700
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    noise: float = 0.5  # share of corpus documents whose final answer is wrong
+    train_problems: int = 5000
+    vocab_size: int = 512
+    seed: int = 0
+
+    def key(self) -> str:
+        text = json.dumps({"version": VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_cache() -> Path:
+    """$R1MEGA_CACHE, else ~/.cache/r1mega."""
+    return Path(os.environ.get("R1MEGA_CACHE") or Path.home() / ".cache" / "r1mega")
+
+
+def _progress(step: int, total: int, loss: float, start: float) -> None:
+    elapsed = time.perf_counter() - start
+    eta = elapsed / max(step, 1) * (total - step)
+    bar = "#" * int(30 * step / total)
+    sys.stderr.write(f"\rpretrain [{bar:<30}] {step}/{total} loss {loss:.3f} {elapsed:.0f}s, eta {eta:.0f}s ")
+    sys.stderr.flush()
+
+
+def pretrain_base_model(out_dir: str | Path, spec: PretrainSpec = PretrainSpec(), *, progress: bool = True) -> Path:
+    """Build the tokenizer and pretrain the base model into `out_dir` (must not exist)."""
+    import torch
+    import transformers
+
+    from r1mega.data import base_corpus
+    from r1mega.models.tiny import tiny_moe_config
+    from r1mega.models.tokenizer import build_tokenizer
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: already exists")
+    start = time.perf_counter()
+    records = base_corpus.problems("train", spec.train_problems, seed=spec.seed)
+    texts = base_corpus.corpus(records, noise=spec.noise, seed=spec.seed)
+    tokenizer = build_tokenizer(texts, vocab_size=spec.vocab_size)
+    docs = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    cfg = tiny_moe_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    cfg["bos_token_id"] = tokenizer.bos_token_id
+    torch.manual_seed(spec.seed)
+    config = transformers.AutoConfig.for_model(**cfg)
+    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="grouped_mm").float()
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=spec.lr, betas=(0.9, 0.95))
+    rng = random.Random(spec.seed)
+    pad = tokenizer.pad_token_id
+    loss_value = float("nan")
+    for step in range(spec.steps):
+        batch = rng.sample(docs, spec.batch_size)
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), pad)
+        labels = torch.full((len(batch), width), -100)
+        for i, doc in enumerate(batch):
+            ids[i, :len(doc)] = torch.tensor(doc)
+            labels[i, :len(doc)] = ids[i, :len(doc)]
+        warm = min(1.0, (step + 1) / spec.warmup_steps)
+        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = spec.lr * warm * cosine
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss)
+        if progress and (step % 10 == 0 or step + 1 == spec.steps):
+            _progress(step + 1, spec.steps, loss_value, start)
+    if progress:
+        sys.stderr.write("\n")
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = pad
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_text(tmp / "pretrain.json", json.dumps({
+        "spec": asdict(spec), "version": VERSION, "key": spec.key(), "final_loss": loss_value,
+        "documents": len(docs), "seconds": time.perf_counter() - start,
+        "corpus": "r1mega.data.base_corpus (two-digit addition, R1-Zero template, compact completions)",
+    }, indent=2) + "\n")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def ensure_base_model(cache: Optional[str | Path] = None, spec: PretrainSpec = PretrainSpec(), *,
+                      progress: bool = True) -> Path:
+    """The cached base model of `spec`, pretrained first if absent (minutes, once)."""
+    root = Path(cache) if cache is not None else default_cache()
+    path = root / f"tiny-base-{spec.key()}"
+    if (path / "pretrain.json").is_file():
+        return path
+    if progress:
+        sys.stderr.write(f"building the embedded base model into {path} (once; a few minutes on 2 cores)\n")
+    return pretrain_base_model(path, spec, progress=progress)
