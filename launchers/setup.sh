@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install r1mega and everything it needs into the active Python environment.
+# Install r1mega and everything it needs into the active Python environment (or .venv/ when the
+# system Python refuses pip installs: launchers/python.sh).
 #   - keeps a torch that is already installed; where there is none, installs torch==2.13.0
 #     (the CPU build on CPU machines; PyPI's CUDA build where a GPU driver is present);
 #   - installs the triton matching that torch, without letting pip touch torch;
@@ -7,7 +8,7 @@
 # Re-running is cheap: it skips the build when pyproject.toml and csrc/ are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+. launchers/python.sh
 pip_install() { "$PY" -m pip install --disable-pip-version-check --quiet "$@"; }
 
 if ! "$PY" -c "import torch" 2>/dev/null; then

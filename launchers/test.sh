@@ -3,6 +3,7 @@
 # Fails when no test passed (tests/conftest.py turns an all-skipped run into a failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. launchers/python.sh
 bash launchers/setup.sh
 # The code sandbox has two backends; bubblewrap's tests skip unless it is installed. Best effort:
 # only as root with apt, and a failure here only means those tests skip.
@@ -12,4 +13,4 @@ if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/d
     && echo "test: installed bubblewrap for the sandbox tests" \
     || echo "test: bubblewrap unavailable; its sandbox tests will skip"
 fi
-exec "${PYTHON:-python3}" -m pytest "$@"
+exec "$PYTHON" -m pytest "$@"

@@ -8,6 +8,10 @@
     r1mega convert --megatron DIR --to-hf OUT [layout]
                                               Hugging Face safetensors <-> megatron checkpoint
                                               (one process, or under torchrun for a layout)
+    r1mega train [--model DIR --data F --heldout F | --resume RUN] [CONFIG]
+                                              GRPO training (the embedded tiny default without a model)
+    r1mega pretrain [--out DIR --steps N]     build the embedded base model (cached)
+    r1mega plot RUN                           draw a run's curves into RUN/curves.png
     r1mega recipes                            list the named recipes
     r1mega keys                               list every config key with its documentation
 
@@ -24,6 +28,7 @@ import json
 import sys
 import time
 import typing
+from pathlib import Path
 
 from r1mega.config import Config, ConfigError
 from r1mega.data import DataError
@@ -89,6 +94,22 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                          help="megatron parameter dtype (default: the config's)")
 
+    train = sub.add_parser("train", parents=[config_options],
+                           help="run GRPO (R1-Zero) training; with no model and data, the embedded tiny default")
+    train.add_argument("--model", metavar="DIR", help="Hugging Face model or r1mega checkpoint (sets run.model)")
+    train.add_argument("--data", metavar="FILE", help="training prompts .jsonl/.json/.parquet (sets run.data)")
+    train.add_argument("--heldout", metavar="FILE", help="held-out prompts to evaluate (sets run.heldout)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress line")
+
+    pretrain = sub.add_parser("pretrain", help="build the embedded base model (tokenizer + tiny MoE) into the cache")
+    pretrain.add_argument("--out", metavar="DIR", help="write it here instead of the cache")
+    pretrain.add_argument("--steps", type=int, help="pretraining steps (default: the embedded default's)")
+
+    plot = sub.add_parser("plot", help="draw a run's curves into RUN/curves.png")
+    plot.add_argument("run", metavar="RUN", help="a run directory")
+    plot.add_argument("--out", metavar="FILE", help="PNG to write (default RUN/curves.png)")
+
     sub.add_parser("recipes", help="list the named recipes")
     sub.add_parser("keys", help="list every config key with its type, default and documentation")
     return parser
@@ -134,11 +155,10 @@ def _reward(args: argparse.Namespace, cfg: Config) -> int:
                 parse_gold(record.answer)
             except GoldAnswerError as err:
                 raise DataError(f"{args.data}: id {record.id!r}: field 'answer': {err}") from None
-    weights = rc.weights()
-    options = {"accuracy": {"math_timeout_s": rc.math_timeout_s, "code_timeout_s": rc.code_timeout_s,
-                            "code_memory_mb": rc.code_memory_mb}} if "accuracy" in weights else None
+    kwargs = rc.pool_kwargs()
+    weights = kwargs.pop("weights")
     start = time.perf_counter()
-    with RewardPool(weights, workers=rc.workers or None, timeout_s=rc.timeout_s, options=options) as pool:
+    with RewardPool(weights, **kwargs) as pool:
         scored = pool.score([record for record, _ in pairs], [text for _, text in pairs])
         stats = pool.summary()
     seconds = time.perf_counter() - start
@@ -219,18 +239,49 @@ def main(argv: list[str] | None = None) -> int:
             return _synth(args)
         if args.command == "convert":
             return _convert(args)
-        cfg = resolve_config(args.recipe, args.config, args.overrides)
+        if args.command == "pretrain":
+            return _pretrain(args)
+        if args.command == "plot":
+            from r1mega.trainer.logs import plot_run
+
+            print(plot_run(args.run, args.out))
+            return 0
+        config_file = args.config
+        if args.command == "train" and args.resume and config_file is None:
+            config_file = str(Path(args.resume) / "config.json")
+            if not Path(config_file).is_file():
+                raise ConfigError(f"--resume {args.resume}: no config.json there (not a run directory)")
+        cfg = resolve_config(args.recipe, config_file, args.overrides)
+        if args.command == "train":
+            extra = {f"run.{k}": getattr(args, k) for k in ("model", "data", "heldout") if getattr(args, k)}
+            cfg = cfg.with_values(extra) if extra else cfg
         if args.command == "reward":
             return _reward(args, cfg)
-    except (ConfigError, DataError, ValueError) as err:
+        if args.command == "train" and not args.dry_run:
+            from r1mega.trainer.loop import train
+
+            train(cfg, resume=args.resume, progress=not args.quiet)
+            return 0
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as err:
         print(f"r1mega: error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
         sys.stdout.write(cfg.to_json())
         return 0
-    print("r1mega: error: this version has no training loop yet; "
-          "use --dry-run to validate and print a config", file=sys.stderr)
+    print("r1mega: error: no command; `r1mega train` runs the main job, `r1mega --help` lists the others",
+          file=sys.stderr)
     return 2
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from r1mega.trainer.pretrain import PretrainSpec, ensure_base_model, pretrain_base_model
+
+    spec = PretrainSpec() if args.steps is None else dataclasses.replace(PretrainSpec(), steps=args.steps)
+    path = pretrain_base_model(args.out, spec) if args.out else ensure_base_model(spec=spec)
+    print(path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -247,6 +247,13 @@ class RewardsConfig(_Section):
         if not self.weights():
             self._fail("accuracy_weight", "leaves every reward weight at 0")
 
+    def pool_kwargs(self) -> dict:
+        """Keyword arguments of r1mega.rewards.RewardPool for this section."""
+        weights = self.weights()
+        options = {"accuracy": {"math_timeout_s": self.math_timeout_s, "code_timeout_s": self.code_timeout_s,
+                                "code_memory_mb": self.code_memory_mb}} if "accuracy" in weights else None
+        return {"weights": weights, "workers": self.workers or None, "timeout_s": self.timeout_s, "options": options}
+
     def weights(self) -> dict[str, float]:
         """The registered reward names with a nonzero weight (r1mega.rewards.REWARDS)."""
         named = {"accuracy": self.accuracy_weight,

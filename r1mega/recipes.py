@@ -51,13 +51,19 @@ def r1_zero() -> Config:
 
 @recipe
 def tiny() -> Config:
-    """A CPU-sized R1-Zero run: small groups and batches, short completions, a high learning rate."""
+    """The embedded default on 2 CPU cores: R1-Zero GRPO of the tiny MoE base on two-digit addition.
+
+    G = 8 completions of 8 prompts per step, one optimizer step each, the R1 loss (k3 KL 0.001 to
+    the base, seq-mean-token-mean), completions of at most 48 tokens, pass@1 of 200 held-out
+    problems (4 samples at T 0.6, top-p 0.95) before, every 20 steps and after.
+    """
     return Config().with_values({
-        "run.name": "tiny",
-        "grpo.group_size": 4, "grpo.agg": "seq-mean-token-mean",
-        "batch.prompts_per_step": 8, "batch.micro_batch_tokens": 2048,
-        "rollout.max_new_tokens": 64, "rollout.max_prompt_tokens": 128,
-        "optim.lr": 1e-3, "optim.weight_decay": 0.0,
+        "run.name": "tiny", "run.steps": 60, "run.eval_every": 20, "run.save_every": 20,
+        "run.eval_samples": 4, "run.eval_max_prompts": 200,
+        "grpo.group_size": 8, "grpo.agg": "seq-mean-token-mean", "grpo.kl_coef": 0.001,
+        "batch.prompts_per_step": 8, "batch.micro_batch_tokens": 4096,
+        "rollout.max_new_tokens": 48, "rollout.max_prompt_tokens": 128, "rollout.refit_bucket_mb": 64,
+        "optim.lr": 2e-4, "optim.weight_decay": 0.0, "optim.warmup_steps": 5,
     })
 
 

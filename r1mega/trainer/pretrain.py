@@ -37,7 +37,7 @@ class PretrainSpec:
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 30
-    noise: float = 0.5  # share of corpus documents whose final answer is wrong
+    noise: float = 0.7  # share of corpus documents whose final answer is wrong
     train_problems: int = 5000
     vocab_size: int = 512
     seed: int = 0
