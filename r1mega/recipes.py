@@ -63,7 +63,7 @@ def tiny() -> Config:
         "grpo.group_size": 8, "grpo.agg": "seq-mean-token-mean", "grpo.kl_coef": 0.001,
         "batch.prompts_per_step": 8, "batch.micro_batch_tokens": 4096,
         "rollout.max_new_tokens": 48, "rollout.max_prompt_tokens": 128, "rollout.refit_bucket_mb": 64,
-        "optim.lr": 2e-4, "optim.weight_decay": 0.0, "optim.warmup_steps": 5,
+        "optim.lr": 5e-5, "optim.weight_decay": 0.0, "optim.warmup_steps": 5,
     })
 
 

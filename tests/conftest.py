@@ -30,6 +30,15 @@ def tiny_models(tmp_path_factory):
     return build_fixture_set(tmp_path_factory.getbasetemp() / "tiny-hf-models")
 
 
+@pytest.fixture(scope="session")
+def small_base_model(tmp_path_factory):
+    """The embedded default's base model made the same way, pretrained for 40 steps (seconds)."""
+    from r1mega.trainer.pretrain import PretrainSpec, pretrain_base_model
+
+    return pretrain_base_model(tmp_path_factory.getbasetemp() / "small-base-model",
+                               PretrainSpec(steps=40, batch_size=8), progress=False)
+
+
 @pytest.fixture(autouse=True)
 def _runnable_backend(request):
     # On a CUDA machine the interpreter stays off: Triton cannot take CPU tensors there.

@@ -15,72 +15,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from r1mega.trainer.logs import TIMING_KEYS
-
-SMALL = ["run.steps=2", "run.eval_every=0", "run.eval_max_prompts=6", "run.eval_samples=2", "run.save_every=1",
-         "batch.prompts_per_step=4", "grpo.group_size=4", "rollout.max_new_tokens=24", "rewards.workers=1",
-         "run.samples_per_step=3"]
+from tests.trainer_helpers import SMALL, deterministic, metrics, r1mega, train
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    from r1mega.trainer.pretrain import PretrainSpec, pretrain_base_model
-
-    return pretrain_base_model(tmp_path_factory.mktemp("base") / "model", PretrainSpec(steps=40, batch_size=8),
-                               progress=False)
-
-
-def r1mega(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "r1mega.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
-def train(out: Path, name: str, model: Path, *sets: str, resume: bool = False) -> subprocess.CompletedProcess:
-    args = ["train", "--quiet"]
-    if resume:
-        args += ["--resume", str(out / name)]
-    else:
-        args += ["--model", str(model)]
-    for s in [f"run.out_dir={out}", f"run.name={name}", *SMALL, *sets]:
-        args += ["--set", s]
-    proc = r1mega(*args)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def deterministic(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.startswith(TIMING_KEYS)} for row in rows]
-
-
-def test_pretrain_writes_a_transformers_model(base_model):
+def test_pretrain_writes_a_transformers_model(small_base_model):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_model)
-    tok = transformers.AutoTokenizer.from_pretrained(base_model)
+    model = transformers.AutoModelForCausalLM.from_pretrained(small_base_model)
+    tok = transformers.AutoTokenizer.from_pretrained(small_base_model)
     text = "User: What is 47 + 38?. Assistant: <think> 7+8=15 4+3+1=8 </think> <answer> 85 </answer>"
     assert tok.decode(tok(text)["input_ids"]) == text
     assert model.config.model_type == "qwen3_moe" and model.config.eos_token_id == tok.eos_token_id
-    meta = json.loads((base_model / "pretrain.json").read_text())
+    meta = json.loads((small_base_model / "pretrain.json").read_text())
     assert meta["spec"]["steps"] == 40 and meta["final_loss"] < 3.0
 
 
-def test_train_runs_and_writes_the_run_directory(tmp_path, base_model):
+def test_train_runs_and_writes_the_run_directory(tmp_path, small_base_model):
     import transformers
 
-    train(tmp_path, "smoke", base_model)
+    train(tmp_path, "smoke", small_base_model)
     run = tmp_path / "smoke"
     for name in ("config.json", "metrics.jsonl", "samples.jsonl", "eval.jsonl", "heldout.jsonl", "summary.json",
                  "curves.png", "final/config.json", "final/model.safetensors"):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
-    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_1", "step_2"]
+    from r1mega.models import list_checkpoints
+
+    assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [1, 2]
     rows = metrics(run)
     assert [r["step"] for r in rows] == [0, 1]
     first = rows[0]
@@ -97,30 +58,66 @@ def test_train_runs_and_writes_the_run_directory(tmp_path, base_model):
     assert [e["step"] for e in evals] == [0, 2]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["heldout_accuracy_after"] == evals[-1]["pass_at_1"]
-    assert Path(summary["heldout_file"]).is_file() and Path(summary["base_model"]) == base_model.resolve()
+    assert Path(summary["heldout_file"]).is_file() and Path(summary["small_base_model"]) == small_base_model.resolve()
     transformers.AutoModelForCausalLM.from_pretrained(summary["final_model"])
     transformers.AutoTokenizer.from_pretrained(summary["final_model"])
     assert json.loads((run / "config.json").read_text())["run"]["steps"] == 2
 
 
-def test_resume_gives_the_uninterrupted_metrics(tmp_path, base_model):
-    train(tmp_path, "whole", base_model, "run.steps=3")
-    train(tmp_path, "split", base_model, "run.steps=2")
-    train(tmp_path, "split", base_model, "run.steps=3", resume=True)
-    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
-    assert [r["step"] for r in split] == [0, 1, 2]
-    assert deterministic(split) == deterministic(whole)
+def _run_until_killed(out: Path, name: str, model: Path, moment: str) -> None:
+    """Start a 3-step run and SIGKILL it at `moment`: "mid-save" (a checkpoint being written) or
+    "step-2" (at a random time after step 1's metrics are written)."""
+    import random
+    import signal
+    import time
+
+    args = ["train", "--quiet", "--model", str(model)]
+    for s in [f"run.out_dir={out}", f"run.name={name}", *SMALL, "run.steps=3"]:
+        args += ["--set", s]
+    proc = subprocess.Popen([sys.executable, "-m", "r1mega.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                         "TORCH_COMPILE_DISABLE": "1"}, start_new_session=True)
+    run, deadline = out / name, time.monotonic() + 300
+    rng = random.Random(moment)
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            ckpts = run / "checkpoints"
+            if moment == "mid-save" and ckpts.is_dir() and any(".tmp-" in p.name for p in ckpts.iterdir()):
+                break
+            if moment == "step-2" and (run / "metrics.jsonl").is_file() and \
+                    len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+                time.sleep(rng.uniform(0.0, 1.5))
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before the kill ({moment}): {proc.stderr.read()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
 
 
-def test_bad_input_is_one_line_before_any_work(tmp_path, base_model):
+def test_a_killed_run_resumes_bit_for_bit(tmp_path, small_base_model):
+    """SIGKILL mid-save and mid-step, resume: per-step metrics and the final export equal the
+    uninterrupted run's (timings aside)."""
+    train(tmp_path, "whole", small_base_model, "run.steps=3")
+    whole = tmp_path / "whole"
+    for moment in ("mid-save", "step-2"):
+        _run_until_killed(tmp_path, moment, small_base_model, moment)
+        train(tmp_path, moment, small_base_model, "run.steps=3", resume=True)
+        resumed = tmp_path / moment
+        assert [r["step"] for r in metrics(resumed)] == [0, 1, 2], moment
+        assert deterministic(metrics(resumed)) == deterministic(metrics(whole)), moment
+        assert (resumed / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
+
+
+def test_bad_input_is_one_line_before_any_work(tmp_path, small_base_model):
     bad_row = tmp_path / "bad.jsonl"
     bad_row.write_text('{"id": "a", "prompt": "What is 1 + 1?", "task": "math", "answer": "2"}\n'
                        '{"id": "b", "prompt": 3, "task": "math", "answer": "2"}\n')
     cases = [
         (["--model", str(tmp_path / "missing")], "run.model"),
-        (["--model", str(base_model), "--data", str(bad_row)], "bad.jsonl"),
-        (["--model", str(base_model), "--set", "grpo.group_size=0"], "grpo.group_size"),
-        (["--model", str(base_model), "--set", "rollout.enginee=hf"], "did you mean"),
+        (["--model", str(small_base_model), "--data", str(bad_row)], "bad.jsonl"),
+        (["--model", str(small_base_model), "--set", "grpo.group_size=0"], "grpo.group_size"),
+        (["--model", str(small_base_model), "--set", "rollout.enginee=hf"], "did you mean"),
         (["--resume", str(tmp_path / "nothing")], "not a run directory"),
     ]
     for args, word in cases:

@@ -8,10 +8,12 @@ pretraining or RL.
 The corpus is what R1-Zero starts from, in miniature: documents that show the format and the
 column method but whose final answers are often wrong. Each document is an R1-Zero prompt and a
 compact completion ``<think> 8+7=15 6+5+1=12 </think> <answer> 125 </answer>``; in a share
-`noise` of them the final answer is off by 1 or 10 while the column sums stay right. A model
-pretrained on it writes well-formed completions whose answers are right only part of the time
-(and more often wrong where its column sums are), and nothing but a reward tells it which: the
-state in which GRPO with rule rewards has something to learn.
+`noise` of them the final answer carries one ten too many (135) while the column sums stay
+right. A model pretrained on it writes well-formed completions and computes the columns, but its
+answer is the right one or the slip about equally often, and nothing but a reward tells it which:
+the state in which GRPO with rule rewards has something to learn. (A single systematic slip, not
+random offsets: with several offsets a wrong column sum plus a slip often lands on the right
+answer, so the reward would also reinforce wrong reasoning; measured, such a base collapsed.)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from r1mega.data.records import PromptRecord
 from r1mega.data.synthetic import split_of
 from r1mega.templates import r1_zero_prompt
 
-OFFSETS = (-10, -1, 1, 10)
+SLIP = 10  # the wrong answers carry one ten too many
 
 
 def problems(split: str, n: Optional[int] = None, *, seed: int) -> list[PromptRecord]:
@@ -70,6 +72,6 @@ def corpus(records: list[PromptRecord], *, noise: float, seed: int) -> list[str]
     for r in records:
         answer = r.answer
         if rng.random() < noise:
-            answer = str(int(answer) + rng.choice(OFFSETS))
+            answer = str(int(answer) + SLIP)
         texts.append(r1_zero_prompt(r.prompt) + completion(r, answer))
     return texts

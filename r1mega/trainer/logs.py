@@ -18,8 +18,12 @@ from typing import Any, Optional
 from r1mega.utils.io import atomic_write_bytes
 
 METRICS, SAMPLES, EVAL = "metrics.jsonl", "samples.jsonl", "eval.jsonl"
-# Timings differ between runs of the same computation; everything else in metrics.jsonl must not.
-TIMING_KEYS = ("seconds", "tokens_per_s", "time_")
+
+
+def is_timing(key: str) -> bool:
+    """Whether a metric is a timing (time_*, *seconds, *tokens_per_s): timings differ between runs of
+    the same computation; every other metric in metrics.jsonl must not."""
+    return key.startswith("time_") or key.endswith("seconds") or key.endswith("tokens_per_s")
 
 
 def _clean(value: Any) -> Any:
@@ -32,8 +36,14 @@ def truncate_after(path: Path, step: int) -> None:
     """Keep the lines of a JSONL file whose "step" is <= step (atomically)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", -1) <= step]
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if row.get("step", -1) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write_bytes(path, "".join(kept).encode())
 
 

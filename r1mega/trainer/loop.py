@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,9 @@ from typing import Any, Optional
 
 import torch
 
-from r1mega.config import Config, ConfigError
+from r1mega.config import Config
 from r1mega.trainer import steps as S
-from r1mega.trainer.logs import EVAL, METRICS, SAMPLES, TIMING_KEYS, RunLog, plot_run, truncate_after
+from r1mega.trainer.logs import EVAL, METRICS, SAMPLES, RunLog, plot_run, truncate_after
 
 SEED_STRIDE = 1_000_003
 
@@ -190,6 +191,10 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     from r1mega.rollout import Colocation, engine_from_config, mismatch_metrics, sampling_params
 
     wall = time.perf_counter()
+    # Known and harmless on CPU: megatron's notes about missing Transformer Engine / Apex, and a
+    # .grad read of a non-leaf tensor inside megatron. A user's main job should not start with them.
+    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
     inputs = resolve_inputs(cfg)
     run_dir = Path(resume) if resume is not None else cfg.run.run_dir
     checkpoints = run_dir / "checkpoints"
@@ -197,9 +202,11 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     if resume is not None:
         from r1mega.models.checkpoint import list_checkpoints
 
-        if not list_checkpoints(checkpoints):
-            raise TrainError(f"--resume {run_dir}: no checkpoint under {checkpoints}")
-        source = checkpoints
+        if not (run_dir / "config.json").is_file():
+            raise TrainError(f"--resume {run_dir}: not a run directory (no config.json)")
+        if checkpoints.is_dir() and list_checkpoints(checkpoints):
+            source = checkpoints
+        # else: stopped before its first checkpoint; start again from the model
     elif (run_dir / METRICS).exists():
         raise TrainError(f"{run_dir}: a run is already there; resume it with --resume {run_dir} or set run.name")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(inputs.hf_dir))
@@ -208,7 +215,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     policy = load_policy(source, parallel=cfg.parallel, optim=cfg.optim, temperature=rollout_cfg.temperature,
                          seed=cfg.run.seed, router_replay=rollout_cfg.router_replay)
     rank0 = dist.get_rank() == 0
-    if resume is not None:
+    if source is checkpoints:
         data_state = policy.data_state
     start_step = data_state["step"] if data_state else 0
     reference = None
@@ -473,4 +480,4 @@ def _summary_text(s: dict) -> str:
             f"({phases}); final model: {s['final_model']}")
 
 
-__all__ = ["TrainError", "train", "resolve_inputs", "ConfigError", "TIMING_KEYS"]
+__all__ = ["TrainError", "train", "resolve_inputs"]

@@ -26,7 +26,7 @@ from typing import Optional
 
 from r1mega.utils.io import atomic_write_text
 
-VERSION = 1  # bump when the corpus, the model or the recipe changes what a spec produces
+VERSION = 2  # bump when the corpus, the model or the recipe changes what a spec produces
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class PretrainSpec:
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 30
-    noise: float = 0.7  # share of corpus documents whose final answer is wrong
+    noise: float = 0.5  # share of corpus documents whose final answer is wrong
     train_problems: int = 5000
     vocab_size: int = 512
     seed: int = 0

@@ -1,0 +1,55 @@
+"""`r1mega train` under torchrun on gloo: TP2, EP2, PP2 and DP2 reproduce the single-process run's
+first step (rewards exactly: the engines sample the same completions; loss and KL within fp32
+rounding) and train on without error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.trainer_helpers import SMALL, metrics, train
+
+pytestmark = pytest.mark.distributed
+
+LAYOUTS = {"tp2": ["parallel.tp=2"], "ep2": ["parallel.ep=2"], "pp2": ["parallel.pp=2"], "dp2": []}
+STEP_SETS = ["run.steps=2", "run.save_every=0", "run.eval_max_prompts=2", "run.eval_samples=1"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, small_base_model):
+    out = tmp_path_factory.mktemp("single")
+    train(out, "one", small_base_model, *STEP_SETS)
+    return metrics(out / "one")
+
+
+def _torchrun_train(out, name, small_base_model, sets):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "r1mega.cli",
+            "train", "--quiet", "--model", str(small_base_model)]
+    for s in [f"run.out_dir={out}", f"run.name={name}", *SMALL, *STEP_SETS, *sets]:
+        args += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return metrics(out / name)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_reproduces_the_first_step(tmp_path, small_base_model, single, layout):
+    rows = _torchrun_train(tmp_path, layout, small_base_model, LAYOUTS[layout])
+    assert [r["step"] for r in rows] == [0, 1]
+    got, want = rows[0], single[0]
+    print(f"{layout}: reward {got['reward_mean']} vs {want['reward_mean']}, loss {got['loss']:.9g} vs "
+          f"{want['loss']:.9g}, kl {got['kl_mean']:.3g}, mismatch {got['mismatch_abs_max']:.3g}")
+    assert got["reward_mean"] == want["reward_mean"] and got["response_length_mean"] == want["response_length_mean"]
+    assert math.isclose(got["loss"], want["loss"], rel_tol=1e-4, abs_tol=1e-6)
+    assert got["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and abs(got["kl_mean"]) < 1e-6
+    assert got["mismatch_abs_max"] < 1e-4
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    summary = json.loads((tmp_path / layout / "summary.json").read_text())
+    assert summary["steps"] == 2
