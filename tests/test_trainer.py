@@ -58,20 +58,20 @@ def test_train_runs_and_writes_the_run_directory(tmp_path, small_base_model):
     assert [e["step"] for e in evals] == [0, 2]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["heldout_accuracy_after"] == evals[-1]["pass_at_1"]
-    assert Path(summary["heldout_file"]).is_file() and Path(summary["small_base_model"]) == small_base_model.resolve()
+    assert Path(summary["heldout_file"]).is_file() and Path(summary["base_model"]) == small_base_model.resolve()
     transformers.AutoModelForCausalLM.from_pretrained(summary["final_model"])
     transformers.AutoTokenizer.from_pretrained(summary["final_model"])
     assert json.loads((run / "config.json").read_text())["run"]["steps"] == 2
 
 
-def _run_until_killed(out: Path, name: str, model: Path, moment: str) -> None:
+def _run_until_killed(out: Path, name: str, model: Path, moment: str, resume: bool = False) -> None:
     """Start a 3-step run and SIGKILL it at `moment`: "mid-save" (a checkpoint being written) or
     "step-2" (at a random time after step 1's metrics are written)."""
     import random
     import signal
     import time
 
-    args = ["train", "--quiet", "--model", str(model)]
+    args = ["train", "--quiet"] + (["--resume", str(out / name)] if resume else ["--model", str(model)])
     for s in [f"run.out_dir={out}", f"run.name={name}", *SMALL, "run.steps=3"]:
         args += ["--set", s]
     proc = subprocess.Popen([sys.executable, "-m", "r1mega.cli", *args], stdout=subprocess.DEVNULL,
@@ -96,17 +96,17 @@ def _run_until_killed(out: Path, name: str, model: Path, moment: str) -> None:
 
 
 def test_a_killed_run_resumes_bit_for_bit(tmp_path, small_base_model):
-    """SIGKILL mid-save and mid-step, resume: per-step metrics and the final export equal the
-    uninterrupted run's (timings aside)."""
+    """SIGKILL mid-save, resume, SIGKILL again mid-step, resume: per-step metrics and the final
+    export equal the uninterrupted run's (timings aside)."""
     train(tmp_path, "whole", small_base_model, "run.steps=3")
     whole = tmp_path / "whole"
-    for moment in ("mid-save", "step-2"):
-        _run_until_killed(tmp_path, moment, small_base_model, moment)
-        train(tmp_path, moment, small_base_model, "run.steps=3", resume=True)
-        resumed = tmp_path / moment
-        assert [r["step"] for r in metrics(resumed)] == [0, 1, 2], moment
-        assert deterministic(metrics(resumed)) == deterministic(metrics(whole)), moment
-        assert (resumed / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
+    _run_until_killed(tmp_path, "killed", small_base_model, "mid-save")
+    _run_until_killed(tmp_path, "killed", small_base_model, "step-2", resume=True)
+    train(tmp_path, "killed", small_base_model, "run.steps=3", resume=True)
+    resumed = tmp_path / "killed"
+    assert [r["step"] for r in metrics(resumed)] == [0, 1, 2]
+    assert deterministic(metrics(resumed)) == deterministic(metrics(whole))
+    assert (resumed / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
 
 
 def test_bad_input_is_one_line_before_any_work(tmp_path, small_base_model):

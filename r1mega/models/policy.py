@@ -222,6 +222,39 @@ def _pad(x: torch.Tensor, rows: int, cols: Optional[int], value=0) -> torch.Tens
     return out
 
 
+class _HiddenStatesOut:
+    """While active, the last stage's output layer returns its input, so the model's output is
+    the final hidden states [b, s, h] (sequence-gathered under sequence parallelism, whose
+    backward reduce-scatters the partial gradients) and the loss takes them with ``weight``
+    (the output layer's vocabulary shard, or the tied embedding) through the fused linear op."""
+
+    def __init__(self, model, is_last_stage: bool, tp_group):
+        from r1mega.models.hf_io import unwrap_model
+
+        self.layer = unwrap_model(model).output_layer if is_last_stage else None
+        self.sequence_parallel = bool(getattr(self.layer, "sequence_parallel", False))
+        self.tp_group, self.weight = tp_group, None
+
+    def _forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        self.weight = self.layer.weight if weight is None else weight
+        if self.sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True,
+                                                                 group=self.tp_group)
+        return hidden_states, None
+
+    def __enter__(self):
+        if self.layer is not None:
+            self.layer.forward = self._forward  # the instance attribute shadows the class's forward
+        return self
+
+    def __exit__(self, *exc):
+        if self.layer is not None:
+            del self.layer.forward
+        return False
+
+
 class Policy:
     """One rank's part of a megatron GPT model, with its optimizer; built by :func:`load_policy`.
 
@@ -319,35 +352,71 @@ class Policy:
             raise ValueError(f"input_ids: token ids must be in [0, {self.desc.vocab_size}) where attention_mask is 1")
         return input_ids, am
 
-    def _rows(self, n_rows: int, split_dp: bool, mbs: int) -> tuple[int, int, int]:
-        """(start, stop) of this rank's rows and the number of micro-batches (equal on all ranks)."""
+    def _plan(self, lengths: Sequence[int], split_dp: bool, *, mbs: Optional[int],
+              budget: Optional[int]) -> list[list[int]]:
+        """This rank's micro-batches, each a list of row indices into the rows the caller passed.
+
+        Every data-parallel rank gets the same number of micro-batches (lockstep schedules); some
+        may be empty. ``budget`` (tokens): r1mega.batching.pack_microbatches balances the rows
+        over the data-parallel ranks and splits each rank's share into micro-batches of at most
+        ``budget`` real tokens. Otherwise ``mbs`` rows each, from contiguous row blocks.
+        """
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        dp, dp_rank = self.layout.dp, self.layout.dp_rank
-        if split_dp:
-            per = -(-n_rows // dp)
-            start = min(dp_rank * per, n_rows)
-            stop = min(start + per, n_rows)
+        from r1mega.batching import pack_microbatches
+
+        dp, dp_rank, n_rows = self.layout.dp, self.layout.dp_rank, len(lengths)
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise ValueError(f"micro_batch_tokens must be a positive int, got {budget!r}")
+            if n_rows and max(lengths) > budget:
+                row = max(range(n_rows), key=lambda i: lengths[i])
+                raise ValueError(f"micro_batch_tokens {budget} < row {row}'s {lengths[row]} tokens: raise "
+                                 "batch.micro_batch_tokens to at least the longest prompt + completion")
+            if split_dp:
+                return pack_microbatches(list(lengths), budget, dp)[dp_rank]
+            plan = pack_microbatches(list(lengths), budget, 1)[0] if n_rows else []
+            count = len(plan)
         else:
-            most = torch.tensor([n_rows], device=self.device)
-            if dp > 1:
-                dist.all_reduce(most, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-            per, start, stop = int(most), 0, n_rows
-        return start, stop, max(1, -(-per // mbs))
+            if split_dp:
+                per = -(-n_rows // dp)
+                start = min(dp_rank * per, n_rows)
+                rows = list(range(start, min(start + per, n_rows)))
+                return [rows[i * mbs:(i + 1) * mbs] for i in range(max(1, -(-per // mbs)))]
+            plan = [list(range(i, min(i + mbs, n_rows))) for i in range(0, n_rows, mbs)]
+            count = len(plan)
+        most = torch.tensor([count], device=self.device)
+        if dp > 1:
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        return plan + [[] for _ in range(max(1, int(most)) - count)]
 
     def _padded_len(self, seq: int) -> int:
         tp = self.layout.tp
         return -(-seq // tp) * tp if self.model.config.sequence_parallel else seq
 
-    def _micro_batches(self, tensors: dict[str, torch.Tensor], n_mb: int, mbs: int, seq: int) -> list[dict]:
-        rows = n_mb * mbs
-        padded = {name: _pad(t.to(self.device), rows, seq) for name, t in tensors.items()}
+    def _micro_batches(self, tensors: dict[str, torch.Tensor], plan: list[list[int]],
+                       lengths: Sequence[int]) -> list[dict]:
+        """Each micro-batch's rows, cut to its own longest row (right padding beyond it changes
+        nothing: attention is causal); an empty micro-batch is one fully masked row."""
         out = []
-        positions = torch.arange(seq, device=self.device).unsqueeze(0).expand(mbs, seq)
-        for i in range(n_mb):
-            mb = {name: t[i * mbs: (i + 1) * mbs] for name, t in padded.items()}
-            mb["position_ids"] = positions
+        # Pipeline stages exchange activations of one fixed shape: there, every micro-batch is
+        # padded to the largest one's rows and length.
+        fixed = self.layout.pp > 1
+        most_rows = max([1] + [len(rows) for rows in plan])
+        longest = max([2] + [int(lengths[i]) for rows in plan for i in rows])
+        for rows in plan:
+            seq = self._padded_len(longest if fixed else max([2] + [int(lengths[i]) for i in rows]))
+            n = most_rows if fixed else max(1, len(rows))
+            idx = torch.as_tensor(rows, dtype=torch.long)
+            mb = {}
+            for name, t in tensors.items():
+                part = t[idx.to(t.device)]
+                if part.dim() >= 2:
+                    part = part[:, :seq]
+                mb[name] = _pad(part.to(self.device), n, seq if part.dim() >= 2 else None)
+            mb["rows"] = rows
+            mb["position_ids"] = torch.arange(seq, device=self.device).unsqueeze(0).expand(mb["input_ids"].shape[0], seq)
             mb["padding_mask"] = self._stage_padding_mask(~mb["attention_mask"])
             out.append(mb)
         return out
@@ -360,12 +429,14 @@ class Policy:
         seq, tp, r = padding_mask.shape[1], self.layout.tp, self.layout.tp_rank
         return padding_mask[:, r * seq // tp: (r + 1) * seq // tp].contiguous()
 
-    def _run(self, forward_step, micro_batches: list[dict], seq: int, mbs: int, forward_only: bool):
+    def _run(self, forward_step, micro_batches: list[dict], forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        # The shape megatron's pipeline schedule communicates (all micro-batches share it when pp > 1).
+        rows, seq = micro_batches[0]["input_ids"].shape
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self._chunk],
-            num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
+            num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=rows, forward_only=forward_only)
 
     def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """Broadcast a tensor (of a shape every rank knows) from the last pipeline stage."""
@@ -406,13 +477,15 @@ class Policy:
     # ---- log-probs -------------------------------------------------------------------------
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-                 micro_batch_size: Optional[int] = None, split_dp: bool = True,
-                 routes: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 micro_batch_size: Optional[int] = None, micro_batch_tokens: Optional[int] = None,
+                 split_dp: bool = True, routes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[S, T] float32 log-probs of `input_ids` (see the module docstring for the alignment).
 
         Same arguments on every rank; the same result on every rank. The rows are split over the
         data-parallel ranks (``split_dp=False``: each data-parallel replica passes and gets its
-        own rows). `routes` ([S, T, moe_layers, top_k] expert ids, e.g. the rollout engine's)
+        own rows). Micro-batches: at most ``micro_batch_tokens`` real tokens each (balanced over
+        data parallelism by r1mega.batching), else ``micro_batch_size`` rows (default: the
+        policy's). `routes` ([S, T, moe_layers, top_k] expert ids, e.g. the rollout engine's)
         replays those expert choices (needs ``router_replay=True`` at load).
         """
         import torch.distributed as dist
@@ -422,13 +495,12 @@ class Policy:
 
         input_ids, am = self._check_ids(input_ids, attention_mask)
         n_rows, seq = input_ids.shape
-        mbs = micro_batch_size or self.micro_batch_size
-        start, stop, n_mb = self._rows(n_rows, split_dp, mbs)
-        seq_pad = self._padded_len(seq)
-        tensors = {"input_ids": input_ids[start:stop], "attention_mask": am[start:stop]}
+        lengths = am.sum(1).tolist()
+        plan = self._plan(lengths, split_dp, mbs=micro_batch_size or self.micro_batch_size, budget=micro_batch_tokens)
+        tensors = {"input_ids": input_ids, "attention_mask": am}
         if routes is not None:
-            tensors["routes"] = self._check_routes(routes, input_ids.shape)[start:stop]
-        mbs_list = self._micro_batches(tensors, n_mb, mbs, seq_pad)
+            tensors["routes"] = self._check_routes(routes, input_ids.shape)
+        micro_batches = self._micro_batches(tensors, plan, lengths)
         tp_group = ps.get_tensor_model_parallel_group()
 
         def loss_func(mb, output):
@@ -446,24 +518,19 @@ class Policy:
         was_training = self.model.training
         self.model.eval()
         try:
-            results = self._run(forward_step, mbs_list, seq_pad, mbs, forward_only=True)
+            results = self._run(forward_step, micro_batches, forward_only=True)
         finally:
             self.model.train(was_training)
             if self.router_replay is not None:
                 self.router_replay.clear()
-        rows = n_mb * mbs
-        if not self.layout.is_last_stage:  # receives the result below
-            full = torch.zeros(n_rows, seq, device=self.device)
-        elif split_dp:
-            local = torch.cat([r["logp"] for r in results])[:, :seq].contiguous()
-            if self.layout.dp > 1:  # the data-parallel ranks of the last stage hold row blocks
-                parts = [torch.empty_like(local) for _ in range(self.layout.dp)]
-                dist.all_gather(parts, local, group=ps.get_data_parallel_group())
-                local = torch.cat(parts)
-            per = -(-n_rows // self.layout.dp)
-            full = torch.cat([local[i * rows: i * rows + per] for i in range(self.layout.dp)])[:n_rows]
-        else:
-            full = torch.cat([r["logp"] for r in results])[:n_rows, :seq]
+        full = torch.zeros(n_rows, seq, device=self.device)
+        if self.layout.is_last_stage:
+            for mb, r in zip(micro_batches, results):
+                if mb["rows"]:
+                    width = min(seq, r["logp"].shape[1])
+                    full[torch.as_tensor(mb["rows"], device=self.device), :width] = r["logp"][:len(mb["rows"]), :width]
+            if split_dp and self.layout.dp > 1:  # each data-parallel rank filled its own rows
+                dist.all_reduce(full, group=ps.get_data_parallel_group())
         full = self._from_last_stage(full.contiguous())
         full[:, 0] = 0.0
         return full.masked_fill(~am.to(full.device), 0.0).to(input_ids.device)
@@ -519,8 +586,8 @@ class Policy:
             tensors["routes"] = self._check_routes(batch["routes"], shape)
         return tensors, options, agg
 
-    def train_step(self, batch: Mapping[str, Any], *, split_dp: bool = True,
-                   micro_batch_size: Optional[int] = None) -> dict[str, float]:
+    def train_step(self, batch: Mapping[str, Any], *, split_dp: bool = True, micro_batch_size: Optional[int] = None,
+                   micro_batch_tokens: Optional[int] = None) -> dict[str, float]:
         """One optimizer step on the GRPO loss of `batch`; returns metrics (the same on every rank).
 
         batch: ``input_ids``, ``attention_mask``, ``completion_mask``, ``old_logp`` (all [S, T],
@@ -528,6 +595,11 @@ class Policy:
         ``ref_logp`` and ``rollout_logp`` ([S, T]), and any r1mega.algo.policy_loss keyword
         (eps_low, eps_high, dual_clip, ratio_level, kl_coef, kl_estimator, kl_clamp, tis_cap, agg,
         norm_length). The denominators are global (never pass global_tokens/global_sequences).
+
+        The loss comes from the last stage's final hidden states and the output-layer weight
+        through r1mega.ops.linear_grpo_loss, on completion tokens only: no [rows, T, V] logits
+        ever exist. Micro-batches as in :meth:`logprobs` (``micro_batch_tokens`` real tokens
+        each, or ``micro_batch_size`` rows).
 
         Metrics: ``loss`` (the mini-batch loss), ``grad_norm`` (before clipping), ``lr`` (used by
         this step), ``tokens`` and ``sequences`` (the global denominators' counts), the policy
@@ -539,20 +611,19 @@ class Policy:
         from megatron.core import parallel_state as ps
 
         from r1mega.algo.policy_loss import local_denominators
-        from r1mega.ops.vocab_parallel import vocab_parallel_grpo_loss
+        from r1mega.ops.linear import linear_grpo_loss
 
         tensors, options, agg = self._parse_batch(batch)
-        n_rows, seq = tensors["input_ids"].shape
-        mbs = micro_batch_size or self.micro_batch_size
-        start, stop, n_mb = self._rows(n_rows, split_dp, mbs)
-        seq_pad = self._padded_len(seq)
-        local = {name: t[start:stop] for name, t in tensors.items()}
-        micro_batches = self._micro_batches(local, n_mb, mbs, seq_pad)
+        lengths = tensors["attention_mask"].sum(1).tolist()
+        plan = self._plan(lengths, split_dp, mbs=micro_batch_size or self.micro_batch_size, budget=micro_batch_tokens)
+        micro_batches = self._micro_batches(tensors, plan, lengths)
 
         # Global denominators: counts of every micro-batch of every data-parallel rank.
+        mine = torch.as_tensor(sorted(i for rows in plan for i in rows), dtype=torch.long)
+        local_mask = tensors["completion_mask"][mine][:, 1:]
         counts = torch.stack([
-            local_denominators(local["completion_mask"][:, 1:], "token-mean")["global_tokens"],
-            local_denominators(local["completion_mask"][:, 1:], "seq-mean-token-mean")["global_sequences"]]
+            local_denominators(local_mask, "token-mean")["global_tokens"],
+            local_denominators(local_mask, "seq-mean-token-mean")["global_sequences"]]
         ).double().to(self.device)
         if self.layout.dp > 1:
             dist.all_reduce(counts, group=ps.get_data_parallel_group())
@@ -561,13 +632,16 @@ class Policy:
                         else {"global_sequences": max(sequences, 1.0)})
         has_ref, has_rollout = "ref_logp" in tensors, "rollout_logp" in tensors
         metric_keys = MEAN_METRICS + (("kl_mean",) if has_ref else ()) + (("tis_weight_mean",) if has_rollout else ())
-        tp_group = ps.get_tensor_model_parallel_group()
+        tp_group = ps.get_tensor_model_parallel_group() if self.layout.tp > 1 else None
+        head = _HiddenStatesOut(self.model, self.layout.is_last_stage, tp_group)
 
-        def loss_func(mb, output):
+        def loss_func(mb, hidden):
             adv = mb["advantages"] if mb["advantages"].dim() == 1 else mb["advantages"][:, 1:]
-            loss, metrics = vocab_parallel_grpo_loss(
-                output[:, :-1], mb["input_ids"][:, 1:], mb["old_logp"][:, 1:], adv, mb["completion_mask"][:, 1:],
-                group=tp_group, temperature=self.temperature, backend=self.backend,
+            weight = head.weight
+            loss, metrics = linear_grpo_loss(
+                hidden[:, :-1].to(weight.dtype), weight, mb["input_ids"][:, 1:], mb["old_logp"][:, 1:], adv,
+                mb["completion_mask"][:, 1:], group=tp_group, hidden_grad_all_reduce=not head.sequence_parallel,
+                temperature=self.temperature, backend=self.backend,
                 ref_logp=mb["ref_logp"][:, 1:] if has_ref else None,
                 rollout_logp=mb["rollout_logp"][:, 1:] if has_rollout else None,
                 **options, **denominators)
@@ -587,7 +661,8 @@ class Policy:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         try:
-            results = self._run(forward_step, micro_batches, seq_pad, mbs, forward_only=False)
+            with head:
+                results = self._run(forward_step, micro_batches, forward_only=False)
         finally:
             if self.router_replay is not None:
                 self.router_replay.clear()

@@ -78,6 +78,10 @@ def resolve_inputs(cfg: Config) -> Inputs:
                 except GoldAnswerError as err:
                     raise TrainError(f"{getattr(run, name.split('.')[1]) or 'the embedded task'}: id {record.id!r}: "
                                      f"field 'answer': {err}") from None
+    longest = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+    if cfg.batch.micro_batch_tokens < longest:
+        raise TrainError(f"batch.micro_batch_tokens {cfg.batch.micro_batch_tokens} < rollout.max_prompt_tokens + "
+                         f"rollout.max_new_tokens = {longest}: a sequence would not fit one micro-batch")
     if len(train) < cfg.batch.prompts_per_step:
         raise TrainError(f"run.data: {len(train)} prompts, fewer than batch.prompts_per_step "
                          f"{cfg.batch.prompts_per_step}")
@@ -321,11 +325,11 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
         lap("time_sleep")
 
         # log-probs of the sampling policy (recomputed) and of the reference
-        mbs = S.micro_batch_rows(batch, batch_cfg.micro_batch_tokens)
+        budget = batch_cfg.micro_batch_tokens
         routes = batch.routes if rollout_cfg.router_replay else None
-        batch.old_logp = policy.logprobs(batch.input_ids, batch.attention_mask, micro_batch_size=mbs, routes=routes)
+        batch.old_logp = policy.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget, routes=routes)
         if reference is not None:
-            batch.ref_logp = reference.logprobs(batch.input_ids, batch.attention_mask, micro_batch_size=mbs)
+            batch.ref_logp = reference.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget)
         lap("time_logprobs")
 
         # train: mini-batches balanced over data-parallel ranks, global loss denominators
@@ -340,7 +344,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
                 step_batch["rollout_logp"] = mb.rollout_logp
             if routes is not None:
                 step_batch["routes"] = mb.routes
-            train_metrics.append(policy.train_step(step_batch, micro_batch_size=mbs))
+            train_metrics.append(policy.train_step(step_batch, micro_batch_tokens=budget))
         lap("time_train")
         if reference is not None and grpo.ref_update_interval and (step + 1) % grpo.ref_update_interval == 0:
             reference.model.load_state_dict(policy.model.state_dict())

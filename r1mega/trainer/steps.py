@@ -209,11 +209,6 @@ def minibatches(batch: TrainBatch, count: int, *, dp: int, balance: str) -> list
     return out
 
 
-def micro_batch_rows(batch: TrainBatch, micro_batch_tokens: int) -> int:
-    """Rows per micro-batch such that rows x the padded length stays within the token budget."""
-    return max(1, micro_batch_tokens // max(1, int(batch.input_ids.shape[1])))
-
-
 def loss_options(grpo: GRPOConfig, max_new_tokens: int, has_ref: bool) -> dict[str, Any]:
     """Policy.train_step's loss keywords from the config's grpo section."""
     options = dict(eps_low=grpo.eps_low, eps_high=grpo.eps_high, dual_clip=grpo.dual_clip,
