@@ -23,15 +23,18 @@ of the rollouts). Rows must be right-padded: ``attention_mask[s]`` is ones then 
 that was left-padded for generation is packed to the left with its completion). The
 completion mask marks the tokens the loss counts; it must be 0 at t = 0 and at padding.
 
-Parallelism, per step (micro-batches of ``micro_batch_size`` rows):
+Parallelism, per step (micro-batches of at most ``micro_batch_tokens`` real tokens, packed and
+balanced over data parallelism by r1mega.batching, or of ``micro_batch_size`` rows; each cut to
+its own longest row, or all padded to one shape when pp > 1):
 
-* Data parallel: by default (``split_dp=True``) every rank passes the WHOLE mini-batch and the
-  data-parallel ranks take contiguous row blocks of it (``ceil(S / dp)`` rows each; the last
-  ones padded with fully masked rows). With ``split_dp=False`` each data-parallel rank passes
-  its own rows. Sequences are padded to a multiple of tp under sequence parallelism.
-* The loss of every micro-batch is the vocabulary-parallel GRPO loss
-  (:func:`r1mega.ops.vocab_parallel.vocab_parallel_grpo_loss`: log-probs from each TP rank's
-  vocabulary shard with all-reduces of per-token partials, never [N, V] logits) with GLOBAL
+* Data parallel: by default (``split_dp=True``) every rank passes the WHOLE mini-batch and each
+  data-parallel rank takes its share of the rows (a contiguous block in rows mode; a balanced
+  set with token budgets). With ``split_dp=False`` each data-parallel rank passes its own rows.
+  Sequences are padded to a multiple of tp under sequence parallelism.
+* The loss of every micro-batch comes from the last stage's final hidden states and the output
+  layer's vocabulary shard through :func:`r1mega.ops.linear_grpo_loss` (fused linear + GRPO
+  loss, completion tokens only, never [N, V] logits; log-probs combined over TP with
+  all-reduces of per-token partials), with GLOBAL
   denominators: :func:`r1mega.algo.local_denominators` of every local micro-batch, all-reduced
   over the data-parallel group. The mini-batch loss is then the SUM of the micro-batch losses
   over micro-batches and ranks, so megatron is set up to sum, not average: the model config
