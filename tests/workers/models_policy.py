@@ -52,6 +52,34 @@ def parity(policy, root: Path, family: str) -> float:
     return float((got[:, 1:].double() - expected).abs().max())
 
 
+def transformers_step(root: Path, family: str, batch) -> tuple[float, float]:
+    """The GRPO loss and its gradient norm by plain torch autograd: transformers' own model,
+    log_softmax, and r1mega.algo.policy_loss with the whole batch's denominators."""
+    import torch
+    import transformers
+
+    from r1mega.algo import local_denominators, policy_loss
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / family, dtype=torch.float32)
+    model.train()
+    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    logits = model(input_ids=ids, attention_mask=am.long()).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    options = {k: v for k, v in batch.items() if k in LOSS_KEYS}
+    mask = cm[:, 1:]
+    loss, _ = policy_loss(logp, batch["old_logp"][:, 1:], batch["advantages"], mask,
+                          ref_logp=batch["ref_logp"][:, 1:],
+                          rollout_logp=batch["rollout_logp"][:, 1:] if "rollout_logp" in batch else None,
+                          **options, **local_denominators(mask, options.get("agg", "token-mean")))
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    return float(loss), float(norm)
+
+
+LOSS_KEYS = ("eps_low", "eps_high", "dual_clip", "ratio_level", "kl_coef", "kl_estimator", "kl_clamp", "tis_cap",
+             "agg", "norm_length")
+
+
 def trajectory(policy, batch, steps, *, save_to=None):
     losses, norms = [], []
     for _ in range(steps):
@@ -164,7 +192,12 @@ def run_reference(root: Path, out: Path) -> None:
         logp0 = policy.logprobs(ids, am)
         assert bool((logp0[~am] == 0).all())
         batch = full_batch(family, ids, am, cm, adv, logp0, g)
+        hf_loss, hf_norm = transformers_step(root, family, batch)
         losses, norms = trajectory(policy, batch, STEPS, save_to=out / f"ckpt-{family}")
+        loss_diff, norm_rel = abs(losses[0] - hf_loss), abs(norms[0] - hf_norm) / hf_norm
+        assert loss_diff <= 1e-5 and norm_rel <= 1e-4, (family, losses[0], hf_loss, norms[0], hf_norm)
+        log(f"train_step vs transformers autograd {family} loss {losses[0]:.8f} vs {hf_loss:.8f} "
+            f"grad_norm {norms[0]:.8f} vs {hf_norm:.8f}")
         if family == "deepseek_v3":
             check_save_refusals(policy, out)
             check_refusals(policy, batch)
