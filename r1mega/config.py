@@ -194,7 +194,8 @@ class BatchConfig(_Section):
     micro_batch_tokens: int = knob(
         16384, "Token budget of one forward/backward micro-batch per rank.", ge=1)
     balance: Literal["karmarkar-karp", "none"] = knob(
-        "karmarkar-karp", "How sequences are spread over data-parallel ranks.")
+        "karmarkar-karp", "How the policy spreads each mini-batch over data-parallel ranks: karmarkar-karp "
+        "balances their token counts (the C++ balancer), none gives each rank a contiguous block of rows.")
 
 
 @dataclass(frozen=True)

@@ -356,13 +356,14 @@ class Policy:
         return input_ids, am
 
     def _plan(self, lengths: Sequence[int], split_dp: bool, *, mbs: Optional[int],
-              budget: Optional[int]) -> list[list[int]]:
+              budget: Optional[int], balance: str = "karmarkar-karp") -> list[list[int]]:
         """This rank's micro-batches, each a list of row indices into the rows the caller passed.
 
         Every data-parallel rank gets the same number of micro-batches (lockstep schedules); some
-        may be empty. ``budget`` (tokens): r1mega.batching.pack_microbatches balances the rows
-        over the data-parallel ranks and splits each rank's share into micro-batches of at most
-        ``budget`` real tokens. Otherwise ``mbs`` rows each, from contiguous row blocks.
+        may be empty. ``budget`` (tokens): each rank's share is split into micro-batches of at
+        most ``budget`` real tokens by r1mega.batching.pack_microbatches; with ``balance``
+        "karmarkar-karp" the shares are balanced by token count, with "none" they are contiguous
+        row blocks. Otherwise ``mbs`` rows each, from contiguous row blocks.
         """
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
@@ -377,9 +378,16 @@ class Policy:
                 row = max(range(n_rows), key=lambda i: lengths[i])
                 raise ValueError(f"micro_batch_tokens {budget} < row {row}'s {lengths[row]} tokens: raise "
                                  "batch.micro_batch_tokens to at least the longest prompt + completion")
-            if split_dp:
+            if balance not in ("karmarkar-karp", "none"):
+                raise ValueError(f"balance must be 'karmarkar-karp' or 'none', got {balance!r}")
+            if split_dp and balance == "karmarkar-karp":
                 return pack_microbatches(list(lengths), budget, dp)[dp_rank]
-            plan = pack_microbatches(list(lengths), budget, 1)[0] if n_rows else []
+            rows = list(range(n_rows))
+            if split_dp:  # balance "none": this rank's contiguous block, packed alone
+                per = -(-n_rows // dp)
+                rows = rows[min(dp_rank * per, n_rows):min((dp_rank + 1) * per, n_rows)]
+            packed = pack_microbatches([lengths[i] for i in rows], budget, 1)[0] if rows else []
+            plan = [[rows[j] for j in mb] for mb in packed]
             count = len(plan)
         else:
             if split_dp:
@@ -481,14 +489,15 @@ class Policy:
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                  micro_batch_size: Optional[int] = None, micro_batch_tokens: Optional[int] = None,
-                 split_dp: bool = True, routes: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 split_dp: bool = True, routes: Optional[torch.Tensor] = None,
+                 balance: str = "karmarkar-karp") -> torch.Tensor:
         """[S, T] float32 log-probs of `input_ids` (see the module docstring for the alignment).
 
         Same arguments on every rank; the same result on every rank. The rows are split over the
         data-parallel ranks (``split_dp=False``: each data-parallel replica passes and gets its
-        own rows). Micro-batches: at most ``micro_batch_tokens`` real tokens each (balanced over
-        data parallelism by r1mega.batching), else ``micro_batch_size`` rows (default: the
-        policy's). `routes` ([S, T, moe_layers, top_k] expert ids, e.g. the rollout engine's)
+        own rows). Micro-batches: at most ``micro_batch_tokens`` real tokens each (the ranks'
+        shares balanced by token count with ``balance="karmarkar-karp"``, contiguous row blocks
+        with "none"), else ``micro_batch_size`` rows (default: the policy's). `routes` ([S, T, moe_layers, top_k] expert ids, e.g. the rollout engine's)
         replays those expert choices (needs ``router_replay=True`` at load).
         """
         import torch.distributed as dist
@@ -499,7 +508,8 @@ class Policy:
         input_ids, am = self._check_ids(input_ids, attention_mask)
         n_rows, seq = input_ids.shape
         lengths = am.sum(1).tolist()
-        plan = self._plan(lengths, split_dp, mbs=micro_batch_size or self.micro_batch_size, budget=micro_batch_tokens)
+        plan = self._plan(lengths, split_dp, mbs=micro_batch_size or self.micro_batch_size, budget=micro_batch_tokens,
+                          balance=balance)
         tensors = {"input_ids": input_ids, "attention_mask": am}
         if routes is not None:
             tensors["routes"] = self._check_routes(routes, input_ids.shape)
@@ -590,7 +600,7 @@ class Policy:
         return tensors, options, agg
 
     def train_step(self, batch: Mapping[str, Any], *, split_dp: bool = True, micro_batch_size: Optional[int] = None,
-                   micro_batch_tokens: Optional[int] = None) -> dict[str, float]:
+                   micro_batch_tokens: Optional[int] = None, balance: str = "karmarkar-karp") -> dict[str, float]:
         """One optimizer step on the GRPO loss of `batch`; returns metrics (the same on every rank).
 
         batch: ``input_ids``, ``attention_mask``, ``completion_mask``, ``old_logp`` (all [S, T],
@@ -601,8 +611,8 @@ class Policy:
 
         The loss comes from the last stage's final hidden states and the output-layer weight
         through r1mega.ops.linear_grpo_loss, on completion tokens only: no [rows, T, V] logits
-        ever exist. Micro-batches as in :meth:`logprobs` (``micro_batch_tokens`` real tokens
-        each, or ``micro_batch_size`` rows).
+        ever exist. Micro-batches and ``balance`` as in :meth:`logprobs` (``micro_batch_tokens``
+        real tokens each, or ``micro_batch_size`` rows).
 
         Metrics: ``loss`` (the mini-batch loss), ``grad_norm`` (before clipping), ``lr`` (used by
         this step), ``tokens`` and ``sequences`` (the global denominators' counts), the policy
@@ -618,7 +628,8 @@ class Policy:
 
         tensors, options, agg = self._parse_batch(batch)
         lengths = tensors["attention_mask"].sum(1).tolist()
-        plan = self._plan(lengths, split_dp, mbs=micro_batch_size or self.micro_batch_size, budget=micro_batch_tokens)
+        plan = self._plan(lengths, split_dp, mbs=micro_batch_size or self.micro_batch_size, budget=micro_batch_tokens,
+                          balance=balance)
         micro_batches = self._micro_batches(tensors, plan, lengths)
 
         # Global denominators: counts of every micro-batch of every data-parallel rank.

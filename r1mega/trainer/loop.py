@@ -327,14 +327,16 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
         # log-probs of the sampling policy (recomputed) and of the reference
         budget = batch_cfg.micro_batch_tokens
         routes = batch.routes if rollout_cfg.router_replay else None
-        batch.old_logp = policy.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget, routes=routes)
+        batch.old_logp = policy.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget, routes=routes,
+                                         balance=batch_cfg.balance)
         if reference is not None:
-            batch.ref_logp = reference.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget)
+            batch.ref_logp = reference.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget,
+                                                balance=batch_cfg.balance)
         lap("time_logprobs")
 
-        # train: mini-batches balanced over data-parallel ranks, global loss denominators
+        # train: the policy spreads each mini-batch over data-parallel ranks (batch.balance); global denominators
         train_metrics = []
-        for mb in S.minibatches(batch, batch_cfg.minibatches_per_step, dp=policy.layout.dp, balance=batch_cfg.balance):
+        for mb in S.minibatches(batch, batch_cfg.minibatches_per_step):
             step_batch = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                               completion_mask=mb.completion_mask, old_logp=mb.old_logp, advantages=mb.advantages,
                               **opts)
@@ -344,7 +346,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
                 step_batch["rollout_logp"] = mb.rollout_logp
             if routes is not None:
                 step_batch["routes"] = mb.routes
-            train_metrics.append(policy.train_step(step_batch, micro_batch_tokens=budget))
+            train_metrics.append(policy.train_step(step_batch, micro_batch_tokens=budget, balance=batch_cfg.balance))
         lap("time_train")
         if reference is not None and grpo.ref_update_interval and (step + 1) % grpo.ref_update_interval == 0:
             reference.model.load_state_dict(policy.model.state_dict())

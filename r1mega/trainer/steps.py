@@ -189,24 +189,14 @@ def build_batch(rollout: Rollout, adv: torch.Tensor, *, loss_mask: Optional[torc
     return TrainBatch(ids, am, cm, rlp, adv.float(), routes)
 
 
-def minibatches(batch: TrainBatch, count: int, *, dp: int, balance: str) -> list[TrainBatch]:
-    """`count` mini-batches of consecutive row blocks; within each, rows reordered so that the
-    data-parallel ranks' contiguous shares have balanced token counts (Karmarkar-Karp)."""
-    from r1mega.batching import partition_balanced
-
+def minibatches(batch: TrainBatch, count: int) -> list[TrainBatch]:
+    """`count` mini-batches of consecutive row blocks (whole groups stay together when the rows
+    divide evenly). Spreading each over data-parallel ranks is the policy's job (batch.balance)."""
     n = len(batch)
     if count > n:
         raise ValueError(f"batch.minibatches_per_step {count} > the {n} rows of the step")
     bounds = [round(i * n / count) for i in range(count + 1)]
-    out = []
-    lengths = batch.lengths()
-    for a, b in zip(bounds, bounds[1:]):
-        index = list(range(a, b))
-        if dp > 1 and balance == "karmarkar-karp" and len(index) >= dp and len(index) % dp == 0:
-            parts = partition_balanced([lengths[i] for i in index], dp, equal_size=True)
-            index = [index[j] for part in parts for j in part]
-        out.append(batch.rows(index))
-    return out
+    return [batch.rows(list(range(a, b))) for a, b in zip(bounds, bounds[1:])]
 
 
 def loss_options(grpo: GRPOConfig, max_new_tokens: int, has_ref: bool) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from _policy_common import (
     MICRO_BATCH,
     OPTIM,
     RESUME_AT,
+    SEQ,
     STEPS,
     collect_buckets,
     compare_with_export,
@@ -193,6 +194,7 @@ def run_reference(root: Path, out: Path) -> None:
         assert bool((logp0[~am] == 0).all())
         batch = full_batch(family, ids, am, cm, adv, logp0, g)
         hf_loss, hf_norm = transformers_step(root, family, batch)
+        check_token_budget(root, family, batch, logp0, hf_loss, hf_norm)
         losses, norms = trajectory(policy, batch, STEPS, save_to=out / f"ckpt-{family}")
         loss_diff, norm_rel = abs(losses[0] - hf_loss), abs(norms[0] - hf_norm) / hf_norm
         assert loss_diff <= 1e-5 and norm_rel <= 1e-4, (family, losses[0], hf_loss, norms[0], hf_norm)
@@ -216,6 +218,22 @@ def run_reference(root: Path, out: Path) -> None:
         del policy
     check_bf16(root)
     check_converted(root, out)
+
+
+def check_token_budget(root: Path, family: str, batch, logp0, hf_loss: float, hf_norm: float) -> None:
+    """Token-budget micro-batches (several rows each, rows of unequal length packed together)
+    give the log-probs of the row micro-batches and the first step of transformers' autograd."""
+    budget = 2 * SEQ + 1  # two rows at most: the 6 rows take 3+ micro-batches of mixed lengths
+    policy = load(root / family)
+    for balance in ("karmarkar-karp", "none"):
+        diff = rel(policy.logprobs(batch["input_ids"], batch["attention_mask"], micro_batch_tokens=budget,
+                                   balance=balance), logp0)
+        assert diff <= 1e-6, (family, balance, diff)
+    metrics = policy.train_step(batch, micro_batch_tokens=budget)
+    assert abs(metrics["loss"] - hf_loss) <= 1e-5 and abs(metrics["grad_norm"] - hf_norm) <= 1e-4 * hf_norm, (
+        family, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
+    log(f"token budget {budget} {family} logp {diff:.3g} loss {metrics['loss']:.8f} vs {hf_loss:.8f} "
+        f"grad_norm {metrics['grad_norm']:.8f} vs {hf_norm:.8f}")
 
 
 def check_converted(root: Path, out: Path) -> None:
@@ -252,6 +270,9 @@ def run_layouts(root: Path, out: Path, names: list[str]) -> None:
             mine = slice(policy.layout.dp_rank, None, policy.layout.dp)
             own = policy.logprobs(ids[mine], am[mine], split_dp=False)
             assert rel(own, ref["logp0"][mine]) <= 1e-6, rel(own, ref["logp0"][mine])
+            for balance in ("karmarkar-karp", "none"):  # rows spread by token count or in blocks
+                packed = policy.logprobs(ids, am, micro_batch_tokens=2 * SEQ + 1, balance=balance)
+                assert rel(packed, ref["logp0"]) <= 1e-6, (name, balance, rel(packed, ref["logp0"]))
         save_to = out / f"ckpt-{name}"
         losses, norms = trajectory(policy, batch, STEPS, save_to=save_to)
         final_logp = rel(policy.logprobs(ids, am), ref["final_logp"])
