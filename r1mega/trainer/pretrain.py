@@ -33,7 +33,7 @@ VERSION = 2  # bump when the corpus, the model or the recipe changes what a spec
 class PretrainSpec:
     """What the base model is made from; its hash names the cache entry."""
 
-    steps: int = 700
+    steps: int = 1400
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -108,7 +108,7 @@ def pretrain_base_model(out_dir: str | Path, spec: PretrainSpec = PretrainSpec()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss)
+        loss_value = loss.item()
         if progress and (step % 10 == 0 or step + 1 == spec.steps):
             _progress(step + 1, spec.steps, loss_value, start)
     if progress:
