@@ -238,6 +238,11 @@ class RewardsConfig(_Section):
         "summary: <think>..</think> then a summary (R1 cold-start format).")
     language_weight: float = knob(
         0.0, "Weight of chain-of-thought language consistency (R1's reasoning RL stage).", ge=0.0)
+    custom: Optional[str] = knob(
+        None, "Your own reward, 'package.module:function': fn(record, completion) -> r1mega.rewards.RewardOutput, "
+        "importable from the run's working directory and scored in the reward workers like the built-in "
+        "ones; None: none.")
+    custom_weight: float = knob(1.0, "Weight of rewards.custom.", ge=0.0)
     workers: int = knob(0, "Reward worker processes; 0: half the CPUs, at most 8.", ge=0)
     timeout_s: float = knob(10.0, "Deadline of one reward of one sample; past it the reward is 0.", gt=0.0)
     math_timeout_s: float = knob(5.0, "math-verify's own time bound for one answer.", gt=0.0)
@@ -247,19 +252,29 @@ class RewardsConfig(_Section):
     def _check(self) -> None:
         if not self.weights():
             self._fail("accuracy_weight", "leaves every reward weight at 0")
+        if self.custom is not None and self.custom.count(":") != 1:
+            self._fail("custom", "is not 'package.module:function'")
 
     def pool_kwargs(self) -> dict:
-        """Keyword arguments of r1mega.rewards.RewardPool for this section."""
+        """Keyword arguments of r1mega.rewards.RewardPool for this section (imports rewards.custom;
+        ConfigError naming it when that fails)."""
         weights = self.weights()
         options = {"accuracy": {"math_timeout_s": self.math_timeout_s, "code_timeout_s": self.code_timeout_s,
                                 "code_memory_mb": self.code_memory_mb}} if "accuracy" in weights else None
-        return {"weights": weights, "workers": self.workers or None, "timeout_s": self.timeout_s, "options": options}
+        from r1mega.rewards import load_reward
+
+        try:
+            extra = {"custom": load_reward(self.custom)} if "custom" in weights else None
+        except ValueError as err:
+            raise ConfigError(f"rewards.custom: {err}") from None
+        return {"weights": weights, "workers": self.workers or None, "timeout_s": self.timeout_s, "options": options,
+                "rewards": extra}
 
     def weights(self) -> dict[str, float]:
-        """The registered reward names with a nonzero weight (r1mega.rewards.REWARDS)."""
+        """The reward names with a nonzero weight: registered ones (r1mega.rewards.REWARDS) and "custom"."""
         named = {"accuracy": self.accuracy_weight,
                  "format" if self.format_style == "answer-tags" else "format_summary": self.format_weight,
-                 "language": self.language_weight}
+                 "language": self.language_weight, "custom": self.custom_weight if self.custom else 0.0}
         return {name: w for name, w in named.items() if w > 0}
 
 

@@ -107,11 +107,12 @@ def test_train_step_matches_transformers_autograd(policy_reference):
     """The first step's loss and gradient norm equal transformers' model under plain autograd with
     r1mega.algo.policy_loss (a check no layout comparison can pass by accident)."""
     _, output = policy_reference
-    print("\n".join(line for line in output.splitlines() if line.startswith(("train_step vs", "token budget"))))
+    print("\n".join(line for line in output.splitlines() if line.startswith(("train_step vs", "token budget", "logits head"))))
     for family in ("deepseek_v3", "qwen3_moe", "qwen2"):
         assert f"train_step vs transformers autograd {family} " in output, output
         # the same step on token-budget micro-batches (rows of unequal length packed together)
         assert re.search(rf"^token budget \d+ {family} ", output, re.M), output
+        assert f"logits head {family} " in output, output
 
 
 def test_tp1_logprobs_match_transformers_and_buckets_equal_export(policy_reference):

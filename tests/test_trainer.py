@@ -109,6 +109,27 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, small_base_model):
     assert (resumed / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
 
 
+def test_a_reward_that_crashes_or_hangs_costs_its_sample_not_the_run(tmp_path, small_base_model, monkeypatch):
+    """rewards.custom kills its worker on some samples and hangs past rewards.timeout_s on others:
+    the run finishes, those samples are left out (no reward, advantage 0), the rest train."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    train(tmp_path, "flaky", small_base_model, "rewards.custom=tests.rewards_flaky:crash_or_hang",
+          "rewards.custom_weight=0.5", "rewards.timeout_s=1.5", "run.samples_per_step=16")
+    run = tmp_path / "flaky"
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 1]
+    errors = sum(r["reward_errors"] for r in rows)
+    scored = [r["reward_scored_frac"] for r in rows]
+    assert errors > 0 and all(0.0 < f < 1.0 for f in scored), (errors, scored)
+    for r in rows:
+        assert all(r[k] == r[k] for k in ("loss", "grad_norm", "reward_mean", "reward_custom", "reward_accuracy")), r
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    left_out = [s for s in samples if s["reward"] is None]
+    assert left_out and all(s["advantage"] == 0.0 for s in left_out), samples
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["heldout_accuracy_after"] == summary["heldout_accuracy_after"]  # not NaN
+
+
 def test_bad_input_is_one_line_before_any_work(tmp_path, small_base_model):
     bad_row = tmp_path / "bad.jsonl"
     bad_row.write_text('{"id": "a", "prompt": "What is 1 + 1?", "task": "math", "answer": "2"}\n'
@@ -119,6 +140,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, small_base_model):
         (["--model", str(small_base_model), "--set", "grpo.group_size=0"], "grpo.group_size"),
         (["--model", str(small_base_model), "--set", "rollout.enginee=hf"], "did you mean"),
         (["--resume", str(tmp_path / "nothing")], "not a run directory"),
+        (["--model", str(small_base_model), "--set", "rewards.custom=no_such_module:fn"], "rewards.custom"),
     ]
     for args, word in cases:
         proc = r1mega("train", "--quiet", "--set", f"run.out_dir={tmp_path}", *args, timeout=120)

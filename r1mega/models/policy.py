@@ -55,6 +55,7 @@ its own longest row, or all padded to one shape when pp > 1):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -600,7 +601,8 @@ class Policy:
         return tensors, options, agg
 
     def train_step(self, batch: Mapping[str, Any], *, split_dp: bool = True, micro_batch_size: Optional[int] = None,
-                   micro_batch_tokens: Optional[int] = None, balance: str = "karmarkar-karp") -> dict[str, float]:
+                   micro_batch_tokens: Optional[int] = None, balance: str = "karmarkar-karp",
+                   loss_head: str = "fused") -> dict[str, float]:
         """One optimizer step on the GRPO loss of `batch`; returns metrics (the same on every rank).
 
         batch: ``input_ids``, ``attention_mask``, ``completion_mask``, ``old_logp`` (all [S, T],
@@ -611,8 +613,11 @@ class Policy:
 
         The loss comes from the last stage's final hidden states and the output-layer weight
         through r1mega.ops.linear_grpo_loss, on completion tokens only: no [rows, T, V] logits
-        ever exist. Micro-batches and ``balance`` as in :meth:`logprobs` (``micro_batch_tokens``
-        real tokens each, or ``micro_batch_size`` rows).
+        ever exist. ``loss_head="logits"`` takes the loss from the output layer's [rows, T, V/tp]
+        logits through r1mega.ops.vocab_parallel_grpo_loss instead: the same loss and gradients, for
+        comparison (benchmarks/bench_policy.py measures what the fused head saves). Micro-batches
+        and ``balance`` as in :meth:`logprobs` (``micro_batch_tokens`` real tokens each, or
+        ``micro_batch_size`` rows).
 
         Metrics: ``loss`` (the mini-batch loss), ``grad_norm`` (before clipping), ``lr`` (used by
         this step), ``tokens`` and ``sequences`` (the global denominators' counts), the policy
@@ -625,7 +630,10 @@ class Policy:
 
         from r1mega.algo.policy_loss import local_denominators
         from r1mega.ops.linear import linear_grpo_loss
+        from r1mega.ops.vocab_parallel import vocab_parallel_grpo_loss
 
+        if loss_head not in ("fused", "logits"):
+            raise ValueError(f"train_step: loss_head must be 'fused' or 'logits', got {loss_head!r}")
         tensors, options, agg = self._parse_batch(batch)
         lengths = tensors["attention_mask"].sum(1).tolist()
         plan = self._plan(lengths, split_dp, mbs=micro_batch_size or self.micro_batch_size, budget=micro_batch_tokens,
@@ -649,16 +657,18 @@ class Policy:
         tp_group = ps.get_tensor_model_parallel_group() if self.layout.tp > 1 else None
         head = _HiddenStatesOut(self.model, self.layout.is_last_stage, tp_group)
 
-        def loss_func(mb, hidden):
+        def loss_func(mb, output):  # output: final hidden states (fused head) or logits
             adv = mb["advantages"] if mb["advantages"].dim() == 1 else mb["advantages"][:, 1:]
-            weight = head.weight
-            loss, metrics = linear_grpo_loss(
-                hidden[:, :-1].to(weight.dtype), weight, mb["input_ids"][:, 1:], mb["old_logp"][:, 1:], adv,
-                mb["completion_mask"][:, 1:], group=tp_group, hidden_grad_all_reduce=not head.sequence_parallel,
-                temperature=self.temperature, backend=self.backend,
-                ref_logp=mb["ref_logp"][:, 1:] if has_ref else None,
-                rollout_logp=mb["rollout_logp"][:, 1:] if has_rollout else None,
-                **options, **denominators)
+            inputs = (mb["input_ids"][:, 1:], mb["old_logp"][:, 1:], adv, mb["completion_mask"][:, 1:])
+            common = dict(temperature=self.temperature, backend=self.backend, group=tp_group,
+                          ref_logp=mb["ref_logp"][:, 1:] if has_ref else None,
+                          rollout_logp=mb["rollout_logp"][:, 1:] if has_rollout else None, **options, **denominators)
+            if loss_head == "fused":
+                weight = head.weight
+                loss, metrics = linear_grpo_loss(output[:, :-1].to(weight.dtype), weight, *inputs,
+                                                 hidden_grad_all_reduce=not head.sequence_parallel, **common)
+            else:
+                loss, metrics = vocab_parallel_grpo_loss(output[:, :-1], *inputs, **common)
             n = metrics["tokens"].detach()
             report = {"loss": loss.detach().double(), "tokens": n.double(), "ratio_max": metrics["ratio_max"].double(),
                       **{k: (metrics[k] * n).double() for k in metric_keys}}
@@ -675,7 +685,7 @@ class Policy:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         try:
-            with head:
+            with head if loss_head == "fused" else contextlib.nullcontext():
                 results = self._run(forward_step, micro_batches, forward_only=False)
         finally:
             if self.router_replay is not None:

@@ -20,6 +20,7 @@ from r1mega.rewards.base import (
     RewardFn,
     RewardOutput,
     get_reward,
+    load_reward,
     register_reward,
 )
 from r1mega.rewards.composite import CompositeReward, ScoredSample, weighted_total
@@ -32,7 +33,7 @@ __all__ = [
     "REWARDS", "CompositeReward", "GoldAnswerError", "RewardFn", "RewardModel", "RewardOutput",
     "RewardPool", "ScoredSample", "countdown_reward", "countdown_reward_detailed",
     "evaluate_expression", "extract_final_answer", "format_reward", "format_reward_detailed",
-    "get_reward", "language_consistency", "language_consistency_detailed", "last_boxed",
+    "get_reward", "language_consistency", "language_consistency_detailed", "last_boxed", "load_reward",
     "math_accuracy", "math_accuracy_detailed", "parse_gold", "register_reward", "weighted_total",
 ]
 

@@ -96,6 +96,24 @@ def get_reward(name: str, extra: Mapping[str, RewardFn] | None = None) -> Reward
     raise ValueError(f"unknown reward {name!r}{hint} (known: {', '.join(known)})")
 
 
+def load_reward(spec: str) -> RewardFn:
+    """A user's reward named ``"package.module:function"``, imported here (and by name in the
+    reward workers). ValueError, one line naming `spec`, when it cannot be imported or called."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{spec!r} is not 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 (any import-time failure is the user's to see)
+        raise ValueError(f"{spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{spec!r}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
 def check_weights(weights: Mapping[str, float], extra: Mapping[str, RewardFn] | None = None
                   ) -> dict[str, float]:
     """``weights`` as a plain {name: float} dict, every name resolvable by :func:`get_reward`.

@@ -51,6 +51,7 @@ class Inputs:
     train: list
     heldout: list
     embedded: bool
+    reward_pool_kwargs: dict  # RewardPool's keywords (rewards.custom imported)
 
 
 def resolve_inputs(cfg: Config) -> Inputs:
@@ -78,6 +79,10 @@ def resolve_inputs(cfg: Config) -> Inputs:
                 except GoldAnswerError as err:
                     raise TrainError(f"{getattr(run, name.split('.')[1]) or 'the embedded task'}: id {record.id!r}: "
                                      f"field 'answer': {err}") from None
+    try:
+        reward_kwargs = cfg.rewards.pool_kwargs()
+    except ValueError as err:
+        raise TrainError(str(err)) from None
     longest = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
     if cfg.batch.micro_batch_tokens < longest:
         raise TrainError(f"batch.micro_batch_tokens {cfg.batch.micro_batch_tokens} < rollout.max_prompt_tokens + "
@@ -96,7 +101,7 @@ def resolve_inputs(cfg: Config) -> Inputs:
         from r1mega.models.checkpoint import HF_DIR, resolve_checkpoint
 
         hf_dir = resolve_checkpoint(model_dir) / HF_DIR
-    return Inputs(model_dir, hf_dir, train, heldout[:run.eval_max_prompts], run.model is None)
+    return Inputs(model_dir, hf_dir, train, heldout[:run.eval_max_prompts], run.model is None, reward_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,10 +200,12 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     from r1mega.rollout import Colocation, engine_from_config, mismatch_metrics, sampling_params
 
     wall = time.perf_counter()
-    # Known and harmless on CPU: megatron's notes about missing Transformer Engine / Apex, and a
-    # .grad read of a non-leaf tensor inside megatron. A user's main job should not start with them.
+    # Known and harmless on CPU: megatron's notes about missing Transformer Engine / Apex, a .grad
+    # read of a non-leaf tensor inside megatron, torch's deprecation notes on the
+    # collectives it calls. A user's main job should not start with them.
     warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     inputs = resolve_inputs(cfg)
     run_dir = Path(resume) if resume is not None else cfg.run.run_dir
     checkpoints = run_dir / "checkpoints"
@@ -232,7 +239,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
                                  seed=cfg.run.seed, tokenizer=inputs.hf_dir)
               if dist.get_rank() in engines else None)
     colocation = Colocation(policy, engine, rollout_cfg, dst_ranks=engines if rollout_cfg.engine == "hf" else None)
-    pool_kwargs = cfg.rewards.pool_kwargs()
+    pool_kwargs = dict(inputs.reward_pool_kwargs)
     pool = RewardPool(pool_kwargs.pop("weights"), **pool_kwargs) if rank0 else None
     sampler = PromptSampler(inputs.train, batch_size=batch_cfg.prompts_per_step, seed=cfg.run.seed)
     if data_state:

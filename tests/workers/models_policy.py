@@ -234,6 +234,13 @@ def check_token_budget(root: Path, family: str, batch, logp0, hf_loss: float, hf
         family, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
     log(f"token budget {budget} {family} logp {diff:.3g} loss {metrics['loss']:.8f} vs {hf_loss:.8f} "
         f"grad_norm {metrics['grad_norm']:.8f} vs {hf_norm:.8f}")
+    # the full-logits head (what bench_policy compares the fused head with) is the same step
+    del policy
+    metrics = load(root / family).train_step(batch, micro_batch_tokens=budget, loss_head="logits")
+    assert abs(metrics["loss"] - hf_loss) <= 1e-5 and abs(metrics["grad_norm"] - hf_norm) <= 1e-4 * hf_norm, (
+        family, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
+    log(f"logits head {family} loss {metrics['loss']:.8f} vs {hf_loss:.8f} "
+        f"grad_norm {metrics['grad_norm']:.8f} vs {hf_norm:.8f}")
 
 
 def check_converted(root: Path, out: Path) -> None:
