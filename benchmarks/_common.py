@@ -67,10 +67,11 @@ def append_jsonl(path: str | Path, rows: list[dict]) -> None:
     print(f"wrote {len(rows)} rows to {path}")
 
 
-def run_torchrun(script: str | Path, world: int, args: list[str]) -> None:
-    """Run a benchmark script's worker mode on `world` gloo ranks (one OpenMP thread each)."""
+def run_torchrun(script: str | Path, world: int, args: list[str], env: dict[str, str] | None = None) -> None:
+    """Run a benchmark script's worker mode on `world` gloo ranks (one OpenMP thread each), with
+    `env` added to the environment."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            str(Path(script).resolve()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1",
-           "PYTHONPATH": str(REPO / "benchmarks") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": str(REPO / "benchmarks") + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
