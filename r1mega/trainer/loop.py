@@ -207,6 +207,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     inputs = resolve_inputs(cfg)
+    inputs_s = time.perf_counter() - wall  # reading the data, and building the embedded base model when absent
     run_dir = Path(resume) if resume is not None else cfg.run.run_dir
     checkpoints = run_dir / "checkpoints"
     source, data_state = inputs.model_dir, None
@@ -401,7 +402,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
         "heldout_accuracy_before": before.get("pass_at_1"), "heldout_accuracy_after": after.get("pass_at_1"),
         "format_rate_before": before.get("format_rate"), "format_rate_after": after.get("format_rate"),
         "response_length_after": after.get("response_length_mean"), "steps": cfg.run.steps,
-        "wall_s": time.perf_counter() - wall, "phase_seconds": phase_totals,
+        "wall_s": time.perf_counter() - wall, "inputs_s": inputs_s, "phase_seconds": phase_totals,
     }
     if rank0:
         from r1mega.utils.io import atomic_write_text
@@ -489,8 +490,10 @@ def _summary_text(s: dict) -> str:
     phases = ", ".join(f"{k[5:]} {v:.0f}s" for k, v in sorted(s["phase_seconds"].items()))
     return (f"held-out pass@1 {fmt(s['heldout_accuracy_before'])} -> {fmt(s['heldout_accuracy_after'])}, "
             f"format {fmt(s['format_rate_before'])} -> {fmt(s['format_rate_after'])}, "
-            f"response length {fmt(s['response_length_after'])}; {s['steps']} steps in {s['wall_s']:.0f}s "
-            f"({phases}); final model: {s['final_model']}")
+            f"response length {fmt(s['response_length_after'])}; {s['steps']} steps in "
+            f"{s['wall_s'] - s['inputs_s']:.0f}s ({phases})"
+            + (f", after {s['inputs_s']:.0f}s of setup (the base model built)" if s["inputs_s"] >= 10 else "")
+            + f"; final model: {s['final_model']}")
 
 
 __all__ = ["TrainError", "train", "resolve_inputs"]
