@@ -109,11 +109,10 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, small_base_model):
     assert (resumed / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
 
 
-def test_a_reward_that_crashes_or_hangs_costs_its_sample_not_the_run(tmp_path, small_base_model, monkeypatch):
+def test_a_reward_that_crashes_or_hangs_costs_its_sample_not_the_run(tmp_path, small_base_model):
     """rewards.custom kills its worker on some samples and hangs past rewards.timeout_s on others:
     the run finishes, those samples are left out (no reward, advantage 0), the rest train."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    train(tmp_path, "flaky", small_base_model, "rewards.custom=tests.rewards_flaky:crash_or_hang",
+    train(tmp_path, "flaky", small_base_model, "rewards.custom=tests.rewards_custom:crash_or_hang",
           "rewards.custom_weight=0.5", "rewards.timeout_s=1.5", "run.samples_per_step=16")
     run = tmp_path / "flaky"
     rows = metrics(run)

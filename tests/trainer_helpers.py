@@ -15,8 +15,18 @@ SMALL = ["run.steps=2", "run.eval_every=0", "run.eval_max_prompts=6", "run.eval_
          "run.samples_per_step=3"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_env() -> dict[str, str]:
+    """The environment of a test's `r1mega` process: one thread, no compile, and the repository on
+    the path so that rewards.custom can name tests.rewards_custom from any working directory."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def r1mega(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
+    env = run_env()
     return subprocess.run([sys.executable, "-m", "r1mega.cli", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 

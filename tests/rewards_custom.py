@@ -1,0 +1,30 @@
+"""User rewards (``rewards.custom``) for the trainer tests.
+
+* ``digit_share``: a dense, deterministic reward (the share of digits in the completion), so that a
+  barely pretrained base model's groups have unequal rewards and the first step's loss and
+  gradients are not zero: the layout tests then compare something.
+* ``crash_or_hang``: misbehaves on purpose. On about a quarter of the samples it kills its worker
+  process, on another quarter it hangs past the pool's deadline; otherwise it scores 0.0. Which
+  samples is fixed by a hash of the prompt id and completion, so the run is deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+
+from r1mega.rewards import RewardOutput
+
+
+def digit_share(record, completion: str) -> RewardOutput:
+    return RewardOutput(sum(c.isdigit() for c in completion) / max(len(completion), 1))
+
+
+def crash_or_hang(record, completion: str) -> RewardOutput:
+    kind = zlib.crc32(f"{record.id}\0{completion}".encode()) % 4
+    if kind == 0:
+        os._exit(13)  # a segfault-like death: no exception, no reply
+    if kind == 1:
+        time.sleep(3600)
+    return RewardOutput(0.0, {"kind": kind})
