@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.trainer_helpers import SMALL, deterministic, metrics, r1mega, train
+import torch
+
+from tests.trainer_helpers import SMALL, deterministic, metrics, r1mega, run_env, train
 
 
 def test_pretrain_writes_a_transformers_model(small_base_model):
@@ -75,8 +77,7 @@ def _run_until_killed(out: Path, name: str, model: Path, moment: str, resume: bo
     for s in [f"run.out_dir={out}", f"run.name={name}", *SMALL, "run.steps=3"]:
         args += ["--set", s]
     proc = subprocess.Popen([sys.executable, "-m", "r1mega.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                         "TORCH_COMPILE_DISABLE": "1"}, start_new_session=True)
+                            stderr=subprocess.PIPE, env=run_env(), start_new_session=True)
     run, deadline = out / name, time.monotonic() + 300
     rng = random.Random(moment)
     try:
@@ -107,6 +108,10 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, small_base_model):
     assert [r["step"] for r in metrics(resumed)] == [0, 1, 2]
     assert deterministic(metrics(resumed)) == deterministic(metrics(whole))
     assert (resumed / "final/model.safetensors").read_bytes() == (whole / "final/model.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    base, final = load_file(small_base_model / "model.safetensors"), load_file(whole / "final/model.safetensors")
+    assert any(not torch.equal(base[k], final[k]) for k in final), "three steps changed no weight"
 
 
 def test_a_reward_that_crashes_or_hangs_costs_its_sample_not_the_run(tmp_path, small_base_model):
