@@ -110,6 +110,22 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("run", metavar="RUN", help="a run directory")
     plot.add_argument("--out", metavar="FILE", help="PNG to write (default RUN/curves.png)")
 
+    ev = sub.add_parser("eval", help="pass@1, cons@k, greedy accuracy, format and language rates of a model "
+                                     "on problems with gold answers (the R1 protocol)")
+    ev.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model directory (e.g. a run's final/)")
+    ev.add_argument("--data", metavar="FILE", help="problems with gold answers (.jsonl/.json/.parquet); "
+                    "default: the embedded task's held-out split")
+    ev.add_argument("--out", metavar="DIR", help="write summary.json and problems.jsonl there")
+    ev.add_argument("--samples", type=int, default=4, help="k samples per problem (default 4)")
+    ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
+    ev.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95)")
+    ev.add_argument("--max-new-tokens", type=int, default=1024)
+    ev.add_argument("--max-prompts", type=int, help="evaluate the first N problems only")
+    ev.add_argument("--template", default="r1_zero", help="r1_zero (default), chat or raw")
+    ev.add_argument("--format-style", default="answer-tags", help="answer-tags (R1-Zero, default) or summary (R1)")
+    ev.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--quiet", action="store_true", help="no progress line")
     sub.add_parser("recipes", help="list the named recipes")
     sub.add_parser("keys", help="list every config key with its type, default and documentation")
     return parser
@@ -241,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
         if args.command == "pretrain":
             return _pretrain(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "plot":
             from r1mega.trainer.logs import plot_run
 
@@ -271,6 +289,25 @@ def main(argv: list[str] | None = None) -> int:
     print("r1mega: error: no command; `r1mega train` runs the main job, `r1mega --help` lists the others",
           file=sys.stderr)
     return 2
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from r1mega.evaluation import EvalSettings, evaluate_model, load_eval_problems, summary_table, write_results
+
+    settings = EvalSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, template=args.template,
+                            format_style=args.format_style, greedy=not args.no_greedy, seed=args.seed)
+    if args.data:
+        records = load_eval_problems(args.data, args.max_prompts)
+    else:
+        from r1mega.data import base_corpus
+
+        records = base_corpus.problems("test", args.max_prompts, seed=0)
+    result = evaluate_model(args.model, records, settings, progress=not args.quiet)
+    print(summary_table(result["summary"]))
+    if args.out:
+        print(f"wrote {write_results(args.out, result)}")
+    return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from r1mega.rewards.accuracy import (
     GoldAnswerError,
+    equivalent_answers,
     extract_final_answer,
     last_boxed,
     math_accuracy,
@@ -31,7 +32,7 @@ from r1mega.rewards.pool import RewardPool
 
 __all__ = [
     "REWARDS", "CompositeReward", "GoldAnswerError", "RewardFn", "RewardModel", "RewardOutput",
-    "RewardPool", "ScoredSample", "countdown_reward", "countdown_reward_detailed",
+    "RewardPool", "ScoredSample", "countdown_reward", "countdown_reward_detailed", "equivalent_answers",
     "evaluate_expression", "extract_final_answer", "format_reward", "format_reward_detailed",
     "get_reward", "language_consistency", "language_consistency_detailed", "last_boxed", "load_reward",
     "math_accuracy", "math_accuracy_detailed", "parse_gold", "register_reward", "weighted_total",

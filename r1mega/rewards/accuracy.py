@@ -159,6 +159,17 @@ def math_accuracy_detailed(completion: str, gold: str, *, timeout_s: float = 5.0
     return RewardOutput(0.0, {**info, "reason": "not equivalent"})
 
 
+def equivalent_answers(a: str, b: str, *, timeout_s: float = 5.0) -> bool:
+    """Whether two extracted final answers are the same value by math-verify (for majority votes);
+    False when either cannot be parsed."""
+    if a.strip() == b.strip():
+        return True
+    alarm = _alarm_seconds(timeout_s)
+    pa = parse(_as_latex(a), extraction_config=_EXTRACTION, fallback_mode="no_fallback", parsing_timeout=alarm)
+    pb = parse(_as_latex(b), extraction_config=_EXTRACTION, fallback_mode="no_fallback", parsing_timeout=alarm)
+    return bool(pa and pb and verify(pa, pb, timeout_seconds=alarm))
+
+
 def math_accuracy(completion: str, gold: str, *, timeout_s: float = 5.0) -> float:
     """1.0 if the completion's final answer is equivalent to ``gold`` per math-verify, else 0.0.
 

@@ -1,0 +1,63 @@
+"""Evaluation metrics of sampled completions: pass@k, cons@k (majority vote), and their means.
+
+Pure functions of per-sample outcomes; no model, no config. The DeepSeek-R1 protocol reports
+pass@1 as the mean accuracy of k samples per problem at temperature 0.6, top-p 0.95, and cons@k as
+the accuracy of the majority answer of the k samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from `n` samples of which `c` are correct (Chen et al.,
+    2021): 1 - C(n - c, k) / C(n, k). pass@1 is c / n. Needs 0 <= c <= n and 1 <= k <= n."""
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"pass_at_k: {name} must be an int, got {value!r}")
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k: needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_index(answers: Sequence[Optional[str]], same: Callable[[str, str], bool]) -> Optional[int]:
+    """Index of a sample whose answer is the most frequent, answers being grouped by `same`
+    (an equivalence, e.g. math-verify's); None when no sample has an answer. Samples without an
+    answer (None) do not vote. Ties go to the group whose first member comes first."""
+    groups: list[list[int]] = []  # indices, the first is the group's representative
+    for i, answer in enumerate(answers):
+        if answer is None:
+            continue
+        for group in groups:
+            if answer == answers[group[0]] or same(answer, answers[group[0]]):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    if not groups:
+        return None
+    best = max(groups, key=len)  # max keeps the first of equal lengths
+    return best[0]
+
+
+def cons_at_k(answers: Sequence[Optional[str]], correct: Sequence[bool], same: Callable[[str, str], bool]) -> float:
+    """1.0 if the majority answer of the samples is correct, else 0.0 (no answer at all: 0.0).
+    `answers[i]` is sample i's extracted final answer (None: none), `correct[i]` its accuracy."""
+    if len(answers) != len(correct):
+        raise ValueError(f"cons_at_k: {len(answers)} answers but {len(correct)} correctness flags")
+    i = majority_index(answers, same)
+    return float(i is not None and bool(correct[i]))
+
+
+def mean(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN; NaN when none is."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+__all__ = ["cons_at_k", "majority_index", "mean", "pass_at_k"]

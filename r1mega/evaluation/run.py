@@ -1,0 +1,233 @@
+"""``r1mega eval``: a Hugging Face model on problems with gold answers, by the R1 paper's protocol.
+
+For each problem: `samples` completions at `temperature`/`top_p` (0.6 / 0.95 in the paper) and one
+greedy completion from the ``hf`` rollout engine (weights read from the model's safetensors);
+every completion scored by the rule rewards in the reward pool (accuracy, format, and language
+consistency where the record names a language). Reported, as means over problems:
+
+* ``pass_at_1``: the mean accuracy of the samples (a sample whose scoring failed is left out);
+* ``cons_at_k``: the accuracy of the majority final answer of the k samples (math answers grouped
+  by math-verify equivalence, other tasks by equal text; code problems have none);
+* ``greedy_accuracy``, ``format_rate``, ``response_length_mean``;
+* ``language_rate``: the mean language consistency of the samples' reasoning, over records that
+  name a language and samples whose reasoning has words (n/a otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from r1mega.evaluation.metrics import cons_at_k, mean
+
+TEMPLATES = ("r1_zero", "chat", "raw")
+
+
+class EvalError(ValueError):
+    """Bad evaluation input; the message is one line naming the file, row and field."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    samples: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 1024
+    max_prompt_tokens: int = 2048
+    template: str = "r1_zero"
+    format_style: str = "answer-tags"
+    greedy: bool = True
+    seed: int = 0
+    workers: Optional[int] = None
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise EvalError(f"--samples: {self.samples} must be >= 1")
+        if not self.temperature > 0:
+            raise EvalError(f"--temperature: {self.temperature} must be > 0 (the greedy pass is separate)")
+        if not 0 < self.top_p <= 1:
+            raise EvalError(f"--top-p: {self.top_p} must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise EvalError(f"--max-new-tokens: {self.max_new_tokens} must be >= 1")
+        if self.template not in TEMPLATES:
+            raise EvalError(f"--template: {self.template!r} is not one of {', '.join(TEMPLATES)}")
+        if self.format_style not in ("answer-tags", "summary"):
+            raise EvalError(f"--format-style: {self.format_style!r} is not 'answer-tags' or 'summary'")
+
+
+def load_eval_problems(path: str | Path, max_prompts: Optional[int] = None) -> list:
+    """The problems of `path` (r1mega.data rows), each with what its accuracy needs: a gold
+    ``answer`` for math and countdown, ``tests`` for code; "general" rows have no rule."""
+    from r1mega.data import DataError, load_prompts
+    from r1mega.rewards import GoldAnswerError, parse_gold
+
+    try:
+        records = load_prompts(path)
+    except DataError as err:
+        raise EvalError(str(err)) from None
+    for r in records:
+        where = f"{path}: id {r.id!r}"
+        if r.task in ("math", "countdown") and not r.answer:
+            raise EvalError(f"{where}: field 'answer': missing; evaluation needs a gold answer")
+        if r.task == "code" and not r.tests:
+            raise EvalError(f"{where}: field 'tests': missing; evaluation of code needs tests")
+        if r.task == "general":
+            raise EvalError(f"{where}: field 'task': 'general' has no rule to verify it by")
+        if r.task == "math":
+            try:
+                parse_gold(r.answer)
+            except GoldAnswerError as err:
+                raise EvalError(f"{where}: field 'answer': {err}") from None
+    return records[:max_prompts] if max_prompts else records
+
+
+def checkpoint_buckets(model_dir: str | Path, bucket_bytes: int = 256 << 20) -> Iterator[list]:
+    """(name, tensor) buckets of every tensor in the directory's safetensors files."""
+    from safetensors import safe_open
+
+    bucket, size = [], 0
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                bucket.append((name, tensor))
+                size += tensor.numel() * tensor.element_size()
+                if size >= bucket_bytes:
+                    yield bucket
+                    bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+def evaluate_model(model_dir: str | Path, records: Sequence, settings: EvalSettings = EvalSettings(), *,
+                   progress: bool = True) -> dict:
+    """Generate and score; returns {"summary": {...}, "problems": [per-problem dicts]}."""
+    import sys
+
+    import transformers
+
+    from r1mega.rewards import RewardPool, equivalent_answers, extract_final_answer
+    from r1mega.rollout import SamplingParams
+    from r1mega.rollout.hf_engine import HFEngine
+    from r1mega.trainer.steps import render_prompts
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise EvalError(f"--model: {str(model_dir)!r} is not a Hugging Face model directory (no config.json)")
+    start = time.perf_counter()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        prompt_ids = render_prompts(records, tokenizer, settings.template, settings.max_prompt_tokens)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+    engine = HFEngine(model_dir, tokenizer=tokenizer, seed=settings.seed)
+    engine.refit(checkpoint_buckets(model_dir))
+    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    sampled_params = SamplingParams(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
+                                    max_new_tokens=settings.max_new_tokens, seed=settings.seed, stop_token_ids=stop)
+    greedy_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=settings.max_new_tokens, stop_token_ids=stop)
+    fmt = "format" if settings.format_style == "answer-tags" else "format_summary"
+    weights = {"accuracy": 1.0, fmt: 1.0, "language": 1.0}
+    rows: list[dict] = []
+    with RewardPool(weights, workers=settings.workers, timeout_s=settings.timeout_s) as pool:
+        chunk = max(1, 64 // settings.samples)
+        for a in range(0, len(records), chunk):
+            part = list(range(a, min(a + chunk, len(records))))
+            sampled = engine.generate([prompt_ids[i] for i in part], sampled_params, first_prompt_index=a)
+            greedy = engine.generate([prompt_ids[i] for i in part], greedy_params) if settings.greedy else []
+            texts = [[] for _ in part]
+            for c in sampled:
+                texts[c.prompt_index - a].append(c)
+            flat = [(i, c, False) for i, cs in zip(part, texts) for c in cs]
+            flat += [(part[c.prompt_index], c, True) for c in greedy]
+            decoded = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for _, c, _ in flat]
+            scored = pool.score([records[i] for i, _, _ in flat], decoded)
+            by_problem: dict[int, dict] = {i: {"samples": [], "greedy": None} for i in part}
+            for (i, c, is_greedy), text, s in zip(flat, decoded, scored):
+                entry = {"completion": text, "tokens": len(c.token_ids), "errors": dict(s.errors),
+                         **{name: (None if name in s.errors else s.values.get(name)) for name in weights}}
+                if (s.info.get("language") or {}).get("words") == 0:
+                    entry["language"] = None  # no words in the reasoning: consistency does not apply
+                if is_greedy:
+                    by_problem[i]["greedy"] = entry
+                else:
+                    by_problem[i]["samples"].append(entry)
+            for i in part:
+                rows.append(_problem_row(records[i], by_problem[i], equivalent_answers, extract_final_answer, fmt))
+            if progress:
+                sys.stderr.write(f"\reval {len(rows)}/{len(records)} problems, pass@1 so far "
+                                 f"{mean([r['pass_at_1'] for r in rows]):.3f} ")
+                sys.stderr.flush()
+    if progress:
+        sys.stderr.write("\n")
+    engine.close()
+    summary = {
+        "model": str(model_dir.resolve()), "problems": len(rows), **asdict(settings),
+        **{key: mean([r[key] for r in rows]) for key in ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate",
+                                                          "language_rate", "response_length_mean")},
+        "seconds": time.perf_counter() - start,
+    }
+    return {"summary": summary, "problems": rows}
+
+
+def _nan(x: Optional[float]) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _problem_row(record, result: dict, equivalent, extract, fmt: str) -> dict:
+    samples = result["samples"]
+    acc = [_nan(s["accuracy"]) for s in samples]
+    answers = [extract(s["completion"])[0] for s in samples]
+    same = equivalent if record.task == "math" else (lambda x, y: x == y)
+    kept = [(a, c) for a, c in zip(answers, acc) if not math.isnan(c)]
+    cons = math.nan if record.task == "code" or not kept else cons_at_k([a for a, _ in kept], [c == 1.0 for _, c in kept], same)
+    greedy = result["greedy"]
+    return {"id": record.id, "task": record.task, "pass_at_1": mean(acc), "cons_at_k": cons,
+            "greedy_accuracy": _nan(greedy["accuracy"]) if greedy else math.nan,
+            "format_rate": mean([_nan(s[fmt]) for s in samples]),
+            "language_rate": mean([_nan(s["language"]) for s in samples]) if record.language else math.nan,
+            "response_length_mean": mean([float(s["tokens"]) for s in samples]),
+            "samples": samples, "greedy": greedy}
+
+
+def write_results(out_dir: str | Path, result: dict) -> Path:
+    """summary.json and problems.jsonl (every completion with its scores), atomically."""
+    from r1mega.utils.io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "problems.jsonl", "".join(json.dumps(_json(r), ensure_ascii=False) + "\n"
+                                                          for r in result["problems"]))
+    atomic_write_text(out_dir / "summary.json", json.dumps(_json(result["summary"]), indent=2) + "\n")
+    return out_dir / "summary.json"
+
+
+def _json(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json(v) for v in x]
+    return x
+
+
+def summary_table(summary: dict) -> str:
+    keys = ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate", "response_length_mean")
+    heads = ("pass@1", f"cons@{summary['samples']}", "greedy", "format", "language", "length")
+    head = f"{'model':<40} " + " ".join(f"{h:>9}" for h in heads)
+    name = summary["model"] if len(summary["model"]) <= 40 else "..." + summary["model"][-37:]
+    cells = " ".join(f"{'n/a':>9}" if math.isnan(summary[k]) else f"{summary[k]:>9.3f}" if k != "response_length_mean"
+                     else f"{summary[k]:>9.1f}" for k in keys)
+    return (f"{summary['problems']} problems x {summary['samples']} samples at T {summary['temperature']}, "
+            f"top-p {summary['top_p']} (+ greedy), {summary['seconds']:.0f}s\n{head}\n{'-' * len(head)}\n{name:<40} {cells}")
+
+
+__all__ = ["EvalError", "EvalSettings", "checkpoint_buckets", "evaluate_model", "load_eval_problems", "summary_table",
+           "write_results"]
