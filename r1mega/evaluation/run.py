@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -87,88 +87,49 @@ def load_eval_problems(path: str | Path, max_prompts: Optional[int] = None) -> l
     return records[:max_prompts] if max_prompts else records
 
 
-def checkpoint_buckets(model_dir: str | Path, bucket_bytes: int = 256 << 20) -> Iterator[list]:
-    """(name, tensor) buckets of every tensor in the directory's safetensors files."""
-    from safetensors import safe_open
-
-    bucket, size = [], 0
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                bucket.append((name, tensor))
-                size += tensor.numel() * tensor.element_size()
-                if size >= bucket_bytes:
-                    yield bucket
-                    bucket, size = [], 0
-    if bucket:
-        yield bucket
-
-
 def evaluate_model(model_dir: str | Path, records: Sequence, settings: EvalSettings = EvalSettings(), *,
                    progress: bool = True) -> dict:
     """Generate and score; returns {"summary": {...}, "problems": [per-problem dicts]}."""
     import sys
 
-    import transformers
-
-    from r1mega.rewards import RewardPool, equivalent_answers, extract_final_answer
+    from r1mega.evaluation.generation import GenerationError, ScoredSampler
+    from r1mega.rewards import equivalent_answers, extract_final_answer
     from r1mega.rollout import SamplingParams
-    from r1mega.rollout.hf_engine import HFEngine
-    from r1mega.trainer.steps import render_prompts
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise EvalError(f"--model: {str(model_dir)!r} is not a Hugging Face model directory (no config.json)")
     start = time.perf_counter()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     try:
-        prompt_ids = render_prompts(records, tokenizer, settings.template, settings.max_prompt_tokens)
-    except ValueError as err:
+        sampler = ScoredSampler(model_dir, template=settings.template, max_prompt_tokens=settings.max_prompt_tokens,
+                                format_style=settings.format_style, seed=settings.seed, workers=settings.workers,
+                                timeout_s=settings.timeout_s)
+    except GenerationError as err:
         raise EvalError(str(err)) from None
-    engine = HFEngine(model_dir, tokenizer=tokenizer, seed=settings.seed)
-    engine.refit(checkpoint_buckets(model_dir))
-    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
-    sampled_params = SamplingParams(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
-                                    max_new_tokens=settings.max_new_tokens, seed=settings.seed, stop_token_ids=stop)
-    greedy_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=settings.max_new_tokens, stop_token_ids=stop)
-    fmt = "format" if settings.format_style == "answer-tags" else "format_summary"
-    weights = {"accuracy": 1.0, fmt: 1.0, "language": 1.0}
     rows: list[dict] = []
-    with RewardPool(weights, workers=settings.workers, timeout_s=settings.timeout_s) as pool:
+    with sampler:
+        try:
+            prompt_ids = sampler.prompt_ids(records)
+        except GenerationError as err:
+            raise EvalError(str(err)) from None
+        stop = sampler.stop_token_ids
+        sampled_params = SamplingParams(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
+                                        max_new_tokens=settings.max_new_tokens, seed=settings.seed, stop_token_ids=stop)
+        greedy_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=settings.max_new_tokens,
+                                       stop_token_ids=stop)
         chunk = max(1, 64 // settings.samples)
         for a in range(0, len(records), chunk):
-            part = list(range(a, min(a + chunk, len(records))))
-            sampled = engine.generate([prompt_ids[i] for i in part], sampled_params, first_prompt_index=a)
-            greedy = engine.generate([prompt_ids[i] for i in part], greedy_params) if settings.greedy else []
-            texts = [[] for _ in part]
-            for c in sampled:
-                texts[c.prompt_index - a].append(c)
-            flat = [(i, c, False) for i, cs in zip(part, texts) for c in cs]
-            flat += [(part[c.prompt_index], c, True) for c in greedy]
-            decoded = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for _, c, _ in flat]
-            scored = pool.score([records[i] for i, _, _ in flat], decoded)
-            by_problem: dict[int, dict] = {i: {"samples": [], "greedy": None} for i in part}
-            for (i, c, is_greedy), text, s in zip(flat, decoded, scored):
-                entry = {"completion": text, "tokens": len(c.token_ids), "errors": dict(s.errors),
-                         **{name: (None if name in s.errors else s.values.get(name)) for name in weights}}
-                if (s.info.get("language") or {}).get("words") == 0:
-                    entry["language"] = None  # no words in the reasoning: consistency does not apply
-                if is_greedy:
-                    by_problem[i]["greedy"] = entry
-                else:
-                    by_problem[i]["samples"].append(entry)
-            for i in part:
-                rows.append(_problem_row(records[i], by_problem[i], equivalent_answers, extract_final_answer, fmt))
+            part, ids = records[a:a + chunk], prompt_ids[a:a + chunk]
+            sampled = sampler.run(part, ids, sampled_params, first_prompt_index=a)
+            greedy = sampler.run(part, ids, greedy_params) if settings.greedy else [[] for _ in part]
+            for record, samples, g in zip(part, sampled, greedy):
+                rows.append(_problem_row(record, samples, g[0] if g else None, equivalent_answers,
+                                         extract_final_answer, sampler.format_name))
             if progress:
                 sys.stderr.write(f"\reval {len(rows)}/{len(records)} problems, pass@1 so far "
                                  f"{mean([r['pass_at_1'] for r in rows]):.3f} ")
                 sys.stderr.flush()
     if progress:
         sys.stderr.write("\n")
-    engine.close()
     summary = {
-        "model": str(model_dir.resolve()), "problems": len(rows), **asdict(settings),
+        "model": str(Path(model_dir).resolve()), "problems": len(rows), **asdict(settings),
         **{key: mean([r[key] for r in rows]) for key in ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate",
                                                           "language_rate", "response_length_mean")},
         "seconds": time.perf_counter() - start,
@@ -180,18 +141,16 @@ def _nan(x: Optional[float]) -> float:
     return math.nan if x is None else float(x)
 
 
-def _problem_row(record, result: dict, equivalent, extract, fmt: str) -> dict:
-    samples = result["samples"]
+def _problem_row(record, samples: list[dict], greedy: Optional[dict], equivalent, extract, fmt: str) -> dict:
     acc = [_nan(s["accuracy"]) for s in samples]
     answers = [extract(s["completion"])[0] for s in samples]
     same = equivalent if record.task == "math" else (lambda x, y: x == y)
     kept = [(a, c) for a, c in zip(answers, acc) if not math.isnan(c)]
     cons = math.nan if record.task == "code" or not kept else cons_at_k([a for a, _ in kept], [c == 1.0 for _, c in kept], same)
-    greedy = result["greedy"]
     return {"id": record.id, "task": record.task, "pass_at_1": mean(acc), "cons_at_k": cons,
             "greedy_accuracy": _nan(greedy["accuracy"]) if greedy else math.nan,
             "format_rate": mean([_nan(s[fmt]) for s in samples]),
-            "language_rate": mean([_nan(s["language"]) for s in samples]) if record.language else math.nan,
+            "language_rate": mean([_nan(s["language"]) for s in samples]),
             "response_length_mean": mean([float(s["tokens"]) for s in samples]),
             "samples": samples, "greedy": greedy}
 
@@ -229,5 +188,5 @@ def summary_table(summary: dict) -> str:
             f"top-p {summary['top_p']} (+ greedy), {summary['seconds']:.0f}s\n{head}\n{'-' * len(head)}\n{name:<40} {cells}")
 
 
-__all__ = ["EvalError", "EvalSettings", "checkpoint_buckets", "evaluate_model", "load_eval_problems", "summary_table",
+__all__ = ["EvalError", "EvalSettings", "evaluate_model", "load_eval_problems", "summary_table",
            "write_results"]
