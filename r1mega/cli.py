@@ -126,6 +126,28 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--quiet", action="store_true", help="no progress line")
+    sm = sub.add_parser("sample", help="rejection sampling: verified, readable completions of a model as SFT data")
+    sm.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model directory (e.g. a run's final/)")
+    sm.add_argument("--data", metavar="FILE", help="prompts with gold answers (or tests); default: the embedded "
+                    "task's train split")
+    sm.add_argument("--out", required=True, metavar="FILE", help="SFT JSONL to write (report: FILE.report.json)")
+    sm.add_argument("--samples", type=int, default=8, help="k completions per prompt (default 8)")
+    sm.add_argument("--max-per-prompt", type=int, default=4, help="most completions kept per prompt (default 4)")
+    sm.add_argument("--temperature", type=float, default=0.7)
+    sm.add_argument("--top-p", type=float, default=0.95)
+    sm.add_argument("--max-new-tokens", type=int, default=1024)
+    sm.add_argument("--max-tokens", type=int, help="longest completion kept (default: no bound but the budget)")
+    sm.add_argument("--min-language", type=float, default=0.95,
+                    help="language consistency needed where a prompt names a language (default 0.95)")
+    sm.add_argument("--max-repeats", type=int, default=4, help="copies in a row of one span that count as runaway "
+                    "repetition (default 4)")
+    sm.add_argument("--judge", metavar="MODULE:FUNCTION", help="judge(record, completion) -> bool for prompts no "
+                    "rule verifies (task 'general')")
+    sm.add_argument("--max-prompts", type=int)
+    sm.add_argument("--template", default="r1_zero", help="r1_zero (default), chat or raw")
+    sm.add_argument("--format-style", default="answer-tags", help="answer-tags (R1-Zero, default) or summary (R1)")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--quiet", action="store_true", help="no progress line")
     sub.add_parser("recipes", help="list the named recipes")
     sub.add_parser("keys", help="list every config key with its type, default and documentation")
     return parser
@@ -259,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             return _pretrain(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "sample":
+            return _sample(args)
         if args.command == "plot":
             from r1mega.trainer.logs import plot_run
 
@@ -307,6 +331,37 @@ def _eval(args: argparse.Namespace) -> int:
     print(summary_table(result["summary"]))
     if args.out:
         print(f"wrote {write_results(args.out, result)}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from r1mega.evaluation import EvalSettings, load_eval_problems
+    from r1mega.rejection import FilterSettings, rejection_sample, report_path, report_table
+    from r1mega.rewards import load_reward
+
+    # the same checks of the sampling settings as eval's, before any work
+    EvalSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                 max_new_tokens=args.max_new_tokens, template=args.template, format_style=args.format_style)
+    filters = FilterSettings(min_language=args.min_language, max_tokens=args.max_tokens,
+                             max_repeats=args.max_repeats, max_per_prompt=args.max_per_prompt)
+    judge = None
+    if args.judge:
+        try:
+            judge = load_reward(args.judge)
+        except ValueError as err:
+            raise ValueError(f"--judge: {err}") from None
+    if args.data:
+        records = load_eval_problems(args.data, args.max_prompts, allow_general=judge is not None)
+    else:
+        from r1mega.data import base_corpus
+
+        records = base_corpus.problems("train", args.max_prompts, seed=0)
+    report = rejection_sample(args.model, records, args.out, samples=args.samples, temperature=args.temperature,
+                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, template=args.template,
+                              format_style=args.format_style, filters=filters, judge=judge, seed=args.seed,
+                              progress=not args.quiet)
+    print(report_table(report))
+    print(f"wrote {report['kept']} rows to {args.out} and the report to {report_path(args.out)}")
     return 0
 
 

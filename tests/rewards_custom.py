@@ -3,6 +3,7 @@
 * ``digit_share``: a dense, deterministic reward (the share of digits in the completion), so that a
   barely pretrained base model's groups have unequal rewards and the first step's loss and
   gradients are not zero: the layout tests then compare something.
+* ``judge_has_digit``: a judge for `r1mega sample --judge` (yes when the completion has a digit).
 * ``crash_or_hang``: misbehaves on purpose. On about a quarter of the samples it kills its worker
   process, on another quarter it hangs past the pool's deadline; otherwise it scores 0.0. Which
   samples is fixed by a hash of the prompt id and completion, so the run is deterministic.
@@ -28,3 +29,9 @@ def crash_or_hang(record, completion: str) -> RewardOutput:
     if kind == 1:
         time.sleep(3600)
     return RewardOutput(0.0, {"kind": kind})
+
+
+def judge_has_digit(record, completion: str) -> bool:
+    """A stand-in judge for prompts no rule verifies (r1mega sample --judge): yes when the
+    completion contains a digit."""
+    return any(c.isdigit() for c in completion)

@@ -61,9 +61,10 @@ class EvalSettings:
             raise EvalError(f"--format-style: {self.format_style!r} is not 'answer-tags' or 'summary'")
 
 
-def load_eval_problems(path: str | Path, max_prompts: Optional[int] = None) -> list:
+def load_eval_problems(path: str | Path, max_prompts: Optional[int] = None, *, allow_general: bool = False) -> list:
     """The problems of `path` (r1mega.data rows), each with what its accuracy needs: a gold
-    ``answer`` for math and countdown, ``tests`` for code; "general" rows have no rule."""
+    ``answer`` for math and countdown, ``tests`` for code; "general" rows have no rule and are
+    refused unless `allow_general` (a judge will decide them)."""
     from r1mega.data import DataError, load_prompts
     from r1mega.rewards import GoldAnswerError, parse_gold
 
@@ -77,7 +78,7 @@ def load_eval_problems(path: str | Path, max_prompts: Optional[int] = None) -> l
             raise EvalError(f"{where}: field 'answer': missing; evaluation needs a gold answer")
         if r.task == "code" and not r.tests:
             raise EvalError(f"{where}: field 'tests': missing; evaluation of code needs tests")
-        if r.task == "general":
+        if r.task == "general" and not allow_general:
             raise EvalError(f"{where}: field 'task': 'general' has no rule to verify it by")
         if r.task == "math":
             try:
