@@ -10,6 +10,9 @@
                                               (one process, or under torchrun for a layout)
     r1mega train [--model DIR --data F --heldout F | --resume RUN] [CONFIG]
                                               GRPO training (the embedded tiny default without a model)
+    r1mega sft [--model DIR --data F | --resume RUN] [CONFIG]
+                                              SFT (the embedded cold start without a model; recipe
+                                              tiny-cold-start by default)
     r1mega pretrain [--out DIR --steps N]     build the embedded base model (cached)
     r1mega plot RUN                           draw a run's curves into RUN/curves.png
     r1mega recipes                            list the named recipes
@@ -35,14 +38,15 @@ from r1mega.data import DataError
 from r1mega.recipes import RECIPES, get_recipe, summary
 
 DEFAULT_RECIPE = "tiny"
+DEFAULT_SFT_RECIPE = "tiny-cold-start"
 
 
 def _config_options(default: typing.Any) -> argparse.ArgumentParser:
     # Subcommands take the same options with SUPPRESS defaults, so values given before the
     # subcommand are not overwritten by the subparser's defaults.
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--recipe", default=DEFAULT_RECIPE if default is None else default,
-                        help=f"named recipe (default: {DEFAULT_RECIPE})")
+    parent.add_argument("--recipe", default=default,
+                        help=f"named recipe (default: {DEFAULT_RECIPE}; for sft: {DEFAULT_SFT_RECIPE})")
     parent.add_argument("--config", metavar="FILE", default=default,
                         help="JSON config applied over the recipe")
     parent.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
@@ -101,6 +105,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--heldout", metavar="FILE", help="held-out prompts to evaluate (sets run.heldout)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress line")
+
+    sft = sub.add_parser("sft", parents=[config_options],
+                         help="supervised fine-tuning (cold start, stage 3, distillation); with no model and "
+                              "data, the embedded cold start")
+    sft.add_argument("--model", metavar="DIR", help="Hugging Face model or r1mega checkpoint (sets run.model)")
+    sft.add_argument("--data", metavar="FILE", help="SFT rows .jsonl/.json/.parquet: prompt + completion, or "
+                     "messages (sets sft.data)")
+    sft.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    sft.add_argument("--quiet", action="store_true", help="no progress line")
 
     pretrain = sub.add_parser("pretrain", help="build the embedded base model (tokenizer + tiny MoE) into the cache")
     pretrain.add_argument("--out", metavar="DIR", help="write it here instead of the cache")
@@ -289,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             print(plot_run(args.run, args.out))
             return 0
         config_file = args.config
-        if args.command == "train" and args.resume and config_file is None:
+        if args.recipe is None:
+            args.recipe = DEFAULT_SFT_RECIPE if args.command == "sft" else DEFAULT_RECIPE
+        if args.command in ("train", "sft") and args.resume and config_file is None:
             config_file = str(Path(args.resume) / "config.json")
             if not Path(config_file).is_file():
                 raise ConfigError(f"--resume {args.resume}: no config.json there (not a run directory)")
@@ -297,6 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             extra = {f"run.{k}": getattr(args, k) for k in ("model", "data", "heldout") if getattr(args, k)}
             cfg = cfg.with_values(extra) if extra else cfg
+        if args.command == "sft":
+            extra = {k: getattr(args, name) for k, name in (("run.model", "model"), ("sft.data", "data"))
+                     if getattr(args, name)}
+            cfg = cfg.with_values(extra) if extra else cfg
+            if not args.dry_run:
+                from r1mega.sft.loop import sft
+
+                sft(cfg, resume=args.resume, progress=not args.quiet)
+                return 0
         if args.command == "reward":
             return _reward(args, cfg)
         if args.command == "train" and not args.dry_run:

@@ -292,6 +292,23 @@ class OptimConfig(_Section):
 
 
 @dataclass(frozen=True)
+class SFTConfig(_Section):
+    """Supervised fine-tuning (``r1mega sft``): cold start, stage 3 and distillation."""
+
+    section_name: typing.ClassVar[str] = "sft"
+
+    data: Optional[str] = knob(
+        None, "SFT rows (.jsonl/.json/.parquet: prompt + completion, or chat messages); None: the embedded "
+        "cold-start set (R1-format reasoning on the embedded task, English and Chinese prompts).")
+    epochs: int = knob(2, "Passes over the data.", ge=1)
+    rows_per_step: int = knob(8, "Packed rows per optimizer step (the global batch, split over data parallelism).", ge=1)
+    row_tokens: int = knob(
+        2048, "Length of a packed row; also the longest example accepted (longer ones are refused).", ge=2)
+    pack: bool = knob(True, "Pack several examples per row (attention and positions never cross examples); "
+                      "false: one example per row.")
+
+
+@dataclass(frozen=True)
 class ParallelConfig(_Section):
     """Model-parallel sizes; dp = world_size / (tp * pp) is derived, never set."""
 
@@ -378,6 +395,7 @@ class Config:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     # ---- introspection -------------------------------------------------------------------
     @classmethod

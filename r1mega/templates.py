@@ -32,6 +32,18 @@ R1_ZERO_TEMPLATE = (
 
 PROMPT_TEMPLATES = ("r1_zero", "chat", "raw")
 
+# The chat template r1mega gives the embedded base model for the R1 stages (DeepSeek-R1's layout,
+# with ASCII role markers: the embedded tokenizer has no special tokens for them). The base model
+# has never seen it, as DeepSeek-V3-Base had not seen R1's: the cold-start SFT teaches it.
+R1_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% else %}<|assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 

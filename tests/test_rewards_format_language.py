@@ -80,9 +80,14 @@ def test_format_argument_errors():
 def test_format_registry_entries():
     record = PromptRecord(id="r", prompt="q", task="math", answer="4")
     assert get_reward("format")(record, GOOD[0]).value == 1.0
-    # The summary format checks only the think block and a non-blank summary after it.
-    assert get_reward("format_summary")(record, GOOD[0]).value == 1.0
-    assert get_reward("format_summary")(record, "<think>r</think> 4").value == 1.0
+    # The summary format: the think block and a non-blank summary after it; for math the summary
+    # boxes the final answer (an R1-Zero answer block is not the R1 format).
+    assert get_reward("format_summary")(record, "<think>r</think> so it is $\\boxed{4}$.").value == 1.0
+    out = get_reward("format_summary")(record, GOOD[0])
+    assert out.value == 0.0 and "boxed" in out.info["reason"]
+    assert get_reward("format_summary")(record, "<think>r \\boxed{4}</think> 4").value == 0.0
+    general = PromptRecord(id="g", prompt="q", task="general")
+    assert get_reward("format_summary")(general, "<think>r</think> 4").value == 1.0
 
 
 # ---- language consistency -----------------------------------------------------------------------

@@ -234,6 +234,17 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
             index += 1
 
 
+def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) of every row of a .jsonl, .json, .jsonl.gz, .json.gz or .parquet file, where
+    is "line N" or "row N (0-based)" for error messages; DataError for an unsupported, missing or
+    unreadable file."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return _parquet_rows(path) if suffix == ".parquet" else _json_rows(path)
+
+
 def load_prompts(path: str | Path, *, task: str | None = None) -> list[PromptRecord]:
     """Read and validate every row of a .jsonl, .json, .jsonl.gz, .json.gz or .parquet file.
 
@@ -245,10 +256,7 @@ def load_prompts(path: str | Path, *, task: str | None = None) -> list[PromptRec
     if task is not None and task not in TASKS:
         raise DataError(f"load_prompts: task={task!r} is not one of "
                         f"{', '.join(map(repr, TASKS))}{_did_you_mean(str(task), TASKS)}")
-    suffix = _suffix(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    rows = _parquet_rows(path) if suffix == ".parquet" else _json_rows(path)
+    rows = read_rows(path)
     records: list[PromptRecord] = []
     first_seen: dict[str, str] = {}
     for where, row in rows:

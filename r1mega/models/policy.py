@@ -66,6 +66,7 @@ import torch
 
 from r1mega.config import ConfigError, OptimConfig, ParallelConfig
 from r1mega.models.hf_config import ModelDesc
+from r1mega.models.packing import PackedRope, block_causal_mask, check_segments, segment_positions
 
 LOSS_OPTIONS = ("eps_low", "eps_high", "dual_clip", "ratio_level", "kl_coef", "kl_estimator", "kl_clamp", "tis_cap",
                 "agg", "norm_length")
@@ -486,12 +487,34 @@ class Policy:
             self.router_replay.set(mb.get("routes"), mb["attention_mask"], tp=self.layout.tp,
                                    tp_rank=self.layout.tp_rank, sequence_parallel=self.model.config.sequence_parallel)
 
+    # ---- packed rows -----------------------------------------------------------------------
+    def _check_segments(self, segment_ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        from r1mega.algo._checks import check_integer
+        from r1mega.parallel.cpu_shim import megatron_has_te
+
+        check_integer("segment_ids", segment_ids)
+        check_segments(segment_ids, am)
+        if megatron_has_te():
+            # TE's fused attention ignores an explicit mask under the causal mask type.
+            raise NotImplementedError("packed rows (segment_ids) need the local attention spec; with Transformer "
+                                      "Engine they need PackedSeqParams (THD), not implemented yet")
+        return segment_ids.long()
+
+    def _forward(self, model, mb: dict, rope):
+        """The model on one micro-batch; packed rows get their block mask and per-example positions."""
+        if "segment_ids" not in mb:
+            return model(mb["input_ids"], mb["position_ids"], None, padding_mask=mb["padding_mask"])
+        segments = mb["segment_ids"]
+        positions = segment_positions(segments)
+        rope.set(positions)
+        return model(mb["input_ids"], positions, block_causal_mask(segments), padding_mask=mb["padding_mask"])
+
     # ---- log-probs -------------------------------------------------------------------------
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                  micro_batch_size: Optional[int] = None, micro_batch_tokens: Optional[int] = None,
                  split_dp: bool = True, routes: Optional[torch.Tensor] = None,
-                 balance: str = "karmarkar-karp") -> torch.Tensor:
+                 balance: str = "karmarkar-karp", segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[S, T] float32 log-probs of `input_ids` (see the module docstring for the alignment).
 
         Same arguments on every rank; the same result on every rank. The rows are split over the
@@ -499,7 +522,9 @@ class Policy:
         own rows). Micro-batches: at most ``micro_batch_tokens`` real tokens each (the ranks'
         shares balanced by token count with ``balance="karmarkar-karp"``, contiguous row blocks
         with "none"), else ``micro_batch_size`` rows (default: the policy's). `routes` ([S, T, moe_layers, top_k] expert ids, e.g. the rollout engine's)
-        replays those expert choices (needs ``router_replay=True`` at load).
+        replays those expert choices (needs ``router_replay=True`` at load). `segment_ids`
+        ([S, T], see r1mega.models.packing): packed rows, each example attending only to itself
+        with positions from 0.
         """
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
@@ -514,6 +539,8 @@ class Policy:
         tensors = {"input_ids": input_ids, "attention_mask": am}
         if routes is not None:
             tensors["routes"] = self._check_routes(routes, input_ids.shape)
+        if segment_ids is not None:
+            tensors["segment_ids"] = self._check_segments(segment_ids, am)
         micro_batches = self._micro_batches(tensors, plan, lengths)
         tp_group = ps.get_tensor_model_parallel_group()
 
@@ -523,16 +550,18 @@ class Policy:
             logp = torch.nn.functional.pad(logp.float(), (1, 0))
             return output.new_zeros(()), torch.zeros((), dtype=torch.int, device=self.device), {"logp": logp}
 
+        rope = PackedRope(self.model) if segment_ids is not None else contextlib.nullcontext()
+
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             self._replay(mb)
-            out = model(mb["input_ids"], mb["position_ids"], None, padding_mask=mb["padding_mask"])
-            return out, lambda output: loss_func(mb, output)
+            return self._forward(model, mb, rope), lambda output: loss_func(mb, output)
 
         was_training = self.model.training
         self.model.eval()
         try:
-            results = self._run(forward_step, micro_batches, forward_only=True)
+            with rope:
+                results = self._run(forward_step, micro_batches, forward_only=True)
         finally:
             self.model.train(was_training)
             if self.router_replay is not None:
@@ -711,6 +740,90 @@ class Policy:
         out.update({k: float(packed[2 + i]) / weight for i, k in enumerate(metric_keys)})
         out.update(ratio_max=float(packed[-1]), update_successful=float(bool(ok)), step=float(self.step))
         return out
+
+    def sft_step(self, batch: Mapping[str, Any], *, split_dp: bool = True, micro_batch_size: Optional[int] = None,
+                 micro_batch_tokens: Optional[int] = None, balance: str = "karmarkar-karp") -> dict[str, float]:
+        """One optimizer step on the mean negative log-likelihood of the loss tokens of `batch`.
+
+        batch: ``input_ids``, ``attention_mask`` and ``loss_mask`` ([S, T]; loss_mask[s, t] counts
+        token t, predicted from t - 1, so it is 0 at t = 0 and on padding), optionally
+        ``segment_ids`` ([S, T]: packed rows, see r1mega.models.packing). The loss is
+        sum(-log p) / (loss tokens of the whole batch, over micro-batches and data-parallel
+        ranks), at temperature 1, from the output layer's vocabulary-parallel logits.
+        Micro-batches and ``balance`` as in :meth:`logprobs`.
+
+        Metrics: ``loss``, ``grad_norm`` (before clipping), ``lr``, ``tokens`` (loss tokens),
+        ``update_successful``, ``step``.
+        """
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from r1mega.algo._checks import check_shape
+        from r1mega.ops.vocab_parallel import vocab_parallel_token_logprobs
+
+        if self.optimizer is None:
+            raise RuntimeError("sft_step: this policy was loaded with trainable=False")
+        if self._offloaded is not None:
+            raise RuntimeError("sft_step: the training state is offloaded; call onload_training_state() first")
+        unknown = sorted(set(batch) - {"input_ids", "attention_mask", "loss_mask", "segment_ids"})
+        if unknown:
+            raise ValueError(f"sft_step: unknown batch key {unknown[0]!r}; keys: input_ids, attention_mask, loss_mask, "
+                             "segment_ids")
+        input_ids, am = self._check_ids(batch["input_ids"], batch.get("attention_mask"))
+        mask = batch.get("loss_mask")
+        if mask is None:
+            raise ValueError("sft_step: batch has no 'loss_mask'")
+        check_shape("loss_mask", mask, input_ids.shape, like="input_ids")
+        mask = mask != 0
+        if (mask & ~am).any() or mask[:, 0].any():
+            raise ValueError("loss_mask: must be 0 at t = 0 and on padding (attention_mask 0)")
+        tensors = {"input_ids": input_ids, "attention_mask": am, "loss_mask": mask}
+        packed = batch.get("segment_ids") is not None
+        if packed:
+            tensors["segment_ids"] = self._check_segments(batch["segment_ids"], am)
+        lengths = am.sum(1).tolist()
+        plan = self._plan(lengths, split_dp, mbs=micro_batch_size or self.micro_batch_size, budget=micro_batch_tokens,
+                          balance=balance)
+        micro_batches = self._micro_batches(tensors, plan, lengths)
+        mine = torch.as_tensor(sorted(i for rows in plan for i in rows), dtype=torch.long)
+        count = mask[mine].sum().double().view(1).to(self.device)
+        if self.layout.dp > 1:
+            dist.all_reduce(count, group=ps.get_data_parallel_group())
+        tokens = float(count)
+        tp_group = ps.get_tensor_model_parallel_group() if self.layout.tp > 1 else None
+        rope = PackedRope(self.model) if packed else contextlib.nullcontext()
+
+        def loss_func(mb, logits):
+            logp = vocab_parallel_token_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], group=tp_group,
+                                                 temperature=1.0, backend=self.backend)
+            m = mb["loss_mask"][:, 1:]
+            loss = -torch.where(m, logp, torch.zeros_like(logp)).sum() / max(tokens, 1.0)
+            n = m.sum()
+            return loss, n.to(torch.int), {"loss": loss.detach().double(), "tokens": n.double()}
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            return self._forward(model, mb, rope), lambda output: loss_func(mb, output)
+
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.model.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        with rope:
+            results = self._run(forward_step, micro_batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+            self.step += 1
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.layout.is_last_stage:
+            for r in results:
+                total += r["loss"]
+        if self.layout.dp > 1:
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        total = self._from_last_stage(total)
+        return {"loss": float(total), "grad_norm": float(grad_norm) if grad_norm is not None else math.nan, "lr": lr,
+                "tokens": tokens, "update_successful": float(bool(ok)), "step": float(self.step)}
 
     # ---- colocation ------------------------------------------------------------------------
     def _training_state(self) -> list[tuple[torch.Tensor, bool]]:

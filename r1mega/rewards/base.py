@@ -7,7 +7,7 @@ already stripped). The registry maps the names a run's reward weights use to suc
 * "accuracy": correctness by ``record.task`` (math, countdown, code; "general" is an error: the
   reward model scores those);
 * "format": R1-Zero tags, ``<think>..</think> <answer>..</answer>``;
-* "format_summary": R1 format, ``<think>..</think>`` then a summary;
+* "format_summary": R1 format, ``<think>..</think>`` then a summary (math: with the boxed answer);
 * "language": language consistency of the chain of thought with ``record.language`` (skipped
   when it is None).
 
@@ -211,10 +211,19 @@ def format_tags_reward(record: PromptRecord, completion: str, *, think_prefilled
 @register_reward("format_summary")
 def format_summary_reward(record: PromptRecord, completion: str, *, think_prefilled: bool = False
                           ) -> RewardOutput:
-    """R1 cold-start format: one ``<think>`` block then a non-blank summary."""
+    """R1 format: one ``<think>`` block then a non-blank summary; for a math record the summary
+    gives the final answer in ``\\boxed{}`` (R1 asks for math answers "in a specified format
+    (e.g., within a box)", which is what r1mega.templates.render_r1_completion writes). An
+    R1-Zero ``<answer>`` block instead of a boxed answer is therefore not the R1 format."""
+    from r1mega.rewards.accuracy import last_boxed
     from r1mega.rewards.format import format_reward_detailed
 
-    return format_reward_detailed(completion, answer=None, think_prefilled=think_prefilled)
+    out = format_reward_detailed(completion, answer=None, think_prefilled=think_prefilled)
+    if out.value and record.task == "math":
+        summary = completion[completion.rfind("</think>") + len("</think>"):]
+        if last_boxed(summary) is None:
+            return RewardOutput(0.0, {"reason": "no \\boxed{} answer in the summary"})
+    return out
 
 
 @register_reward("language")

@@ -101,16 +101,18 @@ class RunLog:
         if self.wb is not None:
             self.wb.log({f"eval/{k}": v for k, v in result.items()}, step=step)
 
-    def progress(self, step: int, metrics: dict[str, float], first_step: int) -> None:
+    def progress(self, step: int, metrics: dict[str, float], first_step: int, *, line: Optional[str] = None) -> None:
+        """The progress line: bar, `line` (default: the GRPO reward, accuracy and rollout speed), eta."""
         if not self.enabled:
             return
         done = step + 1 - first_step
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(done, 1) * (self.total_steps - step - 1)
         bar = "#" * int(24 * (step + 1) / self.total_steps)
-        sys.stderr.write(f"\rstep {step + 1}/{self.total_steps} [{bar:<24}] reward {metrics.get('reward_mean', 0):.3f} "
-                         f"acc {metrics.get('accuracy', float('nan')):.3f} tok/s {metrics.get('rollout_tokens_per_s', 0):.0f} "
-                         f"eta {eta:.0f}s   ")
+        if line is None:
+            line = (f"reward {metrics.get('reward_mean', 0):.3f} acc {metrics.get('accuracy', float('nan')):.3f} "
+                    f"tok/s {metrics.get('rollout_tokens_per_s', 0):.0f}")
+        sys.stderr.write(f"\rstep {step + 1}/{self.total_steps} [{bar:<24}] {line} eta {eta:.0f}s   ")
         sys.stderr.flush()
 
     def note(self, text: str) -> None:
@@ -125,12 +127,25 @@ class RunLog:
             self.wb.finish()
 
 
+def _sft_panels() -> tuple:
+    from r1mega.sft.loop import SFT_PANELS
+
+    return SFT_PANELS
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] if Path(path).is_file() else []
 
 
-def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
-    """A PNG of the main curves of a run directory (reward, accuracy, format, length, KL, held-out)."""
+GRPO_PANELS = (("reward_mean", "reward"), ("accuracy", "train accuracy"), ("format_rate", "format rate"),
+               ("response_length_mean", "response length"), ("kl_mean", "KL to reference"),
+               ("mismatch_abs_mean", "rollout vs trainer |dlogp|"))
+
+
+def plot_run(run_dir: str | Path, out: Optional[str | Path] = None, *, panels: Optional[tuple] = None) -> Path:
+    """A PNG of the main curves of a run directory: `panels` ((metric, title) pairs; default the
+    GRPO ones: reward, accuracy, format, length, KL, mismatch; an SFT run's config picks the SFT
+    ones), then held-out pass@1 and the gradient norm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,9 +157,8 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
     if not metrics:
         raise FileNotFoundError(f"{run_dir}: no {METRICS} (is it a run directory?)")
     steps = [m["step"] for m in metrics]
-    panels = [("reward_mean", "reward"), ("accuracy", "train accuracy"), ("format_rate", "format rate"),
-              ("response_length_mean", "response length"), ("kl_mean", "KL to reference"),
-              ("mismatch_abs_mean", "rollout vs trainer |dlogp|")]
+    if panels is None:
+        panels = GRPO_PANELS if any("reward_mean" in m for m in metrics) else _sft_panels()
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, (key, title) in zip(axes.flat, panels):
         ys = [m.get(key) for m in metrics]

@@ -132,12 +132,39 @@ def pretrain_base_model(out_dir: str | Path, spec: PretrainSpec = PretrainSpec()
 
 
 def ensure_base_model(cache: Optional[str | Path] = None, spec: PretrainSpec = PretrainSpec(), *,
-                      progress: bool = True) -> Path:
-    """The cached base model of `spec`, pretrained first if absent (minutes, once)."""
+                      progress: bool = True, chat: bool = False) -> Path:
+    """The cached base model of `spec`, pretrained first if absent (minutes, once). `chat`: the
+    same weights with r1mega.templates.R1_CHAT_TEMPLATE as the tokenizer's chat template (the
+    R1 stages' prompt format; see :func:`with_chat_template`)."""
     root = Path(cache) if cache is not None else default_cache()
     path = root / f"tiny-base-{spec.key()}"
-    if (path / "pretrain.json").is_file():
+    if not (path / "pretrain.json").is_file():
+        if progress:
+            sys.stderr.write(f"building the embedded base model into {path} (once; a few minutes on 2 cores)\n")
+        pretrain_base_model(path, spec, progress=progress)
+    if not chat:
         return path
-    if progress:
-        sys.stderr.write(f"building the embedded base model into {path} (once; a few minutes on 2 cores)\n")
-    return pretrain_base_model(path, spec, progress=progress)
+    chat_path = root / f"tiny-base-{spec.key()}-chat"
+    if not (chat_path / "pretrain.json").is_file():
+        with_chat_template(path, chat_path)
+    return chat_path
+
+
+def with_chat_template(src: str | Path, dst: str | Path, template: Optional[str] = None) -> Path:
+    """A copy of the HF directory `src` at `dst` (written atomically) whose tokenizer has the chat
+    template `template` (default r1mega.templates.R1_CHAT_TEMPLATE)."""
+    import transformers
+
+    from r1mega.templates import R1_CHAT_TEMPLATE
+
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
+    tokenizer.chat_template = template or R1_CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    return dst
