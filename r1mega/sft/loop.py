@@ -179,13 +179,17 @@ def sft(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = Tr
             policy.save_checkpoint(checkpoints, data_state=state, keep_last=cfg.run.keep_checkpoints)
 
     final = run_dir / "final"
-    if not (final / "config.json").exists():
+    # Re-exported when this call trained (a run resumed with more epochs); a run killed after
+    # its export keeps it.
+    if start_step < total or not (final / "config.json").exists():
         tmp = run_dir / ".final.tmp"
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         policy.export_hf(tmp)
         if rank0:
+            if final.exists():
+                shutil.rmtree(final)
             os.replace(tmp, final)
         dist.barrier()
     from r1mega.trainer.logs import read_jsonl
