@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model directory (e.g. a run's final/)")
     ev.add_argument("--data", metavar="FILE", help="problems with gold answers (.jsonl/.json/.parquet); "
                     "default: the embedded task's held-out split")
+    ev.add_argument("--embedded", choices=("addition", "r1"), default="addition",
+                    help="without --data: the embedded held-out split to use: addition (R1-Zero's task, English) or "
+                         "r1 (the R1 stages': English and Chinese prompts)")
     ev.add_argument("--out", metavar="DIR", help="write summary.json and problems.jsonl there")
     ev.add_argument("--samples", type=int, default=4, help="k samples per problem (default 4)")
     ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
@@ -347,6 +350,10 @@ def _eval(args: argparse.Namespace) -> int:
                             format_style=args.format_style, greedy=not args.no_greedy, seed=args.seed)
     if args.data:
         records = load_eval_problems(args.data, args.max_prompts)
+    elif args.embedded == "r1":
+        from r1mega.data import r1_corpus
+
+        records = r1_corpus.problems("test", args.max_prompts, seed=0)
     else:
         from r1mega.data import base_corpus
 

@@ -10,7 +10,10 @@ consistency where the record names a language). Reported, as means over problems
   by math-verify equivalence, other tasks by equal text; code problems have none);
 * ``greedy_accuracy``, ``format_rate``, ``response_length_mean``;
 * ``language_rate``: the mean language consistency of the samples' reasoning, over records that
-  name a language and samples whose reasoning has words (n/a otherwise).
+  name a language and samples whose reasoning has words (n/a otherwise);
+* ``mixing_rate``: the share of those samples whose reasoning mixes languages (consistency
+  below 1: some words are not in the prompt's language), the figure DeepSeek-R1's
+  language-consistency reward is meant to bring down.
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ def evaluate_model(model_dir: str | Path, records: Sequence, settings: EvalSetti
     summary = {
         "model": str(Path(model_dir).resolve()), "problems": len(rows), **asdict(settings),
         **{key: mean([r[key] for r in rows]) for key in ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate",
-                                                          "language_rate", "response_length_mean")},
+                                                          "language_rate", "mixing_rate", "response_length_mean")},
         "seconds": time.perf_counter() - start,
     }
     return {"summary": summary, "problems": rows}
@@ -152,6 +155,8 @@ def _problem_row(record, samples: list[dict], greedy: Optional[dict], equivalent
             "greedy_accuracy": _nan(greedy["accuracy"]) if greedy else math.nan,
             "format_rate": mean([_nan(s[fmt]) for s in samples]),
             "language_rate": mean([_nan(s["language"]) for s in samples]),
+            "mixing_rate": mean([_nan(s["language"]) if s["language"] is None else float(s["language"] < 1.0)
+                                 for s in samples]),
             "response_length_mean": mean([float(s["tokens"]) for s in samples]),
             "samples": samples, "greedy": greedy}
 
@@ -179,8 +184,9 @@ def _json(x):
 
 
 def summary_table(summary: dict) -> str:
-    keys = ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate", "response_length_mean")
-    heads = ("pass@1", f"cons@{summary['samples']}", "greedy", "format", "language", "length")
+    keys = ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate", "mixing_rate",
+            "response_length_mean")
+    heads = ("pass@1", f"cons@{summary['samples']}", "greedy", "format", "language", "mixing", "length")
     head = f"{'model':<40} " + " ".join(f"{h:>9}" for h in heads)
     name = summary["model"] if len(summary["model"]) <= 40 else "..." + summary["model"][-37:]
     cells = " ".join(f"{'n/a':>9}" if math.isnan(summary[k]) else f"{summary[k]:>9.3f}" if k != "response_length_mean"
