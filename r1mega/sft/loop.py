@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,6 +24,7 @@ from r1mega.config import Config
 from r1mega.sft.data import SFTExample, load_sft_data, tokenize_all
 from r1mega.sft.packing import TokenizedExample, collate, pack_examples
 from r1mega.trainer.logs import METRICS, RunLog, plot_run, truncate_after
+from r1mega.trainer.rundir import export_final, quiet_known_warnings, resolve_model
 
 SFT_PANELS = (("loss", "SFT loss (mean NLL of completion tokens)"), ("lr", "learning rate"), ("padding_frac", "padding share"),
               ("tokens_per_s", "trained tokens / s"), ("rows", "packed rows per step"), ("examples", "examples per step"))
@@ -64,17 +62,7 @@ def resolve_sft_inputs(cfg: Config) -> SFTInputs:
             source = "the embedded cold-start set"
     except DataError as err:
         raise SFTError(str(err)) from None
-    if run.model is None:
-        from r1mega.trainer.pretrain import ensure_base_model
-
-        model_dir = ensure_base_model(chat=run.template == "chat")
-    else:
-        model_dir = Path(run.model)
-    hf_dir = model_dir
-    if not (hf_dir / "config.json").is_file():
-        from r1mega.models.checkpoint import HF_DIR, resolve_checkpoint
-
-        hf_dir = resolve_checkpoint(model_dir) / HF_DIR
+    model_dir, hf_dir = resolve_model(run.model, chat=run.template == "chat")
     return SFTInputs(model_dir, hf_dir, examples, source)
 
 
@@ -115,9 +103,7 @@ def sft(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = Tr
     from r1mega.models import load_policy
 
     wall = time.perf_counter()
-    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
-    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+    quiet_known_warnings()
     inputs = resolve_sft_inputs(cfg)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(inputs.hf_dir))
     try:
@@ -178,20 +164,9 @@ def sft(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = Tr
             state = {"step": step + 1, "train_seconds": trained_s}
             policy.save_checkpoint(checkpoints, data_state=state, keep_last=cfg.run.keep_checkpoints)
 
-    final = run_dir / "final"
     # Re-exported when this call trained (a run resumed with more epochs); a run killed after
     # its export keeps it.
-    if start_step < total or not (final / "config.json").exists():
-        tmp = run_dir / ".final.tmp"
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        policy.export_hf(tmp)
-        if rank0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        dist.barrier()
+    final = export_final(policy, run_dir, replace=start_step < total)
     from r1mega.trainer.logs import read_jsonl
 
     history = read_jsonl(run_dir / METRICS) if rank0 else []

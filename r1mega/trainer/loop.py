@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from r1mega.config import Config
 from r1mega.trainer import steps as S
 from r1mega.trainer.logs import EVAL, METRICS, SAMPLES, RunLog, plot_run, truncate_after
+from r1mega.trainer.rundir import export_final, quiet_known_warnings, resolve_model
 
 SEED_STRIDE = 1_000_003
 
@@ -90,17 +90,7 @@ def resolve_inputs(cfg: Config) -> Inputs:
     if len(train) < cfg.batch.prompts_per_step:
         raise TrainError(f"run.data: {len(train)} prompts, fewer than batch.prompts_per_step "
                          f"{cfg.batch.prompts_per_step}")
-    if run.model is None:
-        from r1mega.trainer.pretrain import ensure_base_model
-
-        model_dir = ensure_base_model()
-    else:
-        model_dir = Path(run.model)
-    hf_dir = model_dir
-    if not (hf_dir / "config.json").is_file():
-        from r1mega.models.checkpoint import HF_DIR, resolve_checkpoint
-
-        hf_dir = resolve_checkpoint(model_dir) / HF_DIR
+    model_dir, hf_dir = resolve_model(run.model)
     return Inputs(model_dir, hf_dir, train, heldout[:run.eval_max_prompts], run.model is None, reward_kwargs)
 
 
@@ -200,12 +190,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     from r1mega.rollout import Colocation, engine_from_config, mismatch_metrics, sampling_params
 
     wall = time.perf_counter()
-    # Known and harmless on CPU: megatron's notes about missing Transformer Engine / Apex, a .grad
-    # read of a non-leaf tensor inside megatron, torch's deprecation notes on the
-    # collectives it calls. A user's main job should not start with them.
-    warnings.filterwarnings("ignore", module=r"megatron(\.|$)")
-    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+    quiet_known_warnings()
     inputs = resolve_inputs(cfg)
     inputs_s = time.perf_counter() - wall  # reading the data, and building the embedded base model when absent
     run_dir = Path(resume) if resume is not None else cfg.run.run_dir
@@ -385,16 +370,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     # the end: evaluation of the final policy, its Hugging Face export, the summary
     colocation.refit()
     run_eval(cfg.run.steps)
-    final = run_dir / "final"
-    if not (final / "config.json").exists():
-        tmp = run_dir / ".final.tmp"
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        policy.export_hf(tmp)
-        if rank0:
-            os.replace(tmp, final)
-        dist.barrier()
+    final = export_final(policy, run_dir)
     before, after = evals.get("0", {}), evals.get(str(cfg.run.steps), {})
     summary = {
         "base_model": str(inputs.model_dir.resolve()), "final_model": str(final.resolve()),
