@@ -165,3 +165,31 @@ def test_sft_runs_learns_and_resumes_bit_for_bit(tmp_path, small_base_model):
     import transformers
 
     transformers.AutoModelForCausalLM.from_pretrained(whole / "final")  # an ordinary HF directory
+
+
+def test_embedded_r1_corpus_splits_languages_mixing_and_preferences():
+    from r1mega.data import r1_corpus
+    from r1mega.rewards import get_reward
+    from r1mega.rewards.language import language_consistency
+
+    train, test = r1_corpus.problems("train"), r1_corpus.problems("test")
+    assert not {r.id for r in train} & {r.id for r in test}
+    assert {r.language for r in test} == {"en", "zh"}
+    for r in test[:20]:
+        for mixed in (False, True):
+            text = r1_corpus.completion(r, mixed=mixed)
+            assert get_reward("accuracy")(r, text).value == 1.0 and get_reward("format_summary")(r, text).value == 1.0
+            reasoning = text.split("</think>")[0]
+            assert (language_consistency(reasoning, r.language) < 1.0) == mixed, (r.id, text)
+    rows = r1_corpus.cold_start_rows(200)
+    assert 0.35 < sum(r["mixed"] for r in rows) / len(rows) < 0.65
+    general_train, general_test = r1_corpus.general_prompts("train"), r1_corpus.general_prompts("test")
+    assert not {r.id for r in general_train} & {r.id for r in general_test}
+    for r in general_test:
+        assert r1_corpus.judge(r, r1_corpus.general_completion(r))
+    pairs = r1_corpus.preference_pairs(general_test)
+    by_prompt = {r.prompt: r for r in general_test}
+    for p in pairs:
+        record = next(r for r in general_test if r.prompt == p["prompt"] and f"pair-{r.id}-" in p["id"])
+        assert r1_corpus.judge(record, p["chosen"]) and not r1_corpus.judge(record, p["rejected"]), p
+    assert by_prompt and {p["family"] for p in pairs} == {"repeat", "greet"}
