@@ -243,6 +243,11 @@ class RewardsConfig(_Section):
         "importable from the run's working directory and scored in the reward workers like the built-in "
         "ones; None: none.")
     custom_weight: float = knob(1.0, "Weight of rewards.custom.", ge=0.0)
+    reward_model: Optional[str] = knob(
+        None, "A reward model (a Hugging Face sequence-classification directory, e.g. `r1mega rm`'s output) "
+        "scoring the prompts of task 'general' (R1's all-scenario RL stage); the rule rewards score the rest. "
+        "None: none (general prompts are refused).")
+    reward_model_weight: float = knob(1.0, "Weight of rewards.reward_model's score.", gt=0.0)
     workers: int = knob(0, "Reward worker processes; 0: half the CPUs, at most 8.", ge=0)
     timeout_s: float = knob(10.0, "Deadline of one reward of one sample; past it the reward is 0.", gt=0.0)
     math_timeout_s: float = knob(5.0, "math-verify's own time bound for one answer.", gt=0.0)
@@ -260,7 +265,8 @@ class RewardsConfig(_Section):
         ConfigError naming it when that fails)."""
         weights = self.weights()
         options = {"accuracy": {"math_timeout_s": self.math_timeout_s, "code_timeout_s": self.code_timeout_s,
-                                "code_memory_mb": self.code_memory_mb}} if "accuracy" in weights else None
+                                "code_memory_mb": self.code_memory_mb,
+                                "skip_general": self.reward_model is not None}} if "accuracy" in weights else None
         from r1mega.rewards import load_reward
 
         try:

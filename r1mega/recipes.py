@@ -86,6 +86,42 @@ def tiny_cold_start() -> Config:
 
 
 @recipe
+def tiny_reasoning_rl() -> Config:
+    """R1 stage 2 on the embedded default: GRPO from the cold start with accuracy + format + language consistency.
+
+    The tiny recipe's GRPO (G = 8 of 8 prompts, one optimizer step, lr 5e-5) for 40 steps on the
+    English and Chinese additions, scored by accuracy, the R1 summary format and the
+    language-consistency reward summed with weight 1 as the paper does; completions of at most
+    80 tokens; pass@1 of 100 held-out problems before and after.
+    """
+    return tiny().with_values({
+        "run.name": "tiny-reasoning-rl", "run.steps": 40, "run.eval_every": 0, "run.eval_max_prompts": 100,
+        "rewards.format_style": "summary", "rewards.language_weight": 1.0, "rollout.max_new_tokens": 80,
+    })
+
+
+@recipe
+def tiny_rejection_sft() -> Config:
+    """R1 stage 3 on the embedded default: SFT of the *base* model on rejection-sampled reasoning + general data.
+
+    The cold start's SFT settings (packed rows of 512 tokens, 8 per step, lr 1e-3 after 5 warm-up
+    steps) for 4 epochs; the data (sft.data) is what ``r1mega sample`` kept from stage 2 plus the
+    embedded general prompts' answers.
+    """
+    return tiny_cold_start().with_values({"run.name": "tiny-rejection-sft", "sft.epochs": 4})
+
+
+@recipe
+def tiny_all_scenario_rl() -> Config:
+    """R1 stage 4 on the embedded default: GRPO over reasoning and general prompts, each routed to its reward.
+
+    Stage 2's settings for 30 steps on a mix of additions (rule rewards) and general prompts
+    (rewards.reward_model, trained by ``r1mega rm``), language consistency on both.
+    """
+    return tiny_reasoning_rl().with_values({"run.name": "tiny-all-scenario-rl", "run.steps": 30})
+
+
+@recipe
 def verl_grpo() -> Config:
     """verl's GRPO defaults: token-mean, dual clip 3, KL loss low_var_kl clamped at 10."""
     return Config().with_values({

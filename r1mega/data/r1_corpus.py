@@ -9,12 +9,12 @@ set, general prompts with rule-checkable preferences.
   summary with the boxed answer::
 
       <think>
-      add 8+7=15 6+5+1=12 so
+      8+7=15 6+5+1=12 so
       </think>
 
       The final answer is $\\boxed{125}$.
 
-  (Chinese: ``相加 8+7=15 6+5+1=12 所以`` / ``答案是 $\\boxed{125}$。``): the column sums are
+  (Chinese: ``8+7=15 6+5+1=12 所以`` / ``答案是 $\\boxed{125}$。``): the column sums are
   the base corpus's, which the base model already writes; the words around them carry the
   language.
 * The cold-start set (stage 1): such completions, all correct, where a share ``mix`` of the
@@ -64,11 +64,14 @@ def problems(split: str, n: Optional[int] = None, *, seed: int = 0) -> list[Prom
 
 
 def reasoning(operands: list[int], language: str, *, mixed: bool = False) -> str:
-    """The chain of thought for a + b in `language` (the base corpus's column sums between a word
-    of the language before and after); `mixed`: the last word in the other language."""
-    first = {"en": "add", "zh": "相加"}[language]
+    """The chain of thought for a + b in `language`: the base corpus's column sums, then a word of
+    the language; `mixed`: that word in the other language.
+
+    The sums come first, exactly where the base corpus has them: a word before them (measured:
+    "add 8+7=15 ...") moves the digits the base model learned to copy and the cold-started
+    model's held-out pass@1 fell from 0.60 to 0.30 after the same SFT."""
     last = {"en": "so", "zh": "所以"}[("zh" if language == "en" else "en") if mixed else language]
-    return f"{first} {base_corpus.column_steps(operands)} {last}"
+    return f"{base_corpus.column_steps(operands)} {last}"
 
 
 def completion(record: PromptRecord, *, mixed: bool = False) -> str:

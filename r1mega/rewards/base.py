@@ -164,7 +164,7 @@ def last_tag_block(text: str, open_tag: str, close_tag: str) -> str | None:
 @register_reward("accuracy")
 def accuracy_reward(record: PromptRecord, completion: str, *, math_timeout_s: float = 5.0,
                     code_timeout_s: float = 5.0, code_memory_mb: int = 512,
-                    countdown_use_all: bool = True) -> RewardOutput:
+                    countdown_use_all: bool = True, skip_general: bool = False) -> RewardOutput:
     """Correctness by the rule of ``record.task``:
 
     "math": :func:`~r1mega.rewards.accuracy.math_accuracy` against ``record.answer``
@@ -173,7 +173,9 @@ def accuracy_reward(record: PromptRecord, completion: str, *, math_timeout_s: fl
     "code": ``r1mega.rewards.code.code_reward(completion, record.tests, timeout_s=code_timeout_s,
         memory_mb=code_memory_mb)``, the fraction of tests passed.
     "general": ValueError: there is no rule; general prompts are scored by
-        :class:`~r1mega.rewards.reward_model.RewardModel`.
+        :class:`~r1mega.rewards.reward_model.RewardModel`. With ``skip_general`` (set when a
+        reward model scores them, :class:`~r1mega.rewards.routing.RoutedRewards`) the reward is
+        skipped instead.
     """
     check_record(record)
     check_completion(completion)
@@ -192,6 +194,8 @@ def accuracy_reward(record: PromptRecord, completion: str, *, math_timeout_s: fl
         out = RewardOutput(code_reward(completion, record.tests, timeout_s=code_timeout_s,
                                        memory_mb=code_memory_mb))
     elif record.task == "general":
+        if skip_general:
+            return RewardOutput.skip("task 'general' is scored by the reward model")
         raise ValueError(f"record {record.id!r}: the accuracy reward has no rule for task "
                          "'general'; score general prompts with r1mega.rewards.RewardModel")
     else:

@@ -73,12 +73,19 @@ def resolve_inputs(cfg: Config) -> Inputs:
 
     for name, records in (("run.data", train), ("run.heldout", heldout)):
         for record in records:
+            if record.task == "general" and cfg.rewards.reward_model is None:
+                raise TrainError(f"{getattr(run, name.split('.')[1]) or 'the embedded task'}: id {record.id!r}: "
+                                 "task 'general' has no rule reward; set rewards.reward_model to a reward model "
+                                 "directory (r1mega rm)")
             if record.task == "math":
                 try:
                     parse_gold(record.answer)
                 except GoldAnswerError as err:
                     raise TrainError(f"{getattr(run, name.split('.')[1]) or 'the embedded task'}: id {record.id!r}: "
                                      f"field 'answer': {err}") from None
+    if cfg.rewards.reward_model is not None and not Path(cfg.rewards.reward_model).is_dir():
+        raise TrainError(f"rewards.reward_model: {cfg.rewards.reward_model!r} is not a directory (a Hugging Face "
+                         "sequence-classification model, e.g. from r1mega rm)")
     try:
         reward_kwargs = cfg.rewards.pool_kwargs()
     except ValueError as err:
@@ -227,6 +234,13 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     colocation = Colocation(policy, engine, rollout_cfg, dst_ranks=engines if rollout_cfg.engine == "hf" else None)
     pool_kwargs = dict(inputs.reward_pool_kwargs)
     pool = RewardPool(pool_kwargs.pop("weights"), **pool_kwargs) if rank0 else None
+    if pool is not None and cfg.rewards.reward_model is not None:
+        from r1mega.rewards import RewardModel
+        from r1mega.rewards.routing import RoutedRewards
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pool = RoutedRewards(pool, RewardModel(cfg.rewards.reward_model, device=device),
+                             cfg.rewards.reward_model_weight)
     sampler = PromptSampler(inputs.train, batch_size=batch_cfg.prompts_per_step, seed=cfg.run.seed)
     if data_state:
         sampler.load_state_dict(data_state["sampler"])
