@@ -14,6 +14,9 @@
                                               SFT (the embedded cold start without a model; recipe
                                               tiny-cold-start by default)
     r1mega pretrain [--out DIR --steps N]     build the embedded base model (cached)
+    r1mega rm --out DIR [--model DIR --data F --heldout F]
+                                              train a reward model (Bradley-Terry) on preference pairs
+                                              (the embedded general-prompt pairs without --data)
     r1mega plot RUN                           draw a run's curves into RUN/curves.png
     r1mega recipes                            list the named recipes
     r1mega keys                               list every config key with its documentation
@@ -164,6 +167,28 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--format-style", default="answer-tags", help="answer-tags (R1-Zero, default) or summary (R1)")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--quiet", action="store_true", help="no progress line")
+    rm = sub.add_parser("rm", help="train a reward model (Bradley-Terry) on preference pairs")
+    rm.add_argument("--model", metavar="DIR", help="a causal-LM Hugging Face directory (or r1mega checkpoint) whose "
+                    "backbone gets a new score head; default: the embedded base model")
+    rm.add_argument("--data", metavar="FILE", help="train pairs: prompt, chosen, rejected (.jsonl/.json/.parquet); "
+                    "default: the embedded general prompts' train pairs")
+    rm.add_argument("--heldout", metavar="FILE", help="held-out pairs to measure pair accuracy on; default: the "
+                    "embedded test pairs without --data, none with it")
+    rm.add_argument("--out", required=True, metavar="DIR", help="the reward model's directory to write (must not "
+                    "exist)")
+    rm.add_argument("--epochs", type=int, help="passes over the train pairs (default 4)")
+    rm.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-4)")
+    rm.add_argument("--batch-size", type=int, help="pairs per step (default 8)")
+    rm.add_argument("--max-length", type=int, help="tokens kept per prompt + completion, the last ones (default 4096, "
+                    "RewardModel's)")
+    rm.add_argument("--seed", type=int, help="draws the score head and the shuffles (default 0)")
+    rm.add_argument("--quiet", action="store_true", help="no progress line")
+    pl = sub.add_parser("pipeline", help="the whole DeepSeek-R1 recipe (cold start, reasoning RL, rejection sampling + "
+                                         "SFT, reward model, all-scenario RL, distillation) on the embedded default")
+    pl.add_argument("--out", default="runs/r1-pipeline", metavar="DIR",
+                    help="where every stage writes (default runs/r1-pipeline); run again to resume")
+    pl.add_argument("--recipe", default="r1", help="the pipeline recipe (r1)")
+    pl.add_argument("--quiet", action="store_true", help="no stage lines")
     sub.add_parser("recipes", help="list the named recipes")
     sub.add_parser("keys", help="list every config key with its type, default and documentation")
     return parser
@@ -299,6 +324,17 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "sample":
             return _sample(args)
+        if args.command == "pipeline":
+            from r1mega.pipeline import PipelineError, pipeline
+
+            try:
+                pipeline(args.out, recipe=args.recipe, progress=not args.quiet)
+            except PipelineError as err:
+                print(f"r1mega: error: {err}", file=sys.stderr)
+                return 1
+            return 0
+        if args.command == "rm":
+            return _rm(args)
         if args.command == "plot":
             from r1mega.trainer.logs import plot_run
 
@@ -393,6 +429,38 @@ def _sample(args: argparse.Namespace) -> int:
                               progress=not args.quiet)
     print(report_table(report))
     print(f"wrote {report['kept']} rows to {args.out} and the report to {report_path(args.out)}")
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from r1mega.rm import embedded_pairs, load_preference_pairs, train_reward_model
+    from r1mega.rm import train as rm_train
+    from r1mega.trainer.rundir import resolve_model
+
+    # every pair checked before any work (the model too is built only after)
+    embedded = "r1mega.data.r1_corpus.preference_pairs(general_prompts({!r}))"
+    embedded_train, embedded_heldout = embedded_pairs()
+    train_pairs = load_preference_pairs(args.data) if args.data else embedded_train
+    if args.heldout:
+        heldout_pairs = load_preference_pairs(args.heldout)
+    else:
+        heldout_pairs = [] if args.data else embedded_heldout
+    sources = {"data": args.data or embedded.format("train"),
+               "heldout": args.heldout or (None if args.data else embedded.format("test"))}
+    if Path(args.out).exists() and (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
+        raise ValueError(f"--out {args.out}: already exists; remove it or choose another directory")
+    _, hf_dir = resolve_model(args.model)
+    settings = {k: getattr(args, k) if getattr(args, k) is not None else getattr(rm_train, k.upper())
+                for k in ("epochs", "lr", "batch_size", "max_length", "seed")}
+    result = train_reward_model(hf_dir, train_pairs, heldout_pairs, args.out, progress=not args.quiet,
+                                sources=sources, **settings)
+    m = result["metrics"]
+    acc = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"{'held-out pairs':<24}{result['inputs']['heldout_pairs']}")
+    print(f"{'held-out accuracy':<24}{acc(m['heldout_acc_before'])} -> {acc(m['heldout_acc'])}")
+    print(f"{'train accuracy, loss':<24}{acc(m['train_acc'])}, {m['loss']:.4f} (last epoch)")
+    print(f"{'wall time':<24}{result['seconds']['total']:.1f} s ({result['seconds']['train']:.1f} s training)")
+    print(f"wrote the reward model to {result['out_dir']}")
     return 0
 
 
