@@ -1,0 +1,341 @@
+"""``r1mega pipeline``: the whole DeepSeek-R1 recipe in one command, on the embedded default.
+
+Stages (recipe ``r1``), each an ordinary r1mega command run as its own process, each writing a
+Hugging Face directory and an entry in ``OUT/manifest.json`` (command, inputs, config, figures,
+wall time):
+
+1. ``cold_start``: SFT of the base model on the cold-start set (recipe tiny-cold-start).
+2. ``reasoning_rl``: GRPO from the cold start, accuracy + format + language consistency
+   (tiny-reasoning-rl); ``reasoning_rl_no_language`` is the same run without the language
+   reward, the ablation that shows what the reward does to language mixing.
+3. ``rejection_sampling``: ``r1mega sample`` of the stage-2 model on the training prompts
+   (verified, readable, one per prompt) plus the general prompts' answers; ``sft_general``:
+   SFT of the *base* model on them (tiny-rejection-sft).
+   ``reward_model``: ``r1mega rm`` on the general prompts' preference pairs.
+4. ``all_scenario_rl``: GRPO from stage 3 on additions and general prompts, the rule rewards for
+   the first and the reward model for the second (tiny-all-scenario-rl).
+5. ``distill``: ``r1mega distill`` of the stage-4 model into the dense student.
+
+Every model is then evaluated on the same held-out problems (R1's protocol: 4 samples at T 0.6,
+top-p 0.95, and greedy), and one table compares base, each stage and the student.
+
+Resumable by stage: a stage recorded done in the manifest (and whose outputs exist) is not
+redone; a stage that was killed resumes from its run directory's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from r1mega.utils.io import atomic_write_text
+
+MANIFEST = "manifest.json"
+HELDOUT_PROBLEMS = 100
+EVAL_MAX_NEW_TOKENS = 96
+SAMPLE_PROMPTS = 1200  # stage-2 training prompts rejection-sampled for stage 3 (and the student)
+MIX_MATH_PROMPTS = 600  # additions in stage 4's mixed prompt set, next to every general train prompt
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message names it, its command and its log."""
+
+
+@dataclass
+class Context:
+    out: Path
+    python: str
+    progress: bool
+    manifest: dict
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def save(self) -> None:
+        atomic_write_text(self.path(MANIFEST), json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+def r1mega_command(ctx: Context, *args: str) -> list[str]:
+    return [ctx.python, "-m", "r1mega", *args]
+
+
+def run_command(ctx: Context, stage: str, argv: list[str]) -> float:
+    """Run one stage's command, its output into OUT/logs/STAGE.log (and the progress line on
+    stderr); returns the wall time. A failure raises PipelineError naming the log."""
+    log = ctx.path("logs", f"{stage}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(argv)}\n")
+        f.flush()
+        proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        raise PipelineError(f"stage {stage} failed (exit {proc.returncode}): {tail[0]} (log: {log}; run "
+                            f"`r1mega pipeline --out {ctx.out}` again to resume)")
+    return time.perf_counter() - start
+
+
+def _eval(ctx: Context, name: str, model: Path) -> dict:
+    """Held-out figures of `model` (cached in OUT/eval/NAME/summary.json)."""
+    out = ctx.path("eval", name)
+    summary = out / "summary.json"
+    if not summary.is_file():
+        run_command(ctx, f"eval-{name}", r1mega_command(
+            ctx, "eval", "--model", str(model), "--data", str(ctx.path("data", "heldout.jsonl")), "--out", str(out),
+            "--format-style", "summary", "--max-new-tokens", str(EVAL_MAX_NEW_TOKENS), "--quiet"))
+    s = json.loads(summary.read_text())
+    return {k: s[k] for k in ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate",
+                              "mixing_rate", "response_length_mean")}
+
+
+def _run_dir_command(ctx: Context, stage: str, command: str, recipe: str, run_dir: Path, args: list[str]) -> list[str]:
+    """`r1mega train|sft` for a stage, resuming its run directory when a killed attempt left one."""
+    if (run_dir / "config.json").is_file() and not (run_dir / "summary.json").is_file():
+        return r1mega_command(ctx, command, "--resume", str(run_dir), "--quiet")
+    if (run_dir / "config.json").is_file():  # finished but not recorded: redo from scratch
+        import shutil
+
+        shutil.rmtree(run_dir)
+    return r1mega_command(ctx, command, "--recipe", recipe, *args, "--set", f"run.out_dir={run_dir.parent}",
+                          "--set", f"run.name={run_dir.name}", "--quiet")
+
+
+# ---- the stages ---------------------------------------------------------------------------------
+def stage_data(ctx: Context) -> dict:
+    from r1mega.data import r1_corpus
+    from r1mega.data.loader import write_prompts
+
+    train = r1_corpus.problems("train")
+    write_prompts(ctx.path("data", "train.jsonl"), train)
+    write_prompts(ctx.path("data", "heldout.jsonl"), r1_corpus.problems("test", HELDOUT_PROBLEMS))
+    write_prompts(ctx.path("data", "sample_prompts.jsonl"), train[:SAMPLE_PROMPTS])
+    general = r1_corpus.general_prompts("train")
+    write_prompts(ctx.path("data", "mixed.jsonl"), _interleave(train[:MIX_MATH_PROMPTS], general))
+    return {"outputs": {n: str(ctx.path("data", f"{n}.jsonl")) for n in ("train", "heldout", "sample_prompts", "mixed")},
+            "figures": {"train_problems": len(train), "heldout_problems": HELDOUT_PROBLEMS,
+                        "general_prompts": len(general)}}
+
+
+def _interleave(a: list, b: list) -> list:
+    out, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        # keep the two tasks spread evenly through the file (the sampler shuffles, but a
+        # reader of the file sees the mix)
+        if j >= len(b) or (i < len(a) and i * len(b) <= j * len(a)):
+            out.append(a[i]); i += 1
+        else:
+            out.append(b[j]); j += 1
+    return out
+
+
+def stage_base(ctx: Context) -> dict:
+    from r1mega.trainer.rundir import resolve_model
+
+    _, hf_dir = resolve_model(None)
+    return {"model": str(hf_dir), "figures": {}}
+
+
+def _sft_stage(name: str, recipe: str, *, model: Callable[[Context], Optional[str]],
+               data: Callable[[Context], Optional[str]]) -> Callable[[Context], dict]:
+    def run(ctx: Context) -> dict:
+        run_dir = ctx.path("runs", name)
+        args = []
+        if (m := model(ctx)) is not None:
+            args += ["--model", m]
+        if (d := data(ctx)) is not None:
+            args += ["--data", d]
+        argv = _run_dir_command(ctx, name, "sft", recipe, run_dir, args)
+        wall = run_command(ctx, name, argv)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return {"command": shlex.join(argv), "model": str(run_dir / "final"), "run_dir": str(run_dir),
+                "config": str(run_dir / "config.json"), "wall_s": wall,
+                "figures": {k: summary[k] for k in ("examples", "steps", "loss_first", "loss_last")}}
+    return run
+
+
+def _rl_stage(name: str, recipe: str, *, model: Callable[[Context], str], data: str,
+              extra: Callable[[Context], list[str]] = lambda ctx: []) -> Callable[[Context], dict]:
+    def run(ctx: Context) -> dict:
+        run_dir = ctx.path("runs", name)
+        args = ["--model", model(ctx), "--data", str(ctx.path("data", data)),
+                "--heldout", str(ctx.path("data", "heldout.jsonl")), *extra(ctx)]
+        argv = _run_dir_command(ctx, name, "train", recipe, run_dir, args)
+        wall = run_command(ctx, name, argv)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return {"command": shlex.join(argv), "model": str(run_dir / "final"), "run_dir": str(run_dir),
+                "config": str(run_dir / "config.json"), "wall_s": wall,
+                "figures": {k: summary.get(k) for k in ("steps", "heldout_accuracy_before", "heldout_accuracy_after",
+                                                        "format_rate_after", "response_length_after")}}
+    return run
+
+
+def stage_rejection_sampling(ctx: Context) -> dict:
+    from r1mega.data import r1_corpus
+    from r1mega.rejection.sample import report_path
+    from r1mega.sft.data import load_sft_data, write_sft_rows
+
+    reasoning = ctx.path("data", "stage2_samples.jsonl")
+    argv = r1mega_command(ctx, "sample", "--model", ctx.manifest["stages"]["reasoning_rl"]["model"],
+                          "--data", str(ctx.path("data", "sample_prompts.jsonl")), "--out", str(reasoning),
+                          "--samples", "4", "--max-per-prompt", "1", "--max-new-tokens", "80",
+                          "--format-style", "summary", "--quiet")
+    wall = run_command(ctx, "rejection_sampling", argv)
+    report = json.loads(report_path(reasoning).read_text())
+    rows = [json.loads(line) for line in reasoning.read_text().splitlines() if line.strip()]
+    general = r1_corpus.general_sft_rows(r1_corpus.general_prompts("train"))
+    data = ctx.path("data", "stage3_sft.jsonl")
+    write_sft_rows(data, rows + general)
+    load_sft_data(data)  # the file stage 3 reads is valid
+    return {"command": shlex.join(argv), "outputs": {"samples": str(reasoning), "sft_data": str(data)},
+            "wall_s": wall, "figures": {"reasoning_rows": len(rows), "general_rows": len(general),
+                                        "acceptance": _acceptance(report)}}
+
+
+def _acceptance(report: dict) -> Optional[float]:
+    tasks = report.get("tasks") or {}
+    samples = sum(t.get("samples", 0) for t in tasks.values())
+    kept = sum(t.get("kept", 0) for t in tasks.values())
+    return kept / samples if samples else None
+
+
+def stage_reward_model(ctx: Context) -> dict:
+    out = ctx.path("reward_model")
+    argv = r1mega_command(ctx, "rm", "--out", str(out), "--quiet")
+    wall = run_command(ctx, "reward_model", argv)
+    info = json.loads((out / "rm.json").read_text())
+    metrics = info.get("metrics", info)
+    return {"command": shlex.join(argv), "model": str(out), "wall_s": wall,
+            "figures": {k: metrics[k] for k in ("heldout_accuracy_before", "heldout_accuracy") if k in metrics}}
+
+
+def stage_distill(ctx: Context) -> dict:
+    out = ctx.path("runs", "distill")
+    argv = r1mega_command(ctx, "distill", "--teacher", ctx.manifest["stages"]["all_scenario_rl"]["model"],
+                          "--heldout", str(ctx.path("data", "heldout.jsonl")), "--out", str(out), "--quiet")
+    wall = run_command(ctx, "distill", argv)
+    info = json.loads((out / "distill.json").read_text())
+    return {"command": shlex.join(argv), "model": info["student_final"], "student_base": info["student_base"],
+            "wall_s": wall, "figures": {k: info[k] for k in ("traces",) if k in info}}
+
+
+STAGES: dict[str, Callable[[Context], dict]] = {
+    "data": stage_data,
+    "base": stage_base,
+    "cold_start": _sft_stage("cold_start", "tiny-cold-start", model=lambda ctx: None, data=lambda ctx: None),
+    "reasoning_rl": _rl_stage("reasoning_rl", "tiny-reasoning-rl", data="train.jsonl",
+                              model=lambda ctx: ctx.manifest["stages"]["cold_start"]["model"]),
+    "reasoning_rl_no_language": _rl_stage(
+        "reasoning_rl_no_language", "tiny-reasoning-rl", data="train.jsonl",
+        model=lambda ctx: ctx.manifest["stages"]["cold_start"]["model"],
+        extra=lambda ctx: ["--set", "rewards.language_weight=0"]),
+    "rejection_sampling": stage_rejection_sampling,
+    "sft_general": _sft_stage("sft_general", "tiny-rejection-sft", model=lambda ctx: None,
+                              data=lambda ctx: ctx.manifest["stages"]["rejection_sampling"]["outputs"]["sft_data"]),
+    "reward_model": stage_reward_model,
+    "all_scenario_rl": _rl_stage(
+        "all_scenario_rl", "tiny-all-scenario-rl", data="mixed.jsonl",
+        model=lambda ctx: ctx.manifest["stages"]["sft_general"]["model"],
+        extra=lambda ctx: ["--set", f"rewards.reward_model={ctx.manifest['stages']['reward_model']['model']}"]),
+    "distill": stage_distill,
+}
+
+# the table's rows: (label, stage whose model is evaluated, manifest key of the model)
+ROWS = (("base", "base", "model"), ("1 cold start", "cold_start", "model"),
+        ("2 reasoning RL", "reasoning_rl", "model"), ("2 without language reward", "reasoning_rl_no_language", "model"),
+        ("3 rejection SFT", "sft_general", "model"), ("4 all-scenario RL", "all_scenario_rl", "model"),
+        ("student base", "distill", "student_base"), ("student (distilled)", "distill", "model"))
+
+
+def checks(figures: dict[str, dict], rm: dict) -> list[tuple[str, bool]]:
+    """The claims the embedded default must show, each with whether this run shows it."""
+    def get(row: str, key: str) -> float:
+        return figures.get(row, {}).get(key, math.nan)
+
+    rm_acc = rm.get("heldout_accuracy", math.nan)
+    return [
+        ("cold start raises format validity over the base", get("1 cold start", "format_rate") > get("base", "format_rate")),
+        ("stage 2 raises held-out pass@1 over stage 1", get("2 reasoning RL", "pass_at_1") > get("1 cold start", "pass_at_1")),
+        ("language mixing is lower with the language reward than without",
+         get("2 reasoning RL", "mixing_rate") < get("2 without language reward", "mixing_rate")),
+        ("the reward model beats chance on held-out pairs by a clear margin (>= 0.75)", rm_acc >= 0.75),
+        ("the student beats its own base", get("student (distilled)", "pass_at_1") > get("student base", "pass_at_1")),
+    ]
+
+
+def table(figures: dict[str, dict], rm: dict, wall: dict[str, float]) -> str:
+    keys = ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate", "mixing_rate")
+    heads = ("pass@1", "cons@4", "greedy", "format", "language", "mixing")
+    head = f"{'model':<28}" + "".join(f"{h:>10}" for h in heads)
+    lines = [f"held-out: {HELDOUT_PROBLEMS} additions (English and Chinese), 4 samples at T 0.6, top-p 0.95, + greedy",
+             head, "-" * len(head)]
+    for label, *_ in ROWS:
+        f = figures.get(label)
+        if f is None:
+            continue
+        lines.append(f"{label:<28}" + "".join(f"{'n/a':>10}" if f[k] is None or math.isnan(f[k]) else f"{f[k]:>10.3f}"
+                                              for k in keys))
+    if rm:
+        lines.append(f"reward model: held-out pair accuracy {rm.get('heldout_accuracy_before', math.nan):.3f} -> "
+                     f"{rm.get('heldout_accuracy', math.nan):.3f}")
+    lines.append("stage wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()))
+    for claim, ok in checks(figures, rm):
+        lines.append(f"[{'yes' if ok else 'NO '}] {claim}")
+    return "\n".join(lines)
+
+
+def pipeline(out: str | Path, *, recipe: str = "r1", progress: bool = True) -> dict:
+    """Run (or resume) every stage into `out`; returns the manifest (also OUT/manifest.json)."""
+    if recipe != "r1":
+        raise PipelineError(f"--recipe: unknown pipeline recipe {recipe!r} (known: r1)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MANIFEST
+    manifest = json.loads(path.read_text()) if path.is_file() else {"recipe": recipe, "stages": {}}
+    ctx = Context(out, sys.executable, progress, manifest)
+    start = time.perf_counter()
+    for i, (name, fn) in enumerate(STAGES.items()):
+        entry = manifest["stages"].get(name)
+        if entry and entry.get("status") == "done" and (not entry.get("model") or Path(entry["model"]).exists()):
+            if progress:
+                print(f"[{i + 1}/{len(STAGES)}] {name}: done already", file=sys.stderr)
+            continue
+        if progress:
+            print(f"[{i + 1}/{len(STAGES)}] {name} ... (log: {ctx.path('logs', name + '.log')})", file=sys.stderr)
+        t = time.perf_counter()
+        entry = fn(ctx)
+        entry.setdefault("wall_s", time.perf_counter() - t)
+        entry["status"] = "done"
+        manifest["stages"][name] = entry
+        ctx.save()
+        if progress:
+            print(f"    {name} done in {entry['wall_s']:.0f}s", file=sys.stderr)
+    figures = {}
+    for label, stage, key in ROWS:
+        model = manifest["stages"][stage][key]
+        name = label.split(" (")[0].replace(" ", "_")
+        if progress:
+            print(f"evaluating {label} ...", file=sys.stderr)
+        figures[label] = _eval(ctx, name, Path(model))
+    rm = manifest["stages"]["reward_model"]["figures"]
+    wall = {name: e.get("wall_s", 0.0) for name, e in manifest["stages"].items()}
+    manifest["table"] = figures
+    manifest["checks"] = {claim: ok for claim, ok in checks(figures, rm)}
+    manifest["wall_s_this_invocation"] = time.perf_counter() - start
+    text = table(figures, rm, wall)
+    manifest["table_text"] = text
+    ctx.save()
+    atomic_write_text(out / "table.txt", text + "\n")
+    print(text)
+    return manifest
+
+
+__all__ = ["PipelineError", "STAGES", "checks", "pipeline", "table"]
