@@ -97,7 +97,7 @@ def _eval(ctx: Context, name: str, model: Path) -> dict:
                               "mixing_rate", "response_length_mean")}
 
 
-def _run_dir_command(ctx: Context, stage: str, command: str, recipe: str, run_dir: Path, args: list[str]) -> list[str]:
+def run_dir_command(ctx: Context, stage: str, command: str, recipe: str, run_dir: Path, args: list[str]) -> list[str]:
     """`r1mega train|sft` for a stage, resuming its run directory when a killed attempt left one."""
     if (run_dir / "config.json").is_file() and not (run_dir / "summary.json").is_file():
         return r1mega_command(ctx, command, "--resume", str(run_dir), "--quiet")
@@ -153,7 +153,7 @@ def _sft_stage(name: str, recipe: str, *, model: Callable[[Context], Optional[st
             args += ["--model", m]
         if (d := data(ctx)) is not None:
             args += ["--data", d]
-        argv = _run_dir_command(ctx, name, "sft", recipe, run_dir, args)
+        argv = run_dir_command(ctx, name, "sft", recipe, run_dir, args)
         wall = run_command(ctx, name, argv)
         summary = json.loads((run_dir / "summary.json").read_text())
         return {"command": shlex.join(argv), "model": str(run_dir / "final"), "run_dir": str(run_dir),
@@ -168,7 +168,7 @@ def _rl_stage(name: str, recipe: str, *, model: Callable[[Context], str], data: 
         run_dir = ctx.path("runs", name)
         args = ["--model", model(ctx), "--data", str(ctx.path("data", data)),
                 "--heldout", str(ctx.path("data", "heldout.jsonl")), *extra(ctx)]
-        argv = _run_dir_command(ctx, name, "train", recipe, run_dir, args)
+        argv = run_dir_command(ctx, name, "train", recipe, run_dir, args)
         wall = run_command(ctx, name, argv)
         summary = json.loads((run_dir / "summary.json").read_text())
         return {"command": shlex.join(argv), "model": str(run_dir / "final"), "run_dir": str(run_dir),
@@ -292,6 +292,30 @@ def table(figures: dict[str, dict], rm: dict, wall: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def run_stages(ctx: Context, stages: dict[str, Callable[[Context], dict]]) -> list[str]:
+    """Run the stages in order, skipping those the manifest records done (whose model, if any,
+    still exists); the manifest is saved after each. Returns the names that ran."""
+    ran = []
+    for i, (name, fn) in enumerate(stages.items()):
+        entry = ctx.manifest["stages"].get(name)
+        if entry and entry.get("status") == "done" and (not entry.get("model") or Path(entry["model"]).exists()):
+            if ctx.progress:
+                print(f"[{i + 1}/{len(stages)}] {name}: done already", file=sys.stderr)
+            continue
+        if ctx.progress:
+            print(f"[{i + 1}/{len(stages)}] {name} ... (log: {ctx.path('logs', name + '.log')})", file=sys.stderr)
+        t = time.perf_counter()
+        entry = fn(ctx)
+        entry.setdefault("wall_s", time.perf_counter() - t)
+        entry["status"] = "done"
+        ctx.manifest["stages"][name] = entry
+        ctx.save()
+        ran.append(name)
+        if ctx.progress:
+            print(f"    {name} done in {entry['wall_s']:.0f}s", file=sys.stderr)
+    return ran
+
+
 def pipeline(out: str | Path, *, recipe: str = "r1", progress: bool = True) -> dict:
     """Run (or resume) every stage into `out`; returns the manifest (also OUT/manifest.json)."""
     if recipe != "r1":
@@ -302,22 +326,7 @@ def pipeline(out: str | Path, *, recipe: str = "r1", progress: bool = True) -> d
     manifest = json.loads(path.read_text()) if path.is_file() else {"recipe": recipe, "stages": {}}
     ctx = Context(out, sys.executable, progress, manifest)
     start = time.perf_counter()
-    for i, (name, fn) in enumerate(STAGES.items()):
-        entry = manifest["stages"].get(name)
-        if entry and entry.get("status") == "done" and (not entry.get("model") or Path(entry["model"]).exists()):
-            if progress:
-                print(f"[{i + 1}/{len(STAGES)}] {name}: done already", file=sys.stderr)
-            continue
-        if progress:
-            print(f"[{i + 1}/{len(STAGES)}] {name} ... (log: {ctx.path('logs', name + '.log')})", file=sys.stderr)
-        t = time.perf_counter()
-        entry = fn(ctx)
-        entry.setdefault("wall_s", time.perf_counter() - t)
-        entry["status"] = "done"
-        manifest["stages"][name] = entry
-        ctx.save()
-        if progress:
-            print(f"    {name} done in {entry['wall_s']:.0f}s", file=sys.stderr)
+    run_stages(ctx, STAGES)
     figures = {}
     for label, stage, key in ROWS:
         model = manifest["stages"][stage][key]
@@ -338,4 +347,4 @@ def pipeline(out: str | Path, *, recipe: str = "r1", progress: bool = True) -> d
     return manifest
 
 
-__all__ = ["PipelineError", "STAGES", "checks", "pipeline", "table"]
+__all__ = ["Context", "PipelineError", "STAGES", "checks", "pipeline", "run_command", "run_stages", "table"]

@@ -1,0 +1,113 @@
+"""r1mega pipeline's orchestration: stages run once, a failed stage is resumed, the manifest is
+kept, the data stage's files, and the claims the final table checks. (Each stage is an r1mega
+command tested on its own; the whole pipeline is run by hand and its figures are under
+benchmarks/results/.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from r1mega import pipeline as P
+from r1mega.data import load_prompts
+
+
+def make_context(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return P.Context(tmp_path, sys.executable, False, {"recipe": "r1", "stages": {}})
+
+
+def test_a_finished_stage_is_not_redone_and_a_failed_one_is_retried(tmp_path):
+    calls = {"a": 0, "b": 0}
+
+    def stage_a(ctx):
+        calls["a"] += 1
+        (ctx.out / "a").mkdir(exist_ok=True)
+        return {"model": str(ctx.out / "a"), "figures": {"x": 1}}
+
+    def stage_b(ctx):
+        calls["b"] += 1
+        if calls["b"] == 1:
+            raise P.PipelineError("stage b failed")
+        return {"figures": {"y": ctx.manifest["stages"]["a"]["figures"]["x"] + 1}}
+
+    stages = {"a": stage_a, "b": stage_b}
+    ctx = make_context(tmp_path)
+    with pytest.raises(P.PipelineError):
+        P.run_stages(ctx, stages)
+    saved = json.loads((tmp_path / P.MANIFEST).read_text())
+    assert saved["stages"]["a"]["status"] == "done" and "b" not in saved["stages"]
+    ctx = P.Context(tmp_path, sys.executable, False, saved)  # a new invocation reads the manifest
+    assert P.run_stages(ctx, stages) == ["b"]
+    assert calls == {"a": 1, "b": 2}
+    assert json.loads((tmp_path / P.MANIFEST).read_text())["stages"]["b"]["figures"] == {"y": 2}
+    # a done stage whose model is gone is redone
+    (tmp_path / "a").rmdir()
+    assert P.run_stages(ctx, stages) == ["a"]
+
+
+def test_a_failing_command_names_the_stage_and_its_log(tmp_path):
+    ctx = make_context(tmp_path)
+    with pytest.raises(P.PipelineError) as err:
+        P.run_command(ctx, "eval-x", P.r1mega_command(ctx, "eval", "--model", str(tmp_path / "missing")))
+    message = str(err.value)
+    assert "stage eval-x failed" in message and str(tmp_path / "logs" / "eval-x.log") in message
+    assert "\n" not in message and "missing" in message
+
+
+def test_a_killed_run_resumes_and_a_finished_unrecorded_one_is_redone(tmp_path):
+    ctx = make_context(tmp_path)
+    run = tmp_path / "runs" / "stage"
+    fresh = P.run_dir_command(ctx, "stage", "sft", "tiny-cold-start", run, ["--data", "d.jsonl"])
+    assert "--recipe" in fresh and "run.name=stage" in fresh and "--resume" not in fresh
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert P.run_dir_command(ctx, "stage", "sft", "tiny-cold-start", run, [])[4:6] == ["--resume", str(run)]
+    (run / "summary.json").write_text("{}")
+    assert "--resume" not in P.run_dir_command(ctx, "stage", "sft", "tiny-cold-start", run, [])
+    assert not run.exists()
+
+
+def test_the_data_stage(tmp_path):
+    ctx = make_context(tmp_path)
+    entry = P.stage_data(ctx)
+    train = load_prompts(entry["outputs"]["train"])
+    heldout = load_prompts(entry["outputs"]["heldout"])
+    mixed = load_prompts(entry["outputs"]["mixed"])
+    assert len(heldout) == P.HELDOUT_PROBLEMS and not {r.prompt for r in train} & {r.prompt for r in heldout}
+    assert {r.language for r in heldout} == {"en", "zh"}
+    tasks = [r.task for r in mixed]
+    assert tasks.count("math") == P.MIX_MATH_PROMPTS and tasks.count("general") == entry["figures"]["general_prompts"]
+    # spread through the file, not one block after the other
+    half = tasks[:len(tasks) // 2]
+    assert 0.3 < half.count("general") / len(half) < 0.5
+
+
+def figures(changes=None):
+    row = {"pass_at_1": 0.5, "cons_at_k": 0.5, "greedy_accuracy": 0.5, "format_rate": 0.9, "language_rate": 0.9,
+           "mixing_rate": 0.2, "response_length_mean": 40.0}
+    out = {label: dict(row) for label, *_ in P.ROWS}
+    out["base"]["format_rate"] = 0.0
+    out["2 reasoning RL"]["pass_at_1"] = 0.6
+    out["2 without language reward"]["mixing_rate"] = 0.5
+    out["student base"]["pass_at_1"] = 0.1
+    for (label, key), value in (changes or {}).items():
+        out[label][key] = value
+    return out
+
+
+@pytest.mark.parametrize("label,key,value,claim", [
+    ("base", "format_rate", 0.95, 0), ("2 reasoning RL", "pass_at_1", 0.5, 1),
+    ("2 reasoning RL", "mixing_rate", 0.5, 2), ("student (distilled)", "pass_at_1", 0.1, 4),
+    ("student (distilled)", "pass_at_1", math.nan, 4)])
+def test_the_checks_fail_exactly_where_the_figures_do_not_show_the_claim(label, key, value, claim):
+    rm = {"heldout_accuracy_before": 0.5, "heldout_accuracy": 0.9}
+    assert all(ok for _, ok in P.checks(figures(), rm))
+    results = [ok for _, ok in P.checks(figures({(label, key): value}), rm)]
+    assert results == [i != claim for i in range(len(results))]
+    assert not P.checks(figures(), {"heldout_accuracy": 0.6})[3][1]
+    text = P.table(figures(), rm, {"cold_start": 100.0})
+    assert "[yes]" in text and "0.500 -> 0.900" in text and "cold_start 100s" in text
