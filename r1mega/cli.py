@@ -14,6 +14,9 @@
                                               SFT (the embedded cold start without a model; recipe
                                               tiny-cold-start by default)
     r1mega pretrain [--out DIR --steps N]     build the embedded base model (cached)
+    r1mega distill --teacher DIR --out DIR [--student DIR --data F --heldout F] [CONFIG]
+                                              distillation: SFT of a small dense student on the
+                                              teacher's rejection-sampled traces, evaluated
     r1mega rm --out DIR [--model DIR --data F --heldout F]
                                               train a reward model (Bradley-Terry) on preference pairs
                                               (the embedded general-prompt pairs without --data)
@@ -189,6 +192,31 @@ def _parser() -> argparse.ArgumentParser:
                     help="where every stage writes (default runs/r1-pipeline); run again to resume")
     pl.add_argument("--recipe", default="r1", help="the pipeline recipe (r1)")
     pl.add_argument("--quiet", action="store_true", help="no stage lines")
+    ds = sub.add_parser("distill", parents=[config_options],
+                        help="distillation (R1): SFT of a small dense student on a teacher's rejection-sampled "
+                             "traces; held-out figures of the student base, the student and the teacher",
+                        description="CONFIG (--recipe, default tiny-cold-start; --config; --set) is the student's "
+                        "SFT config. Run again with the same arguments to resume.")
+    ds.add_argument("--teacher", required=True, metavar="DIR", help="the teacher's Hugging Face directory")
+    ds.add_argument("--student", metavar="DIR", help="the student base (a Hugging Face directory); default: the "
+                    "embedded dense student (a tiny Llama-3, built once into the cache)")
+    ds.add_argument("--data", metavar="FILE", help="training prompts with gold answers; default: the embedded R1 "
+                    "corpus's train split")
+    ds.add_argument("--heldout", metavar="FILE", help="held-out problems with gold answers; default: the embedded R1 "
+                    "corpus's test split")
+    ds.add_argument("--out", required=True, metavar="DIR", help="where traces, the student run, evaluations and "
+                    "distill.json go")
+    ds.add_argument("--samples", type=int, default=4, help="teacher completions per prompt (default 4)")
+    ds.add_argument("--max-per-prompt", type=int, default=2, help="most traces kept per prompt (default 2)")
+    ds.add_argument("--temperature", type=float, default=0.7, help="teacher sampling temperature (default 0.7; "
+                    "evaluation keeps R1's 0.6)")
+    ds.add_argument("--max-prompts", type=int, help="first N training prompts (embedded default: all 3670)")
+    ds.add_argument("--max-heldout", type=int, help="first N held-out problems (embedded default: 100)")
+    ds.add_argument("--max-new-tokens", type=int, default=96, help="teacher and evaluation budget (default 96)")
+    ds.add_argument("--eval-samples", type=int, default=4, help="k samples per held-out problem (default 4)")
+    ds.add_argument("--format-style", default="summary", help="summary (R1, default) or answer-tags (R1-Zero)")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--quiet", action="store_true", help="no progress lines")
     sub.add_parser("recipes", help="list the named recipes")
     sub.add_parser("keys", help="list every config key with its type, default and documentation")
     return parser
@@ -324,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "sample":
             return _sample(args)
+        if args.command == "distill":
+            return _distill(args)
         if args.command == "pipeline":
             from r1mega.pipeline import PipelineError, pipeline
 
@@ -461,6 +491,21 @@ def _rm(args: argparse.Namespace) -> int:
     print(f"{'train accuracy, loss':<24}{acc(m['train_acc'])}, {m['loss']:.4f} (last epoch)")
     print(f"{'wall time':<24}{result['seconds']['total']:.1f} s ({result['seconds']['train']:.1f} s training)")
     print(f"wrote the reward model to {result['out_dir']}")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from r1mega.distill import DistillSettings, distill, result_table
+
+    settings = DistillSettings(samples=args.samples, max_per_prompt=args.max_per_prompt, temperature=args.temperature,
+                               max_new_tokens=args.max_new_tokens, eval_max_new_tokens=args.max_new_tokens,
+                               eval_samples=args.eval_samples, format_style=args.format_style, seed=args.seed)
+    cfg = resolve_config(args.recipe or DEFAULT_SFT_RECIPE, args.config, [])
+    doc = distill(args.teacher, out_dir=args.out, student_dir=args.student, data=args.data, heldout=args.heldout,
+                  max_prompts=args.max_prompts, max_heldout=args.max_heldout, settings=settings, sft_config=cfg,
+                  sft_overrides=args.overrides, progress=not args.quiet)
+    print(result_table(doc))
+    print(f"wrote {Path(args.out) / 'distill.json'}")
     return 0
 
 
