@@ -202,6 +202,8 @@ def _parser() -> argparse.ArgumentParser:
                     "embedded dense student (a tiny Llama-3, built once into the cache)")
     ds.add_argument("--data", metavar="FILE", help="training prompts with gold answers; default: the embedded R1 "
                     "corpus's train split")
+    ds.add_argument("--traces", metavar="FILE", help="SFT rows already rejection-sampled from the teacher (r1mega "
+                    "sample's output, or stage 3's data as DeepSeek-R1 distils); skips the sampling")
     ds.add_argument("--heldout", metavar="FILE", help="held-out problems with gold answers; default: the embedded R1 "
                     "corpus's test split")
     ds.add_argument("--out", required=True, metavar="DIR", help="where traces, the student run, evaluations and "
@@ -503,7 +505,7 @@ def _distill(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.recipe or DEFAULT_SFT_RECIPE, args.config, [])
     doc = distill(args.teacher, out_dir=args.out, student_dir=args.student, data=args.data, heldout=args.heldout,
                   max_prompts=args.max_prompts, max_heldout=args.max_heldout, settings=settings, sft_config=cfg,
-                  sft_overrides=args.overrides, progress=not args.quiet)
+                  sft_overrides=args.overrides, traces=args.traces, progress=not args.quiet)
     print(result_table(doc))
     print(f"wrote {Path(args.out) / 'distill.json'}")
     return 0

@@ -220,7 +220,7 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
             data: Problems = None, heldout: Problems = None, max_prompts: Optional[int] = None,
             max_heldout: Optional[int] = None, settings: DistillSettings = DistillSettings(),
             sft_config=None, sft_overrides: Union[Mapping[str, Any], Sequence[str]] = (),
-            cache: Optional[str | Path] = None, progress: bool = True) -> dict:
+            cache: Optional[str | Path] = None, traces: Optional[str | Path] = None, progress: bool = True) -> dict:
     """Distil `teacher_dir` into the student (default: the embedded dense student base) under
     `out_dir`; returns what distill.json holds.
 
@@ -230,6 +230,9 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
     recipe tiny-cold-start); sft_overrides: {"section.field": value} or "section.field=value"
     strings applied over it. run.model,
     sft.data, run.out_dir and run.name are distill's (the student, the traces, out_dir, "student").
+    traces: SFT rows already rejection-sampled from the teacher (``r1mega sample``'s output, or
+    DeepSeek-R1's way: the data curated for stage 3, which the paper's students were trained on);
+    the sampling phase is skipped and `data` must be None.
     """
     from r1mega.evaluation import evaluate_model, write_results
     from r1mega.utils.io import atomic_write_text
@@ -249,7 +252,18 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
     for records, flag in ((train_records, "--data"), (heldout_records, "--heldout")):
         if not records:
             raise DistillError(f"{flag}: no problems")
-    traces = out_dir / TRACES
+    given_traces = None if traces is None else Path(traces)
+    if given_traces is not None:
+        from r1mega.data import DataError
+        from r1mega.sft.data import load_sft_data
+
+        if data is not None:
+            raise DistillError("--traces: the traces are given, so there are no prompts to sample (drop --data)")
+        try:
+            given_rows = len(load_sft_data(given_traces))
+        except DataError as err:
+            raise DistillError(str(err)) from None
+    traces = given_traces or out_dir / TRACES
     _sft_config(sft_config, Path("student"), traces, out_dir, sft_overrides)  # refuse bad keys now
 
     seconds: dict[str, float] = {}
@@ -270,7 +284,9 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
                         "distillation would need the same vocabulary)")
 
     inputs = {"teacher": teacher_info, "student": student_info, "same_vocabulary": vocab,
-              "data": {"source": train_source, "prompts": len(train_records), "sha256": _digest(train_records)},
+              "data": ({"source": train_source, "prompts": len(train_records), "sha256": _digest(train_records)}
+                       if given_traces is None else {"traces": str(given_traces.resolve()), "rows": given_rows,
+                                                     "sha256": hashlib.sha256(given_traces.read_bytes()).hexdigest()}),
               "heldout": {"source": heldout_source, "problems": len(heldout_records),
                           "sha256": _digest(heldout_records)}}
     # what a resumed call must share with the first one
@@ -312,8 +328,10 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
 
     # 1. rejection sampling of the teacher
     clock = time.perf_counter()
-    report = _traces_complete(traces)
-    if report is not None:
+    report = _traces_complete(traces) if given_traces is None else {"kept": given_rows}
+    if given_traces is not None:
+        _note(progress, f"traces: {given_rows} rows given ({given_traces})")
+    elif report is not None:
         reused.append("traces")
         _note(progress, f"traces: reusing {traces} ({report['kept']} rows)")
     else:
@@ -325,14 +343,18 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
                                   top_p=s.top_p, max_new_tokens=s.max_new_tokens, template=s.template,
                                   format_style=s.format_style, filters=settings.filters(), seed=s.seed,
                                   progress=progress)
-    samples = sum(t["samples"] for t in report["tasks"].values())
-    trace_info = {"path": str(traces.resolve()), "kept": report["kept"], "samples": samples,
-                  "acceptance_rate": report["kept"] / max(samples, 1),
-                  "prompts_with_kept": sum(t["prompts_with_kept"] for t in report["tasks"].values()),
-                  "rejected": _sum_rejected(report), "sampling_seconds": report["seconds"]}
+    if given_traces is not None:
+        trace_info = {"path": str(given_traces.resolve()), "kept": given_rows, "given": True}
+        samples = None
+    else:
+        samples = sum(t["samples"] for t in report["tasks"].values())
+        trace_info = {"path": str(traces.resolve()), "kept": report["kept"], "samples": samples,
+                      "acceptance_rate": report["kept"] / max(samples, 1),
+                      "prompts_with_kept": sum(t["prompts_with_kept"] for t in report["tasks"].values()),
+                      "rejected": _sum_rejected(report), "sampling_seconds": report["seconds"]}
     seconds["traces"] = took("traces", clock)
     save(False)
-    if report["kept"] == 0:
+    if report["kept"] == 0 and given_traces is None:
         raise DistillError(f"rejection sampling kept none of the teacher's {samples} completions (rejected: "
                            f"{trace_info['rejected']}); is --format-style {settings.format_style} the format "
                            "the teacher writes?")
@@ -391,10 +413,11 @@ def result_table(doc: dict) -> str:
     inputs, traces, sft = doc["inputs"], doc["traces"], doc["sft"]
     t, s = inputs["teacher"], inputs["student"]
     k = doc["settings"]["eval_samples"]
-    lines = [f"teacher {t['arch']} ({t['parameters']:,} parameters) -> student {s['arch']} ({s['parameters']:,}); "
+    where = (f"{traces['kept']} traces given ({traces['path']})" if traces.get("given") else
              f"{traces['kept']} traces kept of {traces['samples']} samples ({traces['acceptance_rate']:.3f}) on "
-             f"{inputs['data']['prompts']} prompts; SFT {sft['steps']} steps, loss {_fmt(sft['loss_first'], 3)} -> "
-             f"{_fmt(sft['loss_last'], 3)}",
+             f"{inputs['data']['prompts']} prompts")
+    lines = [f"teacher {t['arch']} ({t['parameters']:,} parameters) -> student {s['arch']} ({s['parameters']:,}); "
+             f"{where}; SFT {sft['steps']} steps, loss {_fmt(sft['loss_first'], 3)} -> {_fmt(sft['loss_last'], 3)}",
              f"held-out: {inputs['heldout']['problems']} problems x {k} samples "
              f"(format {doc['settings']['format_style']})"]
     heads = ("pass@1", f"cons@{k}", "greedy", "format", "language", "mixing", "length")

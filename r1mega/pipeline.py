@@ -14,7 +14,8 @@ wall time):
    ``reward_model``: ``r1mega rm`` on the general prompts' preference pairs.
 4. ``all_scenario_rl``: GRPO from stage 3 on additions and general prompts, the rule rewards for
    the first and the reward model for the second (tiny-all-scenario-rl).
-5. ``distill``: ``r1mega distill`` of the stage-4 model into the dense student.
+5. ``distill``: ``r1mega distill`` into the dense student on stage 3's data (as the paper's
+   students: the stage-2 checkpoint's verified samples and the general answers).
 
 Every model is then evaluated on the same held-out problems (R1's protocol: 4 samples at T 0.6,
 top-p 0.95, and greedy), and one table compares base, each stage and the student.
@@ -211,20 +212,23 @@ def stage_reward_model(ctx: Context) -> dict:
     out = ctx.path("reward_model")
     argv = r1mega_command(ctx, "rm", "--out", str(out), "--quiet")
     wall = run_command(ctx, "reward_model", argv)
-    info = json.loads((out / "rm.json").read_text())
-    metrics = info.get("metrics", info)
+    metrics = json.loads((out / "rm.json").read_text())["metrics"]
     return {"command": shlex.join(argv), "model": str(out), "wall_s": wall,
-            "figures": {k: metrics[k] for k in ("heldout_accuracy_before", "heldout_accuracy") if k in metrics}}
+            "figures": {"heldout_accuracy_before": metrics["heldout_acc_before"],
+                        "heldout_accuracy": metrics["heldout_acc"], "train_accuracy": metrics["train_acc"]}}
 
 
 def stage_distill(ctx: Context) -> dict:
     out = ctx.path("runs", "distill")
-    argv = r1mega_command(ctx, "distill", "--teacher", ctx.manifest["stages"]["all_scenario_rl"]["model"],
+    # DeepSeek-R1's students learn from the data curated for stage 3 (rejection-sampled from the
+    # stage-2 checkpoint, plus the general answers), not from fresh samples: the same here.
+    argv = r1mega_command(ctx, "distill", "--teacher", ctx.manifest["stages"]["reasoning_rl"]["model"],
+                          "--traces", ctx.manifest["stages"]["rejection_sampling"]["outputs"]["sft_data"],
                           "--heldout", str(ctx.path("data", "heldout.jsonl")), "--out", str(out), "--quiet")
     wall = run_command(ctx, "distill", argv)
     info = json.loads((out / "distill.json").read_text())
     return {"command": shlex.join(argv), "model": info["student_final"], "student_base": info["student_base"],
-            "wall_s": wall, "figures": {k: info[k] for k in ("traces",) if k in info}}
+            "wall_s": wall, "figures": {"traces": info["traces"]["kept"], "sft_steps": info["sft"]["steps"]}}
 
 
 STAGES: dict[str, Callable[[Context], dict]] = {

@@ -182,3 +182,21 @@ def test_r1mega_distill_end_to_end_and_resumed(tmp_path, small_base_model, small
         proc = r1mega(*argv, *extra)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and word in lines[0], proc.stderr
+
+    # given traces (DeepSeek-R1's students learn from stage 3's curated data): no sampling phase
+    given = _write(tmp_path / "given.jsonl", rows)
+    out2 = tmp_path / "given-out"
+    argv2 = [a for a in argv if a not in (str(data), "--data")]
+    argv2[argv2.index(str(out))] = str(out2)
+    proc = r1mega(*argv2, "--traces", str(given))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc2 = json.loads((out2 / "distill.json").read_text())
+    assert doc2["traces"] == {"path": str(given.resolve()), "kept": len(rows), "given": True}
+    assert doc2["sft"]["examples"] == len(rows) and not (out2 / "traces.jsonl").exists()
+    assert doc2["inputs"]["data"]["rows"] == len(rows) and "traces given" in proc.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "What is 1 + 1?", "completion": ""}\n')
+    for extra, word in ((["--traces", str(given), "--data", str(data)], "--data"), (["--traces", str(bad)], "bad.jsonl")):
+        proc = r1mega(*argv2, *extra)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and word in lines[0], proc.stderr
