@@ -63,3 +63,39 @@ def test_cleanup_removes_interrupted_saves_and_old_steps(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_00000002", "step_00000003"]
     _cleanup(tmp_path, keep_last=None, keep=steps[-1])
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+
+
+def test_rng_state_round_trips_without_pickle(tmp_path, monkeypatch):
+    import pickle
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from r1mega.models.checkpoint import read_rng_state_files, rng_state, rng_state_files, set_rng_state
+
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    random.gauss(0, 1)
+    np.random.standard_normal()  # numpy's legacy Gaussian cache is now full: part of the state
+    tensor_path, json_path = rng_state_files(rng_state(), tmp_path / "rank_00000")
+    expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(3), torch.rand(4))
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an RNG state must load without unpickling")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    set_rng_state(read_rng_state_files(tmp_path / "rank_00000"))
+    got = (random.random(), random.gauss(0, 1), np.random.standard_normal(3), torch.rand(4))
+    assert got[0] == expected[0] and got[1] == expected[1]
+    assert np.array_equal(got[2], expected[2]) and torch.equal(got[3], expected[3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_00000.json", "rank_00000.safetensors"]
+    json.loads(json_path.read_text())  # plain JSON
+    assert "torch" in load_file(str(tensor_path)) and "numpy.keys" in load_file(str(tensor_path))

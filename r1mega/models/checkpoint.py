@@ -11,10 +11,11 @@ Directory layout (``root`` is the run's checkpoint directory)::
                                        and, for a trainable policy, the optimizer state
         hf/                            config.json (+ tokenizer and other non-weight files) of the
                                        source model: the checkpoint describes itself
-        rng/rank_00000.pt ...          each rank's RNG states (torch, megatron's tracker, Python, numpy)
+        rng/rank_00000.safetensors     each rank's RNG states without pickle: the tensors (torch,
+        rng/rank_00000.json ...        megatron's tracker, numpy's keys) and the rest as JSON
 
-Atomicity: every rank writes into ``root/step_N.tmp-XXXXXXXX/``; when all ranks are done rank 0
-writes the JSON, fsyncs the files, renames the directory to ``step_N/`` (one rename: the step
+Atomicity: every rank writes into ``root/step_N.tmp-XXXXXXXX/`` and fsyncs what it wrote; when
+all ranks are done rank 0 writes the JSON, fsyncs the files, renames the directory to ``step_N/`` (one rename: the step
 directory exists complete or not at all) and then replaces ``latest`` atomically
 (:func:`r1mega.utils.io.atomic_write_text`). A crash at any point leaves the previous checkpoint
 and ``latest`` untouched; leftover ``*.tmp-*`` directories are ignored by loads and removed by
@@ -197,6 +198,48 @@ def adam_step(optimizer) -> int:
 # ---------------------------------------------------------------------------------------------
 # RNG
 # ---------------------------------------------------------------------------------------------
+def rng_state_files(state: dict, stem: Path) -> tuple[Path, Path]:
+    """Write an :func:`rng_state` dict without pickle: its tensors (torch, CUDA, megatron's
+    tracker, numpy's key array) to ``stem.safetensors``, the rest (Python's Mersenne state, numpy's
+    position and Gaussian cache) to ``stem.json``; both through a temporary name and a rename."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from r1mega.utils.io import atomic_write_text
+
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    tensors = {"torch": state["torch"], "numpy.keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32))}
+    tensors.update({f"tracker.{name}": t for name, t in state["tracker"].items()})
+    if "cuda" in state:
+        tensors["cuda"] = state["cuda"]
+    version, internal, gauss_next = state["python"]
+    meta = {"python": [version, list(internal), gauss_next], "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+            "tracker": sorted(state["tracker"])}
+    tensor_path, json_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    tmp = tensor_path.with_name(tensor_path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, tensor_path)
+    atomic_write_text(json_path, json.dumps(meta) + "\n")
+    return tensor_path, json_path
+
+
+def read_rng_state_files(stem: Path) -> dict:
+    """The :func:`rng_state` dict that :func:`rng_state_files` wrote (no unpickling)."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(stem.with_suffix(".safetensors")))
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    version, internal, gauss_next = meta["python"]
+    kind, pos, has_gauss, cached = meta["numpy"]
+    state = {"torch": tensors["torch"], "python": (version, tuple(internal), gauss_next),
+             "numpy": (kind, tensors["numpy.keys"].numpy().view(np.uint32).copy(), pos, has_gauss, cached),
+             "tracker": {name: tensors[f"tracker.{name}"] for name in meta["tracker"]}}
+    if "cuda" in tensors:
+        state["cuda"] = tensors["cuda"]
+    return state
+
+
 def rng_state() -> dict:
     import numpy as np
     from megatron.core import tensor_parallel
@@ -233,10 +276,17 @@ def reseed(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Save
 # ---------------------------------------------------------------------------------------------
-def _fsync_tree(path: Path) -> None:
+def _fsync_tree(path: Path, *, racing: bool = False) -> None:
+    """fsync every file and directory under `path`. `racing`: other ranks may still be writing
+    there, so a file renamed away meanwhile (their temporary names) is skipped."""
     for dirpath, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except FileNotFoundError:
+                if not racing:
+                    raise
+                continue
             try:
                 os.fsync(fd)
             finally:
@@ -313,7 +363,10 @@ def save_checkpoint(policy, root: str | Path, *, data_state: Optional[dict] = No
     if policy.optimizer is not None:
         state["optimizer"] = optimizer_sharded_state(policy.optimizer, model_sd, is_loading=False)
     dist_checkpointing.save(state, str(tmp / WEIGHTS_DIR))
-    torch.save(rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
+    rng_state_files(rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}")
+    # Every rank makes its own writes durable before the barrier below: on a file system shared by
+    # several nodes, rank 0's fsync does not flush the pages another node holds.
+    _fsync_tree(tmp, racing=True)
 
     adam = adam_step(policy.optimizer) if policy.optimizer is not None else 0
     steps = [None] * dist.get_world_size()
@@ -397,13 +450,19 @@ def load_checkpoint(policy, path: str | Path, *, load_optimizer: bool = True, lo
         policy.scheduler.load_state_dict(meta["optimizer"]["scheduler"])
         layout, written = policy.layout, meta["written_with"]
         same = all(written.get(k) == getattr(layout, k) for k in ("world", "tp", "pp", "ep", "etp", "dp"))
-        rank_file = step_dir / RNG_DIR / f"rank_{dist.get_rank():05d}.pt"
-        if same and rank_file.is_file():
-            set_rng_state(torch.load(rank_file, weights_only=False))
+        stem = step_dir / RNG_DIR / f"rank_{dist.get_rank():05d}"
+        has_files = stem.with_suffix(".safetensors").is_file() and stem.with_suffix(".json").is_file()
+        if same and has_files:
+            set_rng_state(read_rng_state_files(stem))
             rng = "restored"
         else:
             reseed(int(meta.get("seed", 0)) + 1_000_003 * policy.step)
-            rng = f"reseeded (written with {written}, loaded as tp={layout.tp} pp={layout.pp} ep={layout.ep} " \
-                  f"dp={layout.dp})"
+            if not same:
+                rng = f"reseeded (written with {written}, loaded as tp={layout.tp} pp={layout.pp} ep={layout.ep} " \
+                      f"dp={layout.dp})"
+            elif stem.with_suffix(".pt").is_file():  # written before the pickle-free format: never unpickled
+                rng = f"reseeded ({stem.with_suffix('.pt')} is a pickle, which is not loaded)"
+            else:
+                rng = f"reseeded (no RNG state {stem.with_suffix('.safetensors')})"
     return LoadReport(path=step_dir, step=policy.step, data_state=meta.get("data_state"), optimizer=restore,
                       rng=rng, meta=meta)
