@@ -831,6 +831,23 @@ def available_backends(python: str | None = None) -> tuple[str, ...]:
     return tuple(b for b in BACKENDS if _probe(b, python) is None)
 
 
+INSTALL_HINT = ("install bubblewrap (e.g. `apt install bubblewrap`) or allow unprivileged user namespaces "
+                "(sysctl kernel.unprivileged_userns_clone=1)")
+
+
+def require_backend(python: str | None = None) -> str:
+    """The backend code rewards will use here; SandboxUnavailable (one line: why each backend
+    fails and what to install) when none works, so a run with code rewards refuses to start
+    rather than losing every code sample."""
+    python = python or DEFAULT_PYTHON
+    reasons = {b: _probe(b, python) for b in BACKENDS}
+    for b, why in reasons.items():
+        if why is None:
+            return b
+    details = "; ".join(f"{b}: {' '.join(str(why).split())[:200]}" for b, why in reasons.items())
+    raise SandboxUnavailable(f"no code sandbox works on this machine ({details}); {INSTALL_HINT}")
+
+
 def run_sandboxed(program: str, *, stdin: str = "", timeout_s: float, memory_mb: int,
                   max_procs: int = 32, max_file_mb: int = 16, max_open_files: int = 64,
                   backend: str | None = None, python: str | None = None,

@@ -83,6 +83,14 @@ def resolve_inputs(cfg: Config) -> Inputs:
                 except GoldAnswerError as err:
                     raise TrainError(f"{getattr(run, name.split('.')[1]) or 'the embedded task'}: id {record.id!r}: "
                                      f"field 'answer': {err}") from None
+    if "accuracy" in cfg.rewards.weights() and any(r.task == "code" for r in (*train, *heldout)):
+        from r1mega.rewards.sandbox import SandboxUnavailable, require_backend
+
+        try:
+            require_backend()
+        except SandboxUnavailable as err:
+            raise TrainError(f"{run.data or 'run.data'}: task 'code' records are scored in a sandbox, but {err}") \
+                from None
     if cfg.rewards.reward_model is not None and not Path(cfg.rewards.reward_model).is_dir():
         raise TrainError(f"rewards.reward_model: {cfg.rewards.reward_model!r} is not a directory (a Hugging Face "
                          "sequence-classification model, e.g. from r1mega rm)")
