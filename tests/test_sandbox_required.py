@@ -44,3 +44,31 @@ def test_a_run_with_code_records_refuses_to_start_without_a_sandbox(tmp_path, mo
     assert str(data) in str(err.value) and "bubblewrap" in str(err.value) and "\n" not in str(err.value)
     # without the accuracy reward nothing runs code: no sandbox needed
     resolve_inputs(cfg.with_values({"rewards.accuracy_weight": 0.0}))
+
+
+def test_eval_of_code_problems_refuses_to_start_without_a_sandbox(monkeypatch, small_base_model):
+    from r1mega.data.records import PromptRecord
+    from r1mega.evaluation import EvalError, evaluate_model
+
+    def unavailable(python=None):
+        raise sandbox.SandboxUnavailable(f"no code sandbox works on this machine (...); {sandbox.INSTALL_HINT}")
+
+    monkeypatch.setattr(sandbox, "require_backend", unavailable)
+    record = PromptRecord(id="c1", prompt="Print 1.", task="code", tests=({"input": "", "output": "1"},))
+    with pytest.raises(EvalError) as err:
+        evaluate_model(small_base_model, [record], progress=False)
+    assert "bubblewrap" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rejection_sampling_of_code_prompts_refuses_to_start_without_a_sandbox(tmp_path, monkeypatch, small_base_model):
+    from r1mega.data.records import PromptRecord
+    from r1mega.rejection import rejection_sample
+
+    def unavailable(python=None):
+        raise sandbox.SandboxUnavailable(f"no code sandbox works on this machine (...); {sandbox.INSTALL_HINT}")
+
+    monkeypatch.setattr(sandbox, "require_backend", unavailable)
+    record = PromptRecord(id="c1", prompt="Print 1.", task="code", tests=({"input": "", "output": "1"},))
+    with pytest.raises(ValueError, match="bubblewrap"):
+        rejection_sample(small_base_model, [record], tmp_path / "out.jsonl", progress=False)
+    assert not (tmp_path / "out.jsonl").exists()

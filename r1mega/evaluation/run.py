@@ -101,6 +101,13 @@ def evaluate_model(model_dir: str | Path, records: Sequence, settings: EvalSetti
     from r1mega.rollout import SamplingParams
 
     start = time.perf_counter()
+    if any(r.task == "code" for r in records):
+        from r1mega.rewards.sandbox import SandboxUnavailable, require_backend
+
+        try:
+            require_backend()
+        except SandboxUnavailable as err:
+            raise EvalError(f"code problems are scored in a sandbox, but {err}") from None
     try:
         sampler = ScoredSampler(model_dir, template=settings.template, max_prompt_tokens=settings.max_prompt_tokens,
                                 format_style=settings.format_style, seed=settings.seed, workers=settings.workers,

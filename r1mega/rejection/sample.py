@@ -42,6 +42,13 @@ def rejection_sample(model_dir: str | Path, records: Sequence, out: str | Path, 
     from r1mega.utils.io import atomic_write_text
 
     start = time.perf_counter()
+    if any(r.task == "code" for r in records):
+        from r1mega.rewards.sandbox import SandboxUnavailable, require_backend
+
+        try:
+            require_backend()
+        except SandboxUnavailable as err:
+            raise ValueError(f"code prompts are verified in a sandbox, but {err}") from None
     out = Path(out)
     rows: list[dict] = []
     tasks: dict[str, Counter] = {}
