@@ -40,9 +40,8 @@ def test_resolve_follows_latest_and_ignores_partial_directories(tmp_path):
     assert resolve_checkpoint(tmp_path) == first  # the pointer wins
     assert resolve_checkpoint(second) == second  # a step directory is itself
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2]
-    (tmp_path / LATEST_NAME).write_text("step_00000003\n")
-    with pytest.raises(CheckpointError, match="step_00000003.*not a complete checkpoint"):
-        resolve_checkpoint(tmp_path)
+    (tmp_path / LATEST_NAME).write_text("step_00000003\n")  # a pointer to an incomplete one: the newest good
+    assert resolve_checkpoint(tmp_path) == second
 
 
 def test_resolve_refuses_a_directory_without_checkpoints(tmp_path):
@@ -99,3 +98,31 @@ def test_rng_state_round_trips_without_pickle(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_00000.json", "rank_00000.safetensors"]
     json.loads(json_path.read_text())  # plain JSON
     assert "torch" in load_file(str(tensor_path)) and "numpy.keys" in load_file(str(tensor_path))
+
+
+def _step_with_files(root, step, payload=b"weights"):
+    path = _fake_step(root, step, complete=False)
+    (path / "weights" / "__0_0.distcp").write_bytes(payload)
+    (path / META_NAME).write_text(json.dumps({"format": 1, "step": step,
+                                              "files": {"weights/__0_0.distcp": len(payload)}}))
+    return path
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, capsys):
+    from r1mega.models.checkpoint import checkpoint_problem
+
+    first, second, third = (_step_with_files(tmp_path, s) for s in (1, 2, 3))
+    (tmp_path / LATEST_NAME).write_text("step_00000003\n")
+    assert resolve_checkpoint(tmp_path) == third and checkpoint_problem(third) is None
+    (third / "weights" / "__0_0.distcp").write_bytes(b"weig")  # truncated by a full disk
+    (second / "weights" / "__0_0.distcp").unlink()  # lost
+    assert resolve_checkpoint(tmp_path) == first
+    err = capsys.readouterr().err
+    assert "step_00000002" in err and "missing" in err and "loading" in err and str(first) in err
+    assert "step_00000003" in err and "has 4 bytes" in err
+    assert "has 4 bytes, the save wrote 7" in checkpoint_problem(third)
+    with pytest.raises(CheckpointError, match="damaged checkpoint"):
+        resolve_checkpoint(third)  # named explicitly: no silent substitute
+    (first / META_NAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match="every checkpoint is damaged"):
+        resolve_checkpoint(tmp_path)

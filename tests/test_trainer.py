@@ -151,3 +151,19 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, small_base_model):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and word in lines[0], (args, proc.stderr[-2000:])
     assert not any(p.name == "r1mega" for p in tmp_path.iterdir())
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous(tmp_path, small_base_model):
+    """The newest checkpoint truncated on disk (a full disk, a lost node): the resumed run warns,
+    naming it, restarts from the one before and ends equal to the uninterrupted run."""
+    train(tmp_path, "whole", small_base_model, "run.steps=3")
+    train(tmp_path, "damaged", small_base_model, "run.steps=2")
+    run = tmp_path / "damaged"
+    newest = run / "checkpoints" / "step_00000002"
+    shard = max((newest / "weights").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = train(tmp_path, "damaged", small_base_model, "run.steps=3", resume=True)
+    assert "step_00000002 is damaged" in proc.stderr and "step_00000001" in proc.stderr, proc.stderr[-2000:]
+    assert [r["step"] for r in metrics(run)] == [0, 1, 2]
+    assert deterministic(metrics(run)) == deterministic(metrics(tmp_path / "whole"))
+    assert (run / "final/model.safetensors").read_bytes() == (tmp_path / "whole/final/model.safetensors").read_bytes()

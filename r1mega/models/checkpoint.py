@@ -103,27 +103,74 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The step directory `path` names: itself, or the one its ``latest`` file points to.
+def checkpoint_problem(step_dir: str | Path) -> Optional[str]:
+    """Why the step directory cannot be loaded (unreadable metadata, a file missing or of another
+    size than the save wrote: a disk that lost or truncated it), or None when it looks whole."""
+    step_dir = Path(step_dir)
+    try:
+        meta = read_meta(step_dir)
+    except CheckpointError as err:
+        return str(err)
+    for name, size in (meta.get("files") or {}).items():
+        file = step_dir / name
+        try:
+            found = file.stat().st_size
+        except OSError:
+            return f"{file} is missing"
+        if found != size:
+            return f"{file} has {found} bytes, the save wrote {size}"
+    return None
 
-    A root without ``latest`` (a crash between the rename and the pointer update, or a copy)
-    resolves to its newest complete step directory. CheckpointError when there is none.
+
+def _warn(message: str) -> None:
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        sys.stderr.write(f"r1mega: warning: {message}\n")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The step directory `path` names: itself, or the newest usable one of a checkpoint root.
+
+    For a root, the one its ``latest`` file points to comes first, then the others newest first;
+    one that is incomplete or damaged (:func:`checkpoint_problem`) is passed over with a warning
+    naming it, so a run resumes from the last good checkpoint. A root without ``latest`` (a crash
+    between the rename and the pointer update, or a copy) resolves the same way. CheckpointError
+    when there is none, or when `path` is itself a damaged step directory.
     """
     path = Path(path)
     if is_checkpoint_dir(path):
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: damaged checkpoint ({problem})")
         return path
+    candidates: list[Path] = []
     pointer = path / LATEST_NAME
     if pointer.is_file():
         name = pointer.read_text().strip()
         target = path / name
-        if not (_STEP_RE.match(name) and is_checkpoint_dir(target)):
-            raise CheckpointError(f"{pointer}: points to {name!r}, which is not a complete checkpoint in {path}")
-        return target
-    found = list_checkpoints(path)
-    if not found:
-        raise CheckpointError(f"{path}: not an r1mega checkpoint (no {META_NAME}, no {LATEST_NAME} file and no "
-                              "complete step_N directory)")
-    return found[-1][1]
+        if _STEP_RE.match(name) and is_checkpoint_dir(target):
+            candidates.append(target)
+        else:
+            _warn(f"{pointer}: points to {name!r}, which is not a complete checkpoint in {path}")
+    candidates += [p for _, p in reversed(list_checkpoints(path)) if p not in candidates]
+    skipped = []
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            for bad, why in skipped:
+                _warn(f"checkpoint {bad} is damaged ({why}); loading {candidate} instead")
+            return candidate
+        skipped.append((candidate, problem))
+    if skipped:
+        raise CheckpointError(f"{path}: every checkpoint is damaged (newest: {skipped[0][0]}: {skipped[0][1]})")
+    if pointer.is_file():
+        raise CheckpointError(f"{pointer}: points to {pointer.read_text().strip()!r}, which is not a complete "
+                              f"checkpoint in {path}, and there is no other")
+    raise CheckpointError(f"{path}: not an r1mega checkpoint (no {META_NAME}, no {LATEST_NAME} file and no "
+                          "complete step_N directory)")
 
 
 def read_meta(step_dir: str | Path) -> dict:
@@ -346,7 +393,13 @@ def save_checkpoint(policy, root: str | Path, *, data_state: Optional[dict] = No
         except (TypeError, ValueError) as err:
             error = f"save_checkpoint: data_state must be a JSON-safe dict ({err})"
         if error is None and final.exists():
-            error = f"save_checkpoint: {final} already exists; each step is saved once"
+            problem = checkpoint_problem(final)
+            if problem is None:
+                error = f"save_checkpoint: {final} already exists; each step is saved once"
+            else:  # the damaged one a resume passed over: kept aside for inspection, never loaded
+                aside = final.with_name(f"{final.name}.damaged-{secrets.token_hex(4)}")
+                os.rename(final, aside)
+                _warn(f"moved the damaged {final.name} aside to {aside.name} ({problem})")
         if error is None:
             tmp_name = f"{final.name}.tmp-{secrets.token_hex(4)}"
             try:
@@ -386,6 +439,8 @@ def save_checkpoint(policy, root: str | Path, *, data_state: Optional[dict] = No
                 "written_with": {"world": layout.world, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
                                  "etp": layout.etp, "dp": layout.dp},
                 "seed": policy.seed,
+                # what a load checks first (checkpoint_problem): a file lost or truncated on disk
+                "files": {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()},
             }
             atomic_write_text(tmp / META_NAME, json.dumps(meta, indent=2) + "\n")
             _fsync_tree(tmp)

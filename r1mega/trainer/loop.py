@@ -392,7 +392,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     # the end: evaluation of the final policy, its Hugging Face export, the summary
     colocation.refit()
     run_eval(cfg.run.steps)
-    final = export_final(policy, run_dir)
+    final = export_final(policy, run_dir, replace=start_step < cfg.run.steps)  # this call trained: a new final
     before, after = evals.get("0", {}), evals.get(str(cfg.run.steps), {})
     summary = {
         "base_model": str(inputs.model_dir.resolve()), "final_model": str(final.resolve()),
