@@ -9,9 +9,10 @@
   and R1-format solution writers (imported on demand; nothing is downloaded).
 """
 
-from r1mega.data.loader import DataError, load_completions, load_prompts, read_rows, write_prompts
+from r1mega.data.loader import (DataError, RowError, load_completions, load_prompts, read_checked_rows, read_rows,
+                                write_prompts)
 from r1mega.data.records import LANGUAGES, TASKS, PromptRecord
 from r1mega.data.sampler import PromptSampler, epoch_permutation
 
-__all__ = ["LANGUAGES", "TASKS", "DataError", "PromptRecord", "PromptSampler", "epoch_permutation", "load_completions",
-           "load_prompts", "read_rows", "write_prompts"]
+__all__ = ["LANGUAGES", "TASKS", "DataError", "PromptRecord", "RowError", "PromptSampler", "epoch_permutation", "load_completions",
+           "load_prompts", "read_checked_rows", "read_rows", "write_prompts"]

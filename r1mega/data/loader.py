@@ -36,12 +36,14 @@ import difflib
 import gzip
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from r1mega.data.records import LANGUAGES, TASKS, PromptRecord
 from r1mega.utils.io import atomic_write_bytes, atomic_write_text
+
+T = TypeVar("T")
 
 _CORE = ("id", "prompt", "task", "answer", "tests", "language")
 _TEST_KEYS = ("input", "output", "assert")
@@ -54,8 +56,11 @@ class DataError(ValueError):
     """A malformed dataset; the message is one line naming the file, the row and the field."""
 
 
-class _RowError(Exception):
-    """A bad field inside a row; the caller prefixes the file and row."""
+class RowError(Exception):
+    """A bad field inside a row; the caller (:func:`read_checked_rows`) prefixes the file and row."""
+
+
+_RowError = RowError
 
 
 def _kind(value: Any) -> str:
@@ -243,6 +248,28 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     return _parquet_rows(path) if suffix == ".parquet" else _json_rows(path)
+
+
+def read_checked_rows(path: str | Path, parse: Callable[[Any, int], T], ident: Callable[[T], str]) -> list[T]:
+    """``parse(row, index)`` of every row of `path` (:func:`read_rows`), in order. DataError, one
+    line naming the file and the row, when `parse` raises RowError, when two rows have the same
+    ``ident``, or when the file has no rows."""
+    path = Path(path)
+    out: list[T] = []
+    seen: dict[str, str] = {}
+    for index, (where, row) in enumerate(read_rows(path)):
+        try:
+            item = parse(row, index)
+        except RowError as err:
+            raise DataError(f"{path}: {where}: {err}") from None
+        key = ident(item)
+        if key in seen:
+            raise DataError(f"{path}: {where}: field 'id': duplicate {key!r} (first at {seen[key]})")
+        seen[key] = where
+        out.append(item)
+    if not out:
+        raise DataError(f"{path}: no rows")
+    return out
 
 
 def load_prompts(path: str | Path, *, task: str | None = None) -> list[PromptRecord]:

@@ -12,31 +12,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from r1mega.data import DataError, read_rows
+from r1mega.data import RowError, read_checked_rows
 
 FIELDS = ("prompt", "chosen", "rejected")
 
 
-class _RowError(Exception):
-    pass
-
-
 def _pair(row: Any, index: int) -> dict:
     if not isinstance(row, dict):
-        raise _RowError(f"expected an object, got {type(row).__name__}")
+        raise RowError(f"expected an object, got {type(row).__name__}")
     ident = row.get("id", f"row-{index}")
     if not isinstance(ident, (str, int)) or isinstance(ident, bool):
-        raise _RowError(f"field 'id': expected a string or integer, got {type(ident).__name__}")
+        raise RowError(f"field 'id': expected a string or integer, got {type(ident).__name__}")
     for name in FIELDS:
         if name not in row:
-            raise _RowError(f"field {name!r}: missing (a row is prompt + chosen + rejected)")
+            raise RowError(f"field {name!r}: missing (a row is prompt + chosen + rejected)")
         value = row[name]
         if not isinstance(value, str):
-            raise _RowError(f"field {name!r}: expected a string, got {type(value).__name__}")
+            raise RowError(f"field {name!r}: expected a string, got {type(value).__name__}")
         if not value.strip():
-            raise _RowError(f"field {name!r}: empty")
+            raise RowError(f"field {name!r}: empty")
     if row["chosen"] == row["rejected"]:
-        raise _RowError("field 'rejected': the same text as 'chosen' (a pair must prefer one of two different "
+        raise RowError("field 'rejected': the same text as 'chosen' (a pair must prefer one of two different "
                         "completions)")
     return {**row, "id": str(ident)}
 
@@ -45,17 +41,4 @@ def load_preference_pairs(path: str | Path) -> list[dict]:
     """Every row of `path` as a dict with ``id`` (a str; ``row-N`` when absent), ``prompt``,
     ``chosen``, ``rejected`` and the row's other fields; DataError (one line: file, row, field)
     on the first bad row, a duplicate id, an unreadable file or a file without rows."""
-    path = Path(path)
-    out, seen = [], {}
-    for index, (where, row) in enumerate(read_rows(path)):
-        try:
-            pair = _pair(row, index)
-        except _RowError as err:
-            raise DataError(f"{path}: {where}: {err}") from None
-        if pair["id"] in seen:
-            raise DataError(f"{path}: {where}: field 'id': duplicate {pair['id']!r} (first at {seen[pair['id']]})")
-        seen[pair["id"]] = where
-        out.append(pair)
-    if not out:
-        raise DataError(f"{path}: no rows")
-    return out
+    return read_checked_rows(path, _pair, lambda p: p["id"])

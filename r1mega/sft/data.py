@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from r1mega.data import DataError, read_rows
+from r1mega.data import DataError, RowError, read_checked_rows
 from r1mega.sft.packing import TokenizedExample
 
 ROLES = ("system", "user", "assistant")
@@ -38,67 +38,50 @@ class SFTExample:
     messages: Optional[tuple[tuple[str, str], ...]] = None  # (role, content)
 
 
-class _RowError(Exception):
-    pass
-
-
 def _text(row: dict, name: str) -> str:
     value = row[name]
     if not isinstance(value, str):
-        raise _RowError(f"field {name!r}: expected a string, got {type(value).__name__}")
+        raise RowError(f"field {name!r}: expected a string, got {type(value).__name__}")
     if not value.strip():
-        raise _RowError(f"field {name!r}: empty")
+        raise RowError(f"field {name!r}: empty")
     return value
 
 
 def _example(row: Any, index: int) -> SFTExample:
     if not isinstance(row, dict):
-        raise _RowError(f"expected an object, got {type(row).__name__}")
+        raise RowError(f"expected an object, got {type(row).__name__}")
     ident = row.get("id", f"row-{index}")
     if not isinstance(ident, (str, int)) or isinstance(ident, bool):
-        raise _RowError(f"field 'id': expected a string or integer, got {type(ident).__name__}")
+        raise RowError(f"field 'id': expected a string or integer, got {type(ident).__name__}")
     if "messages" in row:
         if "prompt" in row or "completion" in row:
-            raise _RowError("has both 'messages' and 'prompt'/'completion'; give one form")
+            raise RowError("has both 'messages' and 'prompt'/'completion'; give one form")
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
-            raise _RowError("field 'messages': expected a non-empty list of {role, content} objects")
+            raise RowError("field 'messages': expected a non-empty list of {role, content} objects")
         turns = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
-                raise _RowError(f"field 'messages[{i}]': expected an object with 'role' and 'content' only")
+                raise RowError(f"field 'messages[{i}]': expected an object with 'role' and 'content' only")
             if m["role"] not in ROLES:
-                raise _RowError(f"field 'messages[{i}].role': {m['role']!r} is not one of {', '.join(ROLES)}")
+                raise RowError(f"field 'messages[{i}].role': {m['role']!r} is not one of {', '.join(ROLES)}")
             if not isinstance(m["content"], str):
-                raise _RowError(f"field 'messages[{i}].content': expected a string")
+                raise RowError(f"field 'messages[{i}].content': expected a string")
             if m["role"] == "assistant" and not m["content"].strip():
-                raise _RowError(f"field 'messages[{i}].content': empty assistant turn")
+                raise RowError(f"field 'messages[{i}].content': empty assistant turn")
             turns.append((m["role"], m["content"]))
         if not any(r == "assistant" for r, _ in turns):
-            raise _RowError("field 'messages': no assistant turn to train on")
+            raise RowError("field 'messages': no assistant turn to train on")
         return SFTExample(str(ident), messages=tuple(turns))
     for name in ("prompt", "completion"):
         if name not in row:
-            raise _RowError(f"field {name!r}: missing (a row is prompt + completion, or messages)")
+            raise RowError(f"field {name!r}: missing (a row is prompt + completion, or messages)")
     return SFTExample(str(ident), prompt=_text(row, "prompt"), completion=_text(row, "completion"))
 
 
 def load_sft_data(path: str | Path) -> list[SFTExample]:
     """Every row of `path`, validated; DataError (one line) on the first bad row."""
-    path = Path(path)
-    out, seen = [], {}
-    for index, (where, row) in enumerate(read_rows(path)):
-        try:
-            example = _example(row, index)
-        except _RowError as err:
-            raise DataError(f"{path}: {where}: {err}") from None
-        if example.id in seen:
-            raise DataError(f"{path}: {where}: field 'id': duplicate {example.id!r} (first at {seen[example.id]})")
-        seen[example.id] = where
-        out.append(example)
-    if not out:
-        raise DataError(f"{path}: no rows")
-    return out
+    return read_checked_rows(path, _example, lambda e: e.id)
 
 
 def _chat_example(example: SFTExample, tokenizer) -> TokenizedExample:

@@ -24,7 +24,7 @@ from r1mega.config import Config
 from r1mega.sft.data import SFTExample, load_sft_data, tokenize_all
 from r1mega.sft.packing import TokenizedExample, collate, pack_examples
 from r1mega.trainer.logs import METRICS, RunLog, plot_run, truncate_after
-from r1mega.trainer.rundir import export_final, quiet_known_warnings, resolve_model
+from r1mega.trainer.rundir import export_final, quiet_known_warnings, resolve_model, resume_source
 
 SFT_PANELS = (("loss", "SFT loss (mean NLL of completion tokens)"), ("lr", "learning rate"), ("padding_frac", "padding share"),
               ("tokens_per_s", "trained tokens / s"), ("rows", "packed rows per step"), ("examples", "examples per step"))
@@ -113,19 +113,13 @@ def sft(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = Tr
     plan = plan_steps(tokenized, epochs=cfg.sft.epochs, rows_per_step=cfg.sft.rows_per_step,
                       row_tokens=cfg.sft.row_tokens, pack=cfg.sft.pack, seed=cfg.run.seed)
     run_dir = Path(resume) if resume is not None else cfg.run.run_dir
+    try:
+        resumed_from = resume_source(run_dir, resuming=resume is not None)
+    except ValueError as err:
+        raise SFTError(str(err)) from None
     checkpoints = run_dir / "checkpoints"
-    source = inputs.model_dir
-    if resume is not None:
-        from r1mega.models.checkpoint import list_checkpoints
-
-        if not (run_dir / "config.json").is_file():
-            raise SFTError(f"--resume {run_dir}: not a run directory (no config.json)")
-        if checkpoints.is_dir() and list_checkpoints(checkpoints):
-            source = checkpoints
-    elif (run_dir / METRICS).exists():
-        raise SFTError(f"{run_dir}: a run is already there; resume it with --resume {run_dir} or set run.name")
-    policy = load_policy(source, parallel=cfg.parallel, optim=cfg.optim, seed=cfg.run.seed)
-    data_state = policy.data_state if source is checkpoints else None
+    policy = load_policy(resumed_from or inputs.model_dir, parallel=cfg.parallel, optim=cfg.optim, seed=cfg.run.seed)
+    data_state = policy.data_state if resumed_from else None
     start_step = data_state["step"] if data_state else 0
     rank0 = dist.get_rank() == 0
     if rank0:

@@ -32,7 +32,7 @@ import torch
 from r1mega.config import Config
 from r1mega.trainer import steps as S
 from r1mega.trainer.logs import EVAL, METRICS, SAMPLES, RunLog, plot_run, truncate_after
-from r1mega.trainer.rundir import export_final, quiet_known_warnings, resolve_model
+from r1mega.trainer.rundir import export_final, quiet_known_warnings, resolve_model, resume_source
 
 SEED_STRIDE = 1_000_003
 
@@ -209,25 +209,19 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     inputs = resolve_inputs(cfg)
     inputs_s = time.perf_counter() - wall  # reading the data, and building the embedded base model when absent
     run_dir = Path(resume) if resume is not None else cfg.run.run_dir
+    try:
+        resumed_from = resume_source(run_dir, resuming=resume is not None)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
     checkpoints = run_dir / "checkpoints"
-    source, data_state = inputs.model_dir, None
-    if resume is not None:
-        from r1mega.models.checkpoint import list_checkpoints
-
-        if not (run_dir / "config.json").is_file():
-            raise TrainError(f"--resume {run_dir}: not a run directory (no config.json)")
-        if checkpoints.is_dir() and list_checkpoints(checkpoints):
-            source = checkpoints
-        # else: stopped before its first checkpoint; start again from the model
-    elif (run_dir / METRICS).exists():
-        raise TrainError(f"{run_dir}: a run is already there; resume it with --resume {run_dir} or set run.name")
+    source, data_state = resumed_from or inputs.model_dir, None
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(inputs.hf_dir))
     grpo, rollout_cfg, batch_cfg = cfg.grpo, cfg.rollout, cfg.batch
 
     policy = load_policy(source, parallel=cfg.parallel, optim=cfg.optim, temperature=rollout_cfg.temperature,
                          seed=cfg.run.seed, router_replay=rollout_cfg.router_replay)
     rank0 = dist.get_rank() == 0
-    if source is checkpoints:
+    if resumed_from is not None:
         data_state = policy.data_state
     start_step = data_state["step"] if data_state else 0
     reference = None

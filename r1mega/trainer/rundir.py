@@ -56,3 +56,22 @@ def export_final(policy, run_dir: Path, *, replace: bool = False) -> Path:
         os.replace(tmp, final)
     dist.barrier()
     return final
+
+
+def resume_source(run_dir: Path, *, resuming: bool) -> Optional[Path]:
+    """Where a run in `run_dir` starts: its checkpoint directory when `resuming` and a checkpoint
+    was saved, else None (from the model; also a resumed run stopped before its first
+    checkpoint). ValueError (one line) for a resume of a directory that is no run, or a new run
+    where one already is."""
+    from r1mega.models.checkpoint import list_checkpoints
+    from r1mega.trainer.logs import METRICS
+
+    checkpoints = run_dir / "checkpoints"
+    if resuming:
+        if not (run_dir / "config.json").is_file():
+            raise ValueError(f"--resume {run_dir}: not a run directory (no config.json)")
+        return checkpoints if checkpoints.is_dir() and list_checkpoints(checkpoints) else None
+    if (run_dir / METRICS).exists():
+        raise ValueError(f"{run_dir}: a run is already there; resume it with --resume {run_dir} or set run.name")
+    return None
+
