@@ -480,17 +480,20 @@ def _section_type(section: str) -> type:
     for f in dataclasses.fields(Config):
         if f.name == section:
             return f.default_factory  # type: ignore[return-value]
-    raise ConfigError(f"unknown section {section!r}{_suggest(section, [f.name for f in dataclasses.fields(Config)])}")
+    sections = [f.name for f in dataclasses.fields(Config)]
+    raise ConfigError(f"unknown section {section!r}{did_you_mean(section, sections)}")
 
 
-def _suggest(word: str, candidates: list[str]) -> str:
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    """The tail of an "unknown ..." error: ``; did you mean 'x'?`` for the candidate closest to
+    `word`, or "" when none is close."""
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _split_key(key: str) -> tuple[str, str]:
     if key not in Config.keys():
-        raise ConfigError(f"unknown key {key!r}{_suggest(key, Config.keys())}")
+        raise ConfigError(f"unknown key {key!r}{did_you_mean(key, Config.keys())}")
     section, name = key.split(".", 1)
     return section, name
 

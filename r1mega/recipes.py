@@ -20,10 +20,10 @@ def recipe(fn: Callable[[], Config]) -> Callable[[], Config]:
 
 def get_recipe(name: str) -> Config:
     """Build the recipe called `name`; an unknown name lists the known ones."""
-    from r1mega.config import ConfigError, _suggest
+    from r1mega.config import ConfigError, did_you_mean
 
     if name not in RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}{_suggest(name, list(RECIPES))} "
+        raise ConfigError(f"unknown recipe {name!r}{did_you_mean(name, list(RECIPES))} "
                           f"(known: {', '.join(sorted(RECIPES))})")
     return RECIPES[name]()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from r1mega.algo._checks import check_choice, check_floating, check_integer, check_shape, positive
+from r1mega.algo.checks import check_choice, check_floating, check_integer, check_shape, positive
 
 ADV_SCALES = ("group", "batch", "none")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from r1mega.algo._checks import check_floating, check_integer, positive
+from r1mega.algo.checks import check_floating, check_integer, positive
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:

@@ -48,7 +48,7 @@ from functools import reduce
 import torch
 import torch.nn.functional as F
 
-from r1mega.algo._checks import (
+from r1mega.algo.checks import (
     check_choice,
     check_floating,
     check_shape,

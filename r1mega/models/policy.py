@@ -340,7 +340,7 @@ class Policy:
 
     # ---- batches ---------------------------------------------------------------------------
     def _check_ids(self, input_ids, attention_mask):
-        from r1mega.algo._checks import check_integer, check_shape
+        from r1mega.algo.checks import check_integer, check_shape
 
         check_integer("input_ids", input_ids)
         if input_ids.dim() != 2 or input_ids.shape[1] < 2:
@@ -489,7 +489,7 @@ class Policy:
 
     # ---- packed rows -----------------------------------------------------------------------
     def _check_segments(self, segment_ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
-        from r1mega.algo._checks import check_integer
+        from r1mega.algo.checks import check_integer
         from r1mega.parallel.cpu_shim import megatron_has_te
 
         check_integer("segment_ids", segment_ids)
@@ -580,7 +580,7 @@ class Policy:
 
     # ---- training --------------------------------------------------------------------------
     def _parse_batch(self, batch: Mapping[str, Any]):
-        from r1mega.algo._checks import check_shape
+        from r1mega.algo.checks import check_shape
         from r1mega.algo.policy_loss import check_loss_options
 
         if self.optimizer is None:
@@ -758,7 +758,7 @@ class Policy:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from r1mega.algo._checks import check_shape
+        from r1mega.algo.checks import check_shape
         from r1mega.ops.vocab_parallel import vocab_parallel_token_logprobs
 
         if self.optimizer is None:

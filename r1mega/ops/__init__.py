@@ -13,7 +13,7 @@ they can run (CUDA, or the CPU interpreter with TRITON_INTERPRET=1), else a chun
 implementation with the same memory behaviour (no [N, V] float32 copy of the logits).
 """
 
-from r1mega.ops._backend import BACKENDS, resolve_backend
+from r1mega.ops.backend import BACKENDS, resolve_backend
 from r1mega.ops.grpo_loss import grpo_loss, reference_grpo_loss
 from r1mega.ops.linear import linear_grpo_loss
 from r1mega.ops.logprob import (

@@ -29,10 +29,10 @@ import torch
 
 from r1mega.algo import policy_loss
 from r1mega.algo import token_logprobs as _algo_token_logprobs
-from r1mega.algo._checks import check_floating, check_shape
+from r1mega.algo.checks import check_floating, check_shape
 from r1mega.algo.policy_loss import LOG_RATIO_BOUND, aggregate, check_loss_options, loss_metrics
-from r1mega.ops._backend import resolve_backend
-from r1mega.ops.logprob import _logprob_fwd, as_rows, logits_grad, token_logprobs
+from r1mega.ops.backend import resolve_backend
+from r1mega.ops.logprob import as_rows, logits_grad, logprob_fwd, token_logprobs
 
 # The bits of the kernels' clip_flags (r1mega_kernels.grpo_loss, not imported here: importing a
 # kernel module must wait until TRITON_INTERPRET is settled).
@@ -259,7 +259,7 @@ def grpo_loss(
             bool(inplace_backward),
         )
     else:
-        logp_ST = _logprob_fwd(logits3, tokens2, valid_u8, float(temperature), False, "triton",
+        logp_ST = logprob_fwd(logits3, tokens2, valid_u8, float(temperature), False, "triton",
                                bool(inplace_backward))[0]
         # The sequence log-ratio exactly as policy_loss computes it (detached: GSPO's factor).
         with torch.no_grad():

@@ -55,9 +55,9 @@ import torch
 import torch.distributed as dist
 
 from r1mega.algo import policy_loss
-from r1mega.algo._checks import check_floating, check_integer, describe, positive
+from r1mega.algo.checks import check_floating, check_integer, describe, positive
 from r1mega.algo.policy_loss import LOG_RATIO_BOUND, aggregate, check_loss_options
-from r1mega.ops._backend import resolve_backend
+from r1mega.ops.backend import resolve_backend
 from r1mega.ops.logprob import logits_grad
 from r1mega.ops.vocab_parallel import VocabShard, check_token_inputs, sharded_logprob_stats, vocab_shard
 

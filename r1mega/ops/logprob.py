@@ -5,7 +5,7 @@ output over ``input_ids`` [S, P + T] predicts the next token, pass
 ``logits[:, P - 1 : P + T - 1]`` with ``tokens = input_ids[:, P:]``: the slice is a strided view
 and is read in place (only the vocabulary dimension must be contiguous).
 
-Backends (``backend=None`` picks "triton" where it can run, see :mod:`r1mega.ops._backend`):
+Backends (``backend=None`` picks "triton" where it can run, see :mod:`r1mega.ops.backend`):
   "triton": r1mega_kernels.logprob: one pass over the logits forward (online log-sum-exp),
             one read and one write backward; saves the row max and log-sum per token.
   "torch":  the same computation in row chunks of at most ``CHUNK_ELEMENTS`` logits (16 MiB of
@@ -31,8 +31,8 @@ import torch
 
 from r1mega.algo import entropy_from_logits
 from r1mega.algo import token_logprobs as _algo_token_logprobs
-from r1mega.algo._checks import check_floating, check_integer, positive
-from r1mega.ops._backend import resolve_backend
+from r1mega.algo.checks import check_floating, check_integer, positive
+from r1mega.ops.backend import resolve_backend
 
 # The one torch reference of this op.
 reference_token_logprobs = _algo_token_logprobs
@@ -42,7 +42,8 @@ reference_token_logprobs = _algo_token_logprobs
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
 
 
-def _chunk_rows(logits: torch.Tensor) -> int:
+def chunk_rows(logits: torch.Tensor) -> int:
+    """Rows of [..., V] `logits` per chunk of the torch backend (at least 1)."""
     return max(1, CHUNK_ELEMENTS.get(logits.device.type, 1 << 22) // logits.shape[-1])
 
 
@@ -61,11 +62,12 @@ def reference_token_logprobs_and_entropy(
 # ---------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the torch backend computes in for logits of `dtype`: at least float32."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def _row_spans(tensors: list[torch.Tensor], chunk: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+def row_spans(tensors: list[torch.Tensor], chunk: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
     """(n0, n1, [rows n0..n1 of each tensor as a [r, V] view]) over the rows of [S, T, V] tensors."""
     S, T, V = tensors[0].shape
     try:
@@ -81,7 +83,7 @@ def _row_spans(tensors: list[torch.Tensor], chunk: int) -> Iterator[tuple[int, i
         yield n0, n1, [x[n0:n1] for x in flat]
 
 
-def _gather_scaled(z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def gather_scaled(z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """z[r, tokens[r]]; -inf for ids outside [0, V) (probability 0), as the kernels do."""
     V = z.shape[-1]
     ok = (tokens >= 0) & (tokens < V)
@@ -93,18 +95,18 @@ def _torch_forward(
     logits: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor | None, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     S, T = logits.shape[:2]
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     logp, row_max, row_logsum = (torch.empty(S * T, dtype=dtype, device=logits.device) for _ in range(3))
     entropy = torch.empty(S * T if with_entropy else 0, dtype=dtype, device=logits.device)
     flat_tokens = tokens.reshape(-1)
-    for n0, n1, (rows,) in _row_spans([logits], _chunk_rows(logits)):
+    for n0, n1, (rows,) in row_spans([logits], chunk_rows(logits)):
         z = rows.to(dtype) / temperature  # the chunk's only full-size copy
         m = z.amax(-1, keepdim=True)
         z -= m.masked_fill(m == float("-inf"), 0.0)  # an all -inf row stays -inf, not NaN
         e = z.exp()
         s = e.sum(-1)
         log_s = s.log()
-        logp[n0:n1] = _gather_scaled(z, flat_tokens[n0:n1]) - log_s
+        logp[n0:n1] = gather_scaled(z, flat_tokens[n0:n1]) - log_s
         row_max[n0:n1] = m.squeeze(-1)
         row_logsum[n0:n1] = log_s
         if with_entropy:
@@ -130,12 +132,12 @@ def _torch_backward(
     out: torch.Tensor,
 ) -> None:
     V = logits.shape[-1]
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     flat = [x.reshape(-1) for x in (tokens, row_max, row_logsum, grad_logp)]
     with_entropy = entropy is not None and grad_entropy is not None
     if with_entropy:
         flat += [entropy.reshape(-1), grad_entropy.reshape(-1)]
-    for n0, n1, (rows, out_rows) in _row_spans([logits, out], _chunk_rows(logits)):
+    for n0, n1, (rows, out_rows) in row_spans([logits, out], chunk_rows(logits)):
         y, m, log_s, g = (x[n0:n1] for x in flat[:4])
         g = g.to(dtype)
         live = g != 0
@@ -165,13 +167,17 @@ def _torch_backward(
 
 
 @torch.library.custom_op("r1mega::logprob_fwd", mutates_args=())
-def _logprob_fwd(
+def logprob_fwd(
     logits: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor | None, temperature: float, with_entropy: bool,
     backend: str, inplace_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy or an empty tensor, row max, row log-sum), each [S, T], of [S, T, V] logits.
 
-    Rows where ``valid`` (optional, [S, T] bool) is False are not read and give 0.
+    Rows where ``valid`` (optional, [S, T] bool) is False are not read and give 0. The custom op
+    ``r1mega::logprob_fwd`` with its autograd formula (differentiable in `logits` through logp and
+    entropy): the building block of :func:`token_logprobs`, r1mega.ops.grpo_loss and
+    r1mega.ops.vocab_parallel. `backend` is already resolved ("triton" or "torch");
+    `inplace_backward` as in the module docstring.
     """
     if backend == "torch":
         return _torch_forward(logits, tokens, valid, temperature, with_entropy)
@@ -182,9 +188,9 @@ def _logprob_fwd(
     return out.logp, entropy, out.row_max, out.row_logsum
 
 
-@_logprob_fwd.register_fake
+@logprob_fwd.register_fake
 def _(logits, tokens, valid, temperature, with_entropy, backend, inplace_backward):
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
 
     def new():
         return tokens.new_empty(tokens.shape, dtype=dtype)
@@ -311,7 +317,7 @@ def as_rows(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> t
 def _logprobs(logits, tokens, temperature, backend, inplace_backward, with_entropy):
     logits3, tokens2 = as_rows(logits, tokens, temperature)
     backend = resolve_backend(backend, logits)
-    logp, entropy, _, _ = _logprob_fwd(logits3, tokens2, None, float(temperature), with_entropy, backend,
+    logp, entropy, _, _ = logprob_fwd(logits3, tokens2, None, float(temperature), with_entropy, backend,
                                        bool(inplace_backward))
     shape = logits.shape[:-1]
     return logp.view(shape), entropy.view(shape) if with_entropy else None

@@ -44,17 +44,17 @@ import torch
 import torch.distributed as dist
 
 from r1mega.algo import policy_loss
-from r1mega.algo._checks import check_floating, check_shape
+from r1mega.algo.checks import check_floating, check_shape
 from r1mega.algo.policy_loss import check_loss_options
-from r1mega.ops._backend import resolve_backend
+from r1mega.ops.backend import resolve_backend
 from r1mega.ops.logprob import (
-    _chunk_rows,
-    _compute_dtype,
-    _gather_scaled,
-    _logprob_fwd,
-    _row_spans,
     as_rows,
+    chunk_rows,
+    compute_dtype,
+    gather_scaled,
     logits_grad,
+    logprob_fwd,
+    row_spans,
 )
 
 
@@ -98,11 +98,11 @@ def _torch_partials(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(m, s, t, z_y) of an [S, T, V] shard in row chunks, like r1mega_kernels.vocab_parallel."""
     S, T, _ = logits.shape
-    dtype = _compute_dtype(logits.dtype)
+    dtype = compute_dtype(logits.dtype)
     m_all, s_all, t_all, zy_all = (torch.zeros(S * T, dtype=dtype, device=logits.device) for _ in range(4))
     local = tokens.reshape(-1) - vocab_start
-    for n0, n1, (rows,) in _row_spans([logits], _chunk_rows(logits)):
-        zy_all[n0:n1] = _gather_scaled(rows, local[n0:n1]).to(dtype) / temperature  # -inf outside the shard
+    for n0, n1, (rows,) in row_spans([logits], chunk_rows(logits)):
+        zy_all[n0:n1] = gather_scaled(rows, local[n0:n1]).to(dtype) / temperature  # -inf outside the shard
         z = rows.to(dtype) / temperature
         m = z.amax(-1, keepdim=True)
         z -= m.masked_fill(m == float("-inf"), 0.0)
@@ -184,7 +184,7 @@ def sharded_logprob_stats(
     r1mega.ops.logprob. ``shard=None``: tp = 1, r1mega.ops.logprob's own forward, no collective.
     """
     if shard is None:
-        logp, entropy, row_max, row_logsum = _logprob_fwd(logits, tokens, valid, temperature, with_entropy, backend,
+        logp, entropy, row_max, row_logsum = logprob_fwd(logits, tokens, valid, temperature, with_entropy, backend,
                                                           False)
         return LogprobStats(logp, entropy if with_entropy else None, row_max, row_logsum, tokens)
     m, s, t, z_y = _partials(logits, tokens, valid, temperature, with_entropy, backend, shard.vocab_start)

@@ -39,7 +39,7 @@ from pathlib import Path
 from r1mega.data.loader import write_prompts
 from r1mega.data.records import PromptRecord
 from r1mega.data.synthetic import arithmetic, countdown, programming
-from r1mega.data.synthetic._common import HELD_OUT_PERCENT, SPLITS, STYLES, check_style, split_of
+from r1mega.data.synthetic.common import HELD_OUT_PERCENT, SPLITS, STYLES, check_style, split_of
 from r1mega.utils.io import atomic_write_text
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 
 from r1mega.data.records import PromptRecord
-from r1mega.data.synthetic._common import check_args, check_record, problem_id, render, sample_problems
+from r1mega.data.synthetic.common import check_args, check_record, problem_id, render, sample_problems
 
 NAME = "arithmetic"
 TASK = "math"

@@ -19,7 +19,7 @@ import random
 from fractions import Fraction
 
 from r1mega.data.records import PromptRecord
-from r1mega.data.synthetic._common import check_args, check_record, problem_id, render, sample_problems
+from r1mega.data.synthetic.common import check_args, check_record, problem_id, render, sample_problems
 
 NAME = "countdown"
 TASK = "countdown"

@@ -23,7 +23,7 @@ from collections import Counter
 from functools import reduce
 
 from r1mega.data.records import PromptRecord
-from r1mega.data.synthetic._common import check_args, check_record, problem_id, render, sample_problems
+from r1mega.data.synthetic.common import check_args, check_record, problem_id, render, sample_problems
 
 NAME = "programming"
 TASK = "code"

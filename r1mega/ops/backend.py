@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from r1mega.algo._checks import check_choice
+from r1mega.algo.checks import check_choice
 from r1mega.utils.triton_env import interpreter_on, triton_can_run
 
 BACKENDS = ("triton", "torch")
