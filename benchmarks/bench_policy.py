@@ -137,7 +137,8 @@ def worker(args) -> None:
 
         hf_params = None
         if world == 1:  # the receiving engine's parameters, preallocated under the checkpoint's names
-            from r1mega.models.hf_io import ST_DTYPES, expected_hf_tensors
+            from r1mega.models.hf_mapping import expected_hf_tensors
+            from r1mega.models.safetensors_io import ST_DTYPES
 
             hf_params = {name: torch.empty(shape, dtype=ST_DTYPES[policy.hf_dtypes[name]])
                          for name, shape in expected_hf_tensors(policy.desc).items()}

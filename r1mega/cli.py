@@ -305,7 +305,9 @@ def _synth(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import warnings
 
-    from r1mega.models import check_hf_checkpoint, describe_hf_model, hf_io
+    from r1mega.models.convert import convert_hf_to_hf, convert_hf_to_megatron, convert_megatron_to_hf
+    from r1mega.models.hf_checkpoint import check_hf_checkpoint
+    from r1mega.models.hf_config import describe_hf_model
     from r1mega.parallel import ParallelConfig
 
     if args.to_megatron and not args.hf:
@@ -320,11 +322,11 @@ def _convert(args: argparse.Namespace) -> int:
 
     try:
         if args.to_megatron:
-            hf_io.convert_hf_to_megatron(args.hf, args.to_megatron, parallel, dtype=args.dtype)
+            convert_hf_to_megatron(args.hf, args.to_megatron, parallel, dtype=args.dtype)
         elif args.megatron:
-            hf_io.convert_megatron_to_hf(args.megatron, args.to_hf, parallel)
+            convert_megatron_to_hf(args.megatron, args.to_hf, parallel)
         else:
-            hf_io.convert_hf_to_hf(args.hf, args.to_hf, parallel, dtype=args.dtype)
+            convert_hf_to_hf(args.hf, args.to_hf, parallel, dtype=args.dtype)
         if dist.get_rank() == 0:
             target = args.to_megatron or args.to_hf
             kind = "megatron checkpoint" if args.to_megatron else "Hugging Face directory"

@@ -135,7 +135,7 @@ def _digest(records: Sequence) -> str:
 def _check_model(path: Path, flag: str) -> dict:
     """What distill records of a model directory; DistillError if the megatron policy cannot load it."""
     from r1mega.models import describe_hf_model
-    from r1mega.models.hf_io import check_hf_checkpoint
+    from r1mega.models.hf_checkpoint import check_hf_checkpoint
 
     if not (path / "config.json").is_file():
         raise DistillError(f"{flag}: {str(path)!r} is not a Hugging Face model directory (no config.json)")

@@ -20,7 +20,7 @@ from r1mega.models.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
-from r1mega.models.hf_io import CheckpointError
+from r1mega.models.errors import CheckpointError
 
 
 def _fake_step(root, step, *, complete=True):

@@ -14,11 +14,9 @@ from safetensors.torch import load_file, save_file
 from r1mega.cli import main
 from r1mega.config import ConfigError
 from r1mega.models import UnsupportedModelError, describe_hf_config, describe_hf_model
-from r1mega.models.hf_io import (
-    CheckpointError,
-    check_hf_checkpoint,
-    expected_hf_tensors,
-)
+from r1mega.models.errors import CheckpointError
+from r1mega.models.hf_checkpoint import check_hf_checkpoint
+from r1mega.models.hf_mapping import expected_hf_tensors
 from r1mega.parallel import ParallelConfig
 from tests.models_fixtures import CONFIGS
 from tests.torchrun import run_torchrun

@@ -1,7 +1,7 @@
 """The model's weights as full Hugging Face-named tensors, streamed in buckets of a byte budget.
 
 This is what a rollout engine loads after each training step (``engine.refit(stream.buckets(n))``):
-the same names, shapes, dtypes and bytes as :func:`r1mega.models.hf_io.export_hf_weights` writes,
+the same names, shapes, dtypes and bytes as :func:`r1mega.models.hf_checkpoint.export_hf_weights` writes,
 without touching the disk. It runs every step, so:
 
 * **The plan is made once.** :class:`WeightStream` lists which rank owns each tensor with one
@@ -43,9 +43,8 @@ from typing import Optional
 import torch
 
 from r1mega.models.hf_config import ModelDesc
-from r1mega.models.hf_io import (
-    ST_DTYPES,
-    CheckpointError,
+from r1mega.models.errors import CheckpointError
+from r1mega.models.hf_mapping import (
     entry_tp_group,
     expected_hf_tensors,
     export_dtypes,
@@ -53,6 +52,7 @@ from r1mega.models.hf_io import (
     hf_pieces,
     model_entries,
 )
+from r1mega.models.safetensors_io import ST_DTYPES
 
 _ALIGN = 16  # byte alignment of each tensor inside a packed buffer
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -102,7 +102,7 @@ class WeightStream:
     """The weight stream of one model in one layout; build it on every rank (collective).
 
     `dtypes` maps HF names to safetensors dtypes (F32, BF16, ...) as for export_hf_weights
-    (missing names take :func:`~r1mega.models.hf_io.export_dtypes`). `dst_ranks`: the global ranks
+    (missing names take :func:`~r1mega.models.hf_mapping.export_dtypes`). `dst_ranks`: the global ranks
     that receive the tensors (None: all).
     """
 

@@ -4,7 +4,7 @@
 experts) for the process groups :func:`r1mega.parallel.state.init_parallel` set up;
 :func:`forward_logits` runs a forward pass through megatron's forward-backward schedule (so it
 works with pipeline parallelism) and returns full-vocabulary logits on the last stage. Weights
-come from :func:`r1mega.models.hf_io.load_hf_weights`.
+come from :func:`r1mega.models.hf_checkpoint.load_hf_weights`.
 """
 
 from __future__ import annotations
@@ -137,6 +137,15 @@ def _fix_mla_rope_key_grad(model) -> None:
             return _SumTrailingGrad.apply(full, _config.kv_lora_rank, ps.get_tensor_model_parallel_group()), bias
 
         proj.forward = forward
+
+
+def unwrap_model(model):
+    """The GPTModel inside megatron/torch wrappers (DDP, Float16Module), which add ``module.``."""
+    from megatron.core.models.gpt import GPTModel
+
+    while not isinstance(model, GPTModel) and hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def model_config(model):

@@ -54,7 +54,7 @@ from typing import Any, Optional
 
 import torch
 
-from r1mega.models.hf_io import CheckpointError
+from r1mega.models.errors import CheckpointError
 
 FORMAT = 1
 META_NAME = "r1mega_checkpoint.json"

@@ -90,12 +90,8 @@ class _Source:
 
 def _resolve_source(path: str | Path) -> _Source:
     from r1mega.models import checkpoint as ckpt
-    from r1mega.models.hf_io import (
-        HF_FILES,
-        MEGATRON_META,
-        MEGATRON_WEIGHTS,
-        CheckpointError,
-    )
+    from r1mega.models.convert import HF_FILES, MEGATRON_META, MEGATRON_WEIGHTS
+    from r1mega.models.errors import CheckpointError
 
     path = Path(path)
     if not path.is_dir():
@@ -147,7 +143,7 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
     from r1mega.models import checkpoint as ckpt
     from r1mega.models.build import build_model
     from r1mega.models.hf_config import describe_hf_model
-    from r1mega.models.hf_io import check_hf_checkpoint, load_hf_weights
+    from r1mega.models.hf_checkpoint import check_hf_checkpoint, load_hf_weights
 
     if parallel is None:
         parallel = ParallelConfig(tp=tp, ep=ep, pp=pp, etp=etp)
@@ -234,7 +230,7 @@ class _HiddenStatesOut:
     (the output layer's vocabulary shard, or the tied embedding) through the fused linear op."""
 
     def __init__(self, model, is_last_stage: bool, tp_group):
-        from r1mega.models.hf_io import unwrap_model
+        from r1mega.models.build import unwrap_model
 
         self.layer = unwrap_model(model).output_layer if is_last_stage else None
         self.sequence_parallel = bool(getattr(self.layer, "sequence_parallel", False))
@@ -275,7 +271,7 @@ class Policy:
     def __init__(self, model, desc: ModelDesc, parallel: ParallelConfig, *, dtype: torch.dtype,
                  hf_dtypes: Optional[dict], side_files: Optional[Path], optim: Optional[OptimConfig],
                  trainable: bool, micro_batch_size: int, temperature: float, backend: Optional[str], seed: int):
-        from r1mega.models.hf_io import export_dtypes
+        from r1mega.models.hf_mapping import export_dtypes
         from r1mega.parallel.state import current_layout
 
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
@@ -464,7 +460,7 @@ class Policy:
     # ---- router replay ---------------------------------------------------------------------
     def enable_router_replay(self) -> None:
         """Let log-probs and training steps replay recorded expert choices (MoE models)."""
-        from r1mega.models.hf_io import unwrap_model
+        from r1mega.models.build import unwrap_model
         from r1mega.models.router_replay import RouterReplay
 
         if not self.desc.is_moe:
@@ -909,7 +905,7 @@ class Policy:
         """Write a Hugging Face directory (safetensors in the source dtypes, config, tokenizer)."""
         import torch.distributed as dist
 
-        from r1mega.models.hf_io import export_hf_weights
+        from r1mega.models.hf_checkpoint import export_hf_weights
 
         out_dir = Path(out_dir)
         config_file = self.side_files / "config.json" if self.side_files else None
@@ -923,7 +919,7 @@ class Policy:
     def _copy_side_files(self, dest: Path, *, skip_config: bool = False) -> None:
         import json
 
-        from r1mega.models.hf_io import copy_files, hf_side_files
+        from r1mega.models.hf_checkpoint import copy_files, hf_side_files
         from r1mega.utils.io import atomic_write_text
 
         dest.mkdir(parents=True, exist_ok=True)

@@ -109,7 +109,7 @@ class HFEngine(Engine):
         import transformers
 
         from r1mega.models.hf_config import describe_hf_config
-        from r1mega.models.hf_io import expected_hf_tensors
+        from r1mega.models.hf_mapping import expected_hf_tensors
 
         if not isinstance(max_batch_rows, int) or max_batch_rows < 1:
             raise ValueError(f"hf engine: max_batch_rows must be a positive int, got {max_batch_rows!r}")

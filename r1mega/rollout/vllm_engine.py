@@ -144,7 +144,7 @@ class VLLMEngine(Engine):
                                "use rollout.engine=hf without it") from None
 
         from r1mega.models.hf_config import describe_hf_model
-        from r1mega.models.hf_io import expected_hf_tensors
+        from r1mega.models.hf_mapping import expected_hf_tensors
 
         if not vllm.__version__.startswith(SUPPORTED_VLLM):
             raise RuntimeError(f"vllm engine: written for vLLM {SUPPORTED_VLLM}.x, found {vllm.__version__}")

@@ -107,7 +107,7 @@ def load(path, **kwargs):
 def check_save_refusals(policy, out: Path) -> None:
     """A bad data_state or an existing step is refused before anything is written; keep_last prunes."""
     from r1mega.models import list_checkpoints
-    from r1mega.models.hf_io import CheckpointError
+    from r1mega.models.errors import CheckpointError
 
     root = out / "ckpt-refusals"
     for data_state, what in (({"x": float("nan")}, "nan"), ({"x": object()}, "object"), ([1, 2], "list")):

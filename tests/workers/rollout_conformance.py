@@ -128,7 +128,7 @@ def run_layout(root: Path, layout: str) -> None:
 
     from r1mega.config import Config, OptimConfig, ParallelConfig
     from r1mega.models import load_policy
-    from r1mega.models.hf_io import unwrap_model
+    from r1mega.models.build import unwrap_model
     from r1mega.rollout import (Colocation, SamplingParams, make_engine, sleep_for_training, verify_refit,
                                 wake_and_refit)
 
