@@ -38,7 +38,8 @@ fi
 
 stamp_dir=build/setup-stamp
 mkdir -p "$stamp_dir"
-digest=$(cat pyproject.toml csrc/* | sha256sum | cut -c1-16)
+# The editable install maps each module file by name: a module added or moved needs a re-install.
+digest=$( (cat pyproject.toml csrc/*; find r1mega kernels -name '*.py' | LC_ALL=C sort) | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp_dir/digest" 2>/dev/null)" != "$digest" ] \
    || ! "$PY" -c "import r1mega._batching, r1mega_kernels, pytest, hypothesis" 2>/dev/null; then
   echo "setup: building csrc/ and installing r1mega (editable) with its test tools"

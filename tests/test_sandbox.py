@@ -26,7 +26,7 @@ import pytest
 
 from r1mega.rewards.code import code_reward, code_reward_details, extract_program, normalize_output
 from r1mega.rewards.sandbox import (
-    _UID_BASE,
+    SANDBOX_UID_BASE,
     BACKENDS,
     SandboxResult,
     SandboxUnavailable,
@@ -49,11 +49,11 @@ any_backend = pytest.mark.skipif(not AVAILABLE, reason="no sandbox backend works
 
 
 def _sandbox_procs() -> dict[int, list[psutil.Process]]:
-    """Processes under a sandbox uid (root runs both backends as _UID_BASE + a pid), by uid."""
+    """Processes under a sandbox uid (root runs both backends as SANDBOX_UID_BASE + a pid), by uid."""
     found: dict[int, list[psutil.Process]] = {}
     for p in psutil.process_iter(["uids"]):
         uids = p.info["uids"]
-        if uids is not None and uids.real >= _UID_BASE:
+        if uids is not None and uids.real >= SANDBOX_UID_BASE:
             found.setdefault(uids.real, []).append(p)
     return found
 

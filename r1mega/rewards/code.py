@@ -16,9 +16,12 @@ Tests (``PromptRecord.tests``) are dicts of one of two kinds:
   A program that reads its own source to find the token, or returns objects whose ``__eq__``
   always holds, still can: assert tests are only as strong as their asserts.
 
-Each test runs in a fresh sandbox (:func:`r1mega.rewards.sandbox.run_sandboxed`: no network,
-own namespaces, rlimits, wall-clock ``timeout_s`` per test, ``memory_mb`` address space per
-process); a test that times out, crashes or exceeds a limit fails.
+All tests of a completion run as the cases of one sandbox (:func:`r1mega.rewards.sandbox.run_cases`:
+no network, a root file system of its own, seccomp, limits, each test with its own wall-clock
+``timeout_s``, fresh scratch space and verdict; ``memory_mb`` per process and, with a cgroup,
+for the whole sample). ``sandbox_per="test"`` gives each test a sandbox of its own instead (the
+baseline of ``benchmarks/bench_rewards.py``; several times slower). A test that times out,
+crashes or exceeds a limit fails.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from r1mega.rewards.sandbox import SandboxResult, run_sandboxed
+from r1mega.rewards.sandbox import SandboxResult, run_cases
 
 # The opening fence may follow other text on its line and the closing one may be followed by some,
 # as in R1-Zero answers: "<answer>```python\n...\n```</answer>".
@@ -76,31 +79,40 @@ def _check_tests(tests: Any) -> list[Mapping[str, str]]:
     return list(tests)
 
 
-def _run_one(program: str, test: Mapping[str, str], *, timeout_s: float, memory_mb: int,
-             backend: str | None) -> tuple[bool, SandboxResult]:
+def _case(program: str, test: Mapping[str, str]) -> tuple[tuple[str, str], str | None]:
+    """The sandbox case of one test, and the token an assert test must print (else None)."""
     if "assert" in test:
         token = secrets.token_hex(16)
         source = (f"{program}\n\n{test['assert']}\n\n"
                   f"__import__('sys').stdout.flush()\n"
                   f"__import__('os').write(1, b'\\n{token}\\n')\n")
-        r = run_sandboxed(source, timeout_s=timeout_s, memory_mb=memory_mb, backend=backend)
-        passed = r.ok and token in r.stdout
-    else:
-        r = run_sandboxed(program, stdin=test["input"], timeout_s=timeout_s,
-                          memory_mb=memory_mb, backend=backend)
-        passed = r.ok and normalize_output(r.stdout) == normalize_output(test["output"])
-    return passed, r
+        return (source, ""), token
+    return (program, test["input"]), None
+
+
+def _passed(test: Mapping[str, str], token: str | None, r: SandboxResult) -> bool:
+    if token is not None:
+        return r.ok and token in r.stdout
+    return r.ok and normalize_output(r.stdout) == normalize_output(test["output"])
+
+
+SANDBOX_PER = ("completion", "test")
 
 
 def code_reward_details(completion: str, tests, *, timeout_s: float = 5.0, memory_mb: int = 512,
-                        backend: str | None = None) -> tuple[float, dict[str, Any]]:
+                        backend: str | None = None,
+                        sandbox_per: str = "completion") -> tuple[float, dict[str, Any]]:
     """:func:`code_reward` with diagnostics: ``(fraction, info)``.
+
+    sandbox_per: "completion" (all tests in one sandbox, the default) or "test".
 
     info: ``passed``, ``total``, ``error`` (e.g. "no code block", or None) and ``tests``, one
     entry per test: ``passed``, ``timed_out``, ``returncode``, ``seconds``, ``stderr_tail``
     (the last 2000 characters), and ``error`` when the sandbox itself failed.
     """
     tests = _check_tests(tests)
+    if sandbox_per not in SANDBOX_PER:
+        raise ValueError(f"sandbox_per must be one of {SANDBOX_PER}, got {sandbox_per!r}")
     if not isinstance(completion, str):
         raise ValueError(f"completion must be a str, got {type(completion).__name__}")
     program = extract_program(completion)
@@ -108,10 +120,15 @@ def code_reward_details(completion: str, tests, *, timeout_s: float = 5.0, memor
     if program is None:
         info["error"] = "no code block"
         return 0.0, info
+    cases, tokens = zip(*(_case(program, t) for t in tests))
+    limits = {"timeout_s": timeout_s, "memory_mb": memory_mb, "backend": backend}
+    if sandbox_per == "completion":
+        results = run_cases(list(cases), **limits)
+    else:
+        results = [run_cases([c], **limits)[0] for c in cases]
     passed = 0
-    for test in tests:
-        ok, r = _run_one(program, test, timeout_s=timeout_s, memory_mb=memory_mb,
-                         backend=backend)
+    for test, token, r in zip(tests, tokens, results):
+        ok = _passed(test, token, r)
         passed += ok
         entry = {"passed": ok, "timed_out": r.timed_out, "returncode": r.returncode,
                  "seconds": round(r.seconds, 4), "stderr_tail": r.stderr[-_STDERR_TAIL:]}
