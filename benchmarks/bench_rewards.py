@@ -1,7 +1,7 @@
 """Throughput of reward scoring: the RewardPool against in-process scoring, measured in one run.
 
     python benchmarks/bench_rewards.py [--n-math 10000] [--n-code 1000] [--workers 1,2]
-                                       [--inline-max 200] [--out PATH]
+                                       [--inline-max 200] [--n-sandbox 60] [--out PATH]
 
 Workloads are shipped synthetic tasks with their reference solutions, a third of them corrupted so
 both the right and the wrong verdicts are timed: arithmetic (math-verify on the <answer>) and
@@ -9,6 +9,11 @@ programming (each test case run in the code sandbox). Providers: "inline" scores
 (r1mega.rewards.CompositeReward: the baseline, no isolation) and "pool/W" scores with W worker
 processes under deadlines (what the trainer uses). The table prints completions per second, the
 cost per completion and the speed relative to inline; one JSON line per row goes to --out.
+
+A second table times the code sandbox itself on the first --n-sandbox programming completions,
+under every backend that works here: all tests of a completion as the cases of one sandbox
+(what code rewards do) against one sandbox per test (the previous design), on the same
+completions in the same run; the verdicts must agree.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import time
 from _common import RESULTS, append_jsonl, environment
 from r1mega.data.synthetic import get_task
 from r1mega.rewards import CompositeReward, RewardPool
+from r1mega.rewards.code import SANDBOX_PER, code_reward_details
+from r1mega.rewards.sandbox import available_backends, limits_description
 
 WEIGHTS = {"accuracy": 1.0, "format": 1.0}
 
@@ -62,6 +69,41 @@ def run_pool(records, completions, workers: int) -> tuple[float, list]:
         return time.perf_counter() - start, scored
 
 
+def run_sandbox_modes(records, completions, env: dict, seed: int) -> list[dict] | None:
+    """Per-completion cost of the code sandbox, one sandbox per completion vs one per test."""
+    rows = []
+    tests = sum(len(r.tests) for r in records)
+    for backend in available_backends():
+        code_reward_details(completions[0], records[0].tests, backend=backend)  # warm the probe
+        verdicts = {mode: [] for mode in SANDBOX_PER}
+        seconds = dict.fromkeys(SANDBOX_PER, 0.0)
+        for k, (r, c) in enumerate(zip(records, completions)):
+            # interleaved, in alternating order: a load change on the machine hits both modes
+            for mode in (SANDBOX_PER if k % 2 == 0 else SANDBOX_PER[::-1]):
+                start = time.perf_counter()
+                verdicts[mode].append(code_reward_details(c, r.tests, backend=backend, sandbox_per=mode)[0])
+                seconds[mode] += time.perf_counter() - start
+        for mode in SANDBOX_PER:
+            rows.append({"bench": "bench_rewards/sandbox", "backend": backend, "sandbox_per": mode,
+                         "completions": len(records), "tests": tests, "seconds": seconds[mode],
+                         "ms_per_completion": 1e3 * seconds[mode] / len(records),
+                         "accuracy_mean": sum(verdicts[mode]) / len(records),
+                         "limits": limits_description(), "seed": seed, **env})
+        if verdicts["completion"] != verdicts["test"]:
+            print(f"ERROR: the two sandbox modes disagree under {backend}", file=sys.stderr)
+            return None
+    print(f"\n{'backend':<9}{'sandbox per':<13}{'n':>5}{'tests':>7}{'seconds':>9}{'ms each':>9}"
+          f"{'speed-up':>10}{'accuracy':>10}")
+    for r in rows:
+        base = next(x for x in rows if x["backend"] == r["backend"] and x["sandbox_per"] == "test")
+        print(f"{r['backend']:<9}{r['sandbox_per']:<13}{r['completions']:>5}{r['tests']:>7}"
+              f"{r['seconds']:>9.2f}{r['ms_per_completion']:>9.1f}"
+              f"{base['seconds'] / r['seconds']:>9.2f}x{r['accuracy_mean']:>10.3f}")
+    print("speed-up = time with one sandbox per test / time (same completions, same run); "
+          + limits_description())
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-math", type=int, default=10_000)
@@ -70,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inline-max", type=int, default=200,
                     help="the inline baseline scores at most this many completions of a workload "
                          "(rates are compared; the verdicts on that prefix must agree)")
+    ap.add_argument("--n-sandbox", type=int, default=60,
+                    help="programming completions for the sandbox table (0: skip it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "bench_rewards.jsonl"))
     args = ap.parse_args(argv)
@@ -108,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['completions_per_s'] / inline['completions_per_s']:>9.2f}x{r['accuracy_mean']:>10.3f}{r['errors']:>7}")
     print("vs inline = rate / inline rate (>1: faster than scoring in this process); a third of "
           "the completions are corrupted (code accuracy is the fraction of tests passed)")
+    if args.n_sandbox > 0:
+        if not available_backends():
+            print("ERROR: no sandbox backend works here for the sandbox table", file=sys.stderr)
+            return 1
+        records, completions = workload("programming", args.n_sandbox, args.seed)
+        sandbox_rows = run_sandbox_modes(records, completions, env, args.seed)
+        if sandbox_rows is None:
+            return 1
+        rows += sandbox_rows
     append_jsonl(args.out, rows)
     return 0
 

@@ -55,6 +55,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -238,14 +239,23 @@ def available_backends(python: str | None = None) -> tuple[str, ...]:
     return tuple(b for b in BACKENDS if _probe(b, python) is None)
 
 
+_announced: set[str] = set()
+
+
 def require_backend(python: str | None = None) -> str:
     """The backend code rewards will use here; SandboxUnavailable (one line: why each backend
     fails and what to install) when none works, so a run with code rewards refuses to start
-    rather than losing every code sample."""
+    rather than losing every code sample. The first success in a process (on rank 0 of a
+    distributed run) writes one line to stderr, the run's log: the backend and how samples are
+    bounded (cgroup or rlimits only, and why; seccomp)."""
     python = python or DEFAULT_PYTHON
     reasons = {b: _probe(b, python) for b in BACKENDS}
     for b, why in reasons.items():
         if why is None:
+            if b not in _announced and os.environ.get("RANK", "0") == "0":
+                _announced.add(b)
+                print(f"r1mega: code sandbox {b}; {limits_description()}", file=sys.stderr,
+                      flush=True)
             return b
     details = "; ".join(f"{b}: {' '.join(str(why).split())[:200]}" for b, why in reasons.items())
     raise SandboxUnavailable(f"no code sandbox works on this machine ({details}); {INSTALL_HINT}")
