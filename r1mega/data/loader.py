@@ -12,7 +12,8 @@ Validation happens before anything is returned, and the first bad row stops the 
     data/code.parquet: row 3 (0-based): field 'tests': item 2 of 4 must have 'input' and 'output' ...
 
 Row numbering: JSON Lines say ``line N``, 1-based like an editor (blank lines count and are
-skipped); JSON arrays and Parquet files say ``row N (0-based)``, the index of the row in the array
+skipped); JSON arrays (a ``.json`` file whose text starts with ``[``; a ``.jsonl`` file is always
+JSON Lines) and Parquet files say ``row N (0-based)``, the index of the row in the array
 or table as Python, pandas and pyarrow number it. Items of ``tests`` are numbered ``item N of M``,
 1-based.
 
@@ -36,6 +37,8 @@ import difflib
 import gzip
 import json
 import re
+import reprlib
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +65,13 @@ class RowError(Exception):
 
 _RowError = RowError
 
+# Values quoted in messages are cut to about this many characters (a huge value must not make a
+# huge message) and nested containers to a few levels.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_shown = _SHOWN.repr
+_MAX_ROW_MESSAGE = 400  # characters of a RowError from a parse function (longer ones are elided)
+
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
@@ -79,7 +89,7 @@ def _as_text(name: str, value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
-        raise _RowError(f"field {name!r}: must be a string, got float {value!r} "
+        raise _RowError(f"field {name!r}: must be a string, got float {_shown(value)} "
                         "(quote it in the file to keep its exact text)")
     raise _RowError(f"field {name!r}: must be a string, got {_kind(value)}")
 
@@ -102,7 +112,7 @@ def _parse_tests(value: Any, task: str) -> tuple[dict[str, str], ...] | None:
         item = {k: v for k, v in item.items() if v is not None}
         for k in item:
             if k not in _TEST_KEYS:
-                raise _RowError(f"{where}: unknown key {k!r} (allowed: 'input', 'output', 'assert')")
+                raise _RowError(f"{where}: unknown key {_shown(k)} (allowed: 'input', 'output', 'assert')")
         io_ok = set(item) == {"input", "output"} and all(isinstance(item[k], str) for k in item)
         assert_ok = set(item) == {"assert"} and isinstance(item["assert"], str) and item["assert"].strip()
         if not (io_ok or assert_ok):
@@ -126,7 +136,7 @@ def _record_from_row(row: Any, default_task: str | None) -> PromptRecord:
         if key in _CORE or key == "meta" or value is None:
             continue
         if key in meta:
-            raise _RowError(f"field {key!r}: given both at top level and inside 'meta'")
+            raise _RowError(f"field {_shown(key)}: given both at top level and inside 'meta'")
         meta[key] = value
 
     if row.get("id") is None:
@@ -150,7 +160,7 @@ def _record_from_row(row: Any, default_task: str | None) -> PromptRecord:
     if not isinstance(task, str):
         raise _RowError(f"field 'task': must be a string, got {_kind(task)}")
     if task not in TASKS:
-        raise _RowError(f"field 'task': {task!r} is not one of "
+        raise _RowError(f"field 'task': {_shown(task)} is not one of "
                         f"{', '.join(map(repr, TASKS))}{_did_you_mean(task, TASKS)}")
 
     answer = row.get("answer")
@@ -163,7 +173,7 @@ def _record_from_row(row: Any, default_task: str | None) -> PromptRecord:
             raise _RowError(f"field 'answer': empty (required for task {task!r})")
     if task == "countdown":
         if not _INT_RE.fullmatch(answer.strip()):
-            raise _RowError(f"field 'answer': {answer!r} is not an integer (the countdown target)")
+            raise _RowError(f"field 'answer': {_shown(answer)} is not an integer (the countdown target)")
         numbers = meta.get("numbers")
         if numbers is None:
             raise _RowError("field 'numbers': missing (required for task 'countdown')")
@@ -178,7 +188,7 @@ def _record_from_row(row: Any, default_task: str | None) -> PromptRecord:
         if not isinstance(language, str):
             raise _RowError(f"field 'language': must be a string or null, got {_kind(language)}")
         if language not in LANGUAGES:
-            raise _RowError(f"field 'language': {language!r} is not a known language code "
+            raise _RowError(f"field 'language': {_shown(language)} is not a known language code "
                             f"(one of {', '.join(LANGUAGES)}, or null){_did_you_mean(language, LANGUAGES)}")
 
     return PromptRecord(id=rid, prompt=row["prompt"], task=task, answer=answer, tests=tests,
@@ -193,35 +203,75 @@ def _suffix(path: Path) -> str:
     raise DataError(f"{path}: unsupported file type (expected one of {', '.join(_SUFFIXES)})")
 
 
+# What reading a file can raise below the JSON: a truncated or corrupt gzip stream, an I/O error.
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _one_line(err: BaseException) -> str:
+    """A library's error message as one line of printable text (control characters escaped)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(str(err).split()))
+
+
+def _unreadable(path: Path, err: BaseException) -> DataError:
+    kind = "gzip file" if path.name.lower().endswith(".gz") else "file"
+    return DataError(f"{path}: not a readable {kind} ({_one_line(err)})")
+
+
+def _parse_json(path: Path, where: str | None, text: str) -> Any:
+    """json.loads of one line (`where`) or of a whole file (None); DataError for what it refuses:
+    bad syntax, nesting deeper than the interpreter's recursion limit, an integer of more digits
+    than Python converts."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = where or f"line {e.lineno}"
+        raise DataError(f"{path}: {where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        problem = "nested too deeply"
+    except ValueError as e:
+        problem = _one_line(e)
+    raise DataError(f"{path}: {where + ': ' if where else ''}invalid JSON: {problem}") from None
+
+
+def _raw_lines(path: Path, opener: Callable) -> Iterator[bytes]:
+    try:
+        with opener(path, "rb") as f:
+            yield from f
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from None
+
+
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):  # one JSON array of objects
-        try:
+    # A .json file is one JSON array of objects or JSON Lines; a .jsonl file always JSON Lines
+    # (a row that is an array is a bad row, not the start of an array).
+    array = False
+    try:
+        if _suffix(path) in (".json", ".json.gz"):
             with opener(path, "rb") as f:
-                rows = json.loads(f.read().decode("utf-8-sig"))
+                array = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+        if array:
+            with opener(path, "rb") as f:
+                data = f.read()
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from None
+    if array:
+        try:
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        for i, row in enumerate(rows):
+        for i, row in enumerate(_parse_json(path, None, text)):
             yield f"row {i} (0-based)", row
         return
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"line {lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: {where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: {where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            yield where, row
+    for lineno, raw in enumerate(_raw_lines(path, opener), 1):
+        where = f"line {lineno}"
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: {where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if not line.strip():
+            continue
+        yield where, _parse_json(path, where, line)
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -230,11 +280,20 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
     try:
         file = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: a column name not UTF-8
+        raise DataError(f"{path}: not a readable Parquet file: {_one_line(e)}") from None
     index = 0
-    for batch in file.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
+    batches = file.iter_batches(batch_size=4096)
+    while True:
+        try:  # a file whose footer reads can still hold pages that do not
+            batch = next(batches, None)
+            rows = [] if batch is None else batch.to_pylist()
+        except (pa.ArrowException, OSError, ValueError, OverflowError) as e:
+            raise DataError(f"{path}: row {index} (0-based): not a readable Parquet row group: "
+                            f"{_one_line(e)}") from None
+        if batch is None:
+            return
+        for row in rows:
             yield f"row {index} (0-based)", row
             index += 1
 
@@ -250,6 +309,15 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     return _parquet_rows(path) if suffix == ".parquet" else _json_rows(path)
 
 
+def _bounded(message: str) -> str:
+    """`message`, its middle elided when it is longer than _MAX_ROW_MESSAGE (a parse function
+    that quoted a huge value)."""
+    if len(message) <= _MAX_ROW_MESSAGE:
+        return message
+    keep = _MAX_ROW_MESSAGE // 2
+    return f"{message[:keep]} ... {message[-keep:]}"
+
+
 def read_checked_rows(path: str | Path, parse: Callable[[Any, int], T], ident: Callable[[T], str]) -> list[T]:
     """``parse(row, index)`` of every row of `path` (:func:`read_rows`), in order. DataError, one
     line naming the file and the row, when `parse` raises RowError, when two rows have the same
@@ -261,10 +329,10 @@ def read_checked_rows(path: str | Path, parse: Callable[[Any, int], T], ident: C
         try:
             item = parse(row, index)
         except RowError as err:
-            raise DataError(f"{path}: {where}: {err}") from None
+            raise DataError(f"{path}: {where}: {_bounded(str(err))}") from None
         key = ident(item)
         if key in seen:
-            raise DataError(f"{path}: {where}: field 'id': duplicate {key!r} (first at {seen[key]})")
+            raise DataError(f"{path}: {where}: field 'id': duplicate {_shown(key)} (first at {seen[key]})")
         seen[key] = where
         out.append(item)
     if not out:
@@ -279,26 +347,10 @@ def load_prompts(path: str | Path, *, task: str | None = None) -> list[PromptRec
     Raises DataError (one line: file, row, field) on the first malformed row, a duplicate id, an
     unreadable or unsupported file, or a file without rows.
     """
-    path = Path(path)
     if task is not None and task not in TASKS:
-        raise DataError(f"load_prompts: task={task!r} is not one of "
+        raise DataError(f"load_prompts: task={_shown(task)} is not one of "
                         f"{', '.join(map(repr, TASKS))}{_did_you_mean(str(task), TASKS)}")
-    rows = read_rows(path)
-    records: list[PromptRecord] = []
-    first_seen: dict[str, str] = {}
-    for where, row in rows:
-        try:
-            record = _record_from_row(row, task)
-        except _RowError as e:
-            raise DataError(f"{path}: {where}: {e}") from None
-        if record.id in first_seen:
-            raise DataError(f"{path}: {where}: field 'id': duplicate {record.id!r} "
-                            f"(first at {first_seen[record.id]})")
-        first_seen[record.id] = where
-        records.append(record)
-    if not records:
-        raise DataError(f"{path}: no rows")
-    return records
+    return read_checked_rows(path, lambda row, _: _record_from_row(row, task), lambda record: record.id)
 
 
 def _json_ok(value: Any) -> bool:
@@ -338,7 +390,7 @@ def write_prompts(path: str | Path, records: Iterable[PromptRecord]) -> int:
     for i, record in enumerate(records):
         if not isinstance(record, PromptRecord):
             raise DataError(f"{path}: record {i} (0-based): expected a PromptRecord, got {_kind(record)}")
-        where = f"{path}: record {i} (0-based, id {record.id!r})"
+        where = f"{path}: record {i} (0-based, id {_shown(record.id)})"
         try:
             line = json.dumps(record_to_row(record), ensure_ascii=False, allow_nan=False)
             back = _record_from_row(json.loads(line), None)
@@ -388,7 +440,7 @@ def load_completions(path: str | Path, records: Iterable[PromptRecord]) -> list[
                 raise _RowError("field 'id': missing")
             rid = _as_text("id", row["id"])
             if rid not in by_id:
-                raise _RowError(f"field 'id': {rid!r} is not a prompt of the dataset"
+                raise _RowError(f"field 'id': {_shown(rid)} is not a prompt of the dataset"
                                 f"{_did_you_mean(rid, by_id)}")
             if "completion" not in row:
                 raise _RowError("field 'completion': missing")
