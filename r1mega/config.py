@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +26,13 @@ from r1mega.utils.io import atomic_write_text
 
 class ConfigError(ValueError):
     """An invalid setting; the message is one line naming the key and the value."""
+
+
+# Values quoted in messages are cut to about this many characters (a huge value must not make a
+# huge message) and nested containers to a few levels.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_shown = _SHOWN.repr
 
 
 def knob(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
@@ -55,13 +64,18 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if typing.get_origin(base) is Literal:
         allowed = typing.get_args(base)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+            raise ConfigError(f"{key}: {_shown(value)} is not one of {', '.join(map(repr, allowed))}")
         return value
     if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer past the largest float
+            value = math.inf
     bool_for_number = base in (int, float) and isinstance(value, bool)  # bool is an int subclass
     if bool_for_number or not isinstance(value, base):
-        raise ConfigError(f"{key}: {value!r} is not {_a(base.__name__)}")
+        raise ConfigError(f"{key}: {_shown(value)} is not {_a(base.__name__)}")
+    if base is float and not math.isfinite(value):  # JSON's NaN and Infinity, --set x=inf
+        raise ConfigError(f"{key}: {_shown(value)} is not a finite number")
     return value
 
 
@@ -75,11 +89,11 @@ def _validate(section: Any, name: str) -> None:
             continue
         meta = f.metadata
         if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+            raise ConfigError(f"{key}: {_shown(value)} is not one of {', '.join(map(repr, meta['choices']))}")
         for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                                 ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
             if meta.get(bound) is not None and not ok(value, meta[bound]):
-                raise ConfigError(f"{key}: {value!r} must be {word} {meta[bound]}")
+                raise ConfigError(f"{key}: {_shown(value)} must be {word} {meta[bound]}")
 
 
 class _Section:
@@ -96,7 +110,7 @@ class _Section:
 
     def _fail(self, field_name: str, message: str) -> typing.NoReturn:
         value = getattr(self, field_name)
-        raise ConfigError(f"{self.section_name}.{field_name}: {value!r} {message}")
+        raise ConfigError(f"{self.section_name}.{field_name}: {_shown(value)} {message}")
 
 
 @dataclass(frozen=True)
@@ -441,7 +455,7 @@ class Config:
             key, sep, raw = text.partition("=")
             key = key.strip()
             if not sep:
-                raise ConfigError(f"--set {text!r}: expected section.field=value")
+                raise ConfigError(f"--set {_shown(text)}: expected section.field=value")
             values[key] = parse_value(key, raw.strip())
         return self.with_values(values)
 
@@ -452,7 +466,7 @@ class Config:
         values = {}
         for section, fields_ in data.items():
             if not isinstance(fields_, dict):
-                raise ConfigError(f"{source}: section {section!r} must be an object")
+                raise ConfigError(f"{source}: section {_shown(section)} must be an object")
             for name, value in fields_.items():
                 values[f"{section}.{name}"] = value
         try:
@@ -464,9 +478,11 @@ class Config:
         """A copy with a JSON config file applied (a saved config.json, or any subset of it)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as err:  # also not UTF-8, an integer of too many digits
             raise ConfigError(f"{path}: cannot read a JSON config ({err})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: cannot read a JSON config (nested too deeply)") from None
         return self.with_dict(data, source=str(path))
 
     def save(self, run_dir: str | Path) -> Path:
@@ -518,5 +534,5 @@ def parse_value(key: str, raw: str) -> Any:
         if base is float:
             return float(raw)
     except ValueError:
-        raise ConfigError(f"{key}: {raw!r} is not {_a(base.__name__)}") from None
+        raise ConfigError(f"{key}: {_shown(raw)} is not {_a(base.__name__)}") from None
     return raw  # str and Literal: checked against choices when the section is built
