@@ -51,8 +51,17 @@ def child_reward(record, completion):
     return RewardOutput(0.0)
 
 
+def killed_once_reward(record, completion):
+    """Its worker is killed (SIGKILL, as by the OOM killer) the first time it scores `completion`,
+    a marker file's path; the second time it scores 1."""
+    if not os.path.exists(completion):
+        open(completion, "w").close()
+        os.kill(os.getpid(), 9)
+    return RewardOutput(1.0)
+
+
 EXTRA = {"hang": hang_reward, "crash": crash_reward, "raise": raise_reward, "id": id_reward,
-         "child": child_reward}
+         "child": child_reward, "killed_once": killed_once_reward}
 GOOD = "<think>1 + 1 makes two</think> <answer>2</answer>"
 
 
@@ -158,12 +167,23 @@ def test_crashing_worker_gives_zero_and_error(pool):
     scored = pool.score(records, [GOOD, "crash", GOOD, "raise", "crash"])
     for i in (1, 4):
         assert scored[i].values["crash"] == 0.0
-        assert scored[i].errors["crash"] == "worker process died (exit code 3)"
+        assert scored[i].errors["crash"] == "worker process died (exit code 3), 2 times on this task"
         assert scored[i].timeouts == ()
     assert scored[3].values["raise"] == 0.0 and scored[3].errors == {"raise": "RuntimeError: verifier bug"}
     assert [s.values["id"] for s in scored] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert scored[0].values["crash"] == 0.5 and scored[0].errors == {}
     assert pool.score(records[:1], [GOOD])[0].errors == {}
+
+
+def test_a_worker_killed_mid_batch_costs_nothing(tmp_path):
+    """A worker killed from outside while scoring (the OOM killer, an operator): its task is run
+    again on a fresh worker and scores as if nothing happened; the rest of the batch too."""
+    markers = [str(tmp_path / f"m{i}") for i in range(4)]
+    with RewardPool({"killed_once": 1.0}, rewards=EXTRA, workers=2, timeout_s=30.0) as pool:
+        scored = pool.score([math_record(i) for i in range(4)], markers)
+        assert [s.values["killed_once"] for s in scored] == [1.0] * 4
+        assert all(s.errors == {} for s in scored) and pool.restarts == 4
+    assert all(os.path.exists(m) for m in markers)
 
 
 def test_summary_counts(pool):

@@ -10,7 +10,9 @@ each with its own pipe, so it always knows which task each worker runs and since
   sample's format reward, and the metrics say which reward timed out;
 * a task still running at its deadline gets its worker killed (with any processes it started)
   and replaced; the task scores 0 with a timeout error;
-* a worker that dies mid-task is replaced; the task scores 0 with an error naming the exit code;
+* a worker that dies mid-task is replaced and the task given once more to a fresh worker (the
+  OOM killer or an operator may have killed the worker, not the task); a task whose second
+  worker dies too scores 0 with an error naming the exit code;
 * a reward that raises scores 0 with the exception as its error; the worker stays.
 
 Workers run rewards in their main thread, so math-verify's ``signal.alarm`` time bounds work
@@ -51,6 +53,7 @@ from r1mega.rewards.composite import (
 )
 
 CONTEXTS = ("forkserver", "spawn")
+DEATH_RETRIES = 1  # a task whose worker died is run again this many times, on fresh workers
 _MAX_START_FAILURES = 3  # consecutive workers dying before they are ready: a broken setup
 
 
@@ -374,6 +377,7 @@ class RewardPool:
         pending = deque((i, name) for i in range(len(records)) for name in self.weights)
         outcomes: dict[tuple[int, str], _Outcome] = {}
         total = len(pending)
+        deaths: dict[tuple[int, str], int] = {}
 
         def finish(i: int, outcome: _Outcome) -> None:
             worker = self._workers[i]
@@ -428,10 +432,17 @@ class RewardPool:
             for i in sorted(dead):
                 worker = self._workers[i]
                 worker.process.join(timeout=1)
-                if worker.task is not None:
-                    finish(i, _Outcome(0.0, {}, f"worker process died (exit code "
-                                                f"{worker.process.exitcode})",
-                                       seconds=time.monotonic() - worker.dispatched))
+                task = worker.task
+                if task is not None:
+                    deaths[task] = deaths.get(task, 0) + 1
+                    if deaths[task] <= DEATH_RETRIES:
+                        pending.appendleft(task)
+                        worker.task, worker.serial, worker.deadline = None, None, math.inf
+                    else:
+                        finish(i, _Outcome(0.0, {}, f"worker process died (exit code "
+                                                    f"{worker.process.exitcode}), "
+                                                    f"{deaths[task]} times on this task",
+                                           seconds=time.monotonic() - worker.dispatched))
                 self._replace(i)
 
             now = time.monotonic()
