@@ -21,6 +21,13 @@ log-probs, a GRPO training step, atomic checkpoints loadable in any layout
 
 Only :mod:`r1mega.models.hf_config` is imported eagerly; the rest (which imports megatron) loads
 on first use, so that describing or checking a checkpoint stays cheap.
+
+The modules: ``hf_config`` (HF config -> ModelDesc), ``transformer_config`` and ``build`` (the
+GPTModel), ``hf_mapping`` (HF <-> megatron tensor names, shapes and shard pieces),
+``safetensors_io`` (the file format, streamed), ``hf_checkpoint`` (a HF directory <-> a model in
+any layout), ``convert`` (``r1mega convert``), ``policy`` (the trainer's Policy, made of
+``sources``, ``batches``, ``runner``, ``optimizer`` and ``export``), ``checkpoint`` (training
+checkpoints), ``buckets`` (the weight stream for rollout engines), ``errors`` (CheckpointError).
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ from typing import Optional
 
 import torch
 
-from r1mega.models.hf_config import ModelDesc
 from r1mega.models.errors import CheckpointError
+from r1mega.models.hf_config import ModelDesc
 from r1mega.models.hf_mapping import (
     entry_tp_group,
     expected_hf_tensors,

@@ -429,7 +429,7 @@ def save_checkpoint(policy, root: str | Path, *, data_state: Optional[dict] = No
         try:
             from r1mega.utils.io import atomic_write_text, fsync_dir
 
-            policy._copy_side_files(tmp / HF_DIR)
+            policy.write_side_files(tmp / HF_DIR)
             layout = policy.layout
             meta = {
                 "format": FORMAT, "step": step, "arch": policy.desc.arch, "params_dtype": policy.dtype_name,
