@@ -1,8 +1,9 @@
-"""The package's shape: no module of r1mega reaches into another module's private names.
+"""The packages' shape: no module of r1mega or r1mega_kernels reaches into another module's privates.
 
 A name with a leading underscore is its module's own business; code elsewhere that imports it (or
 a private module such as ``x/_helpers.py``) breaks when that module is reworked. This test parses
-every module under ``r1mega/`` with :mod:`ast` (nothing is imported) and lists every
+every module under ``r1mega/`` and ``kernels/r1mega_kernels/`` with :mod:`ast` (nothing is
+imported) and lists every
 
 * ``from X import _name`` and ``from X._mod import name`` (a private name or module),
 * ``import a._b`` (a private module),
@@ -18,7 +19,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "r1mega"
+PACKAGES = (ROOT / "r1mega", ROOT / "kernels" / "r1mega_kernels")
 
 # Only this repository's names count: a third-party module's privates (``os._exit``, megatron's
 # that r1mega.parallel.cpu_shim patches) are that project's contract with its users, not ours.
@@ -142,7 +143,7 @@ class Scanner(ast.NodeVisitor):
         self._scoped(node, [])
 
 
-def violations(package: Path = PACKAGE) -> list[str]:
+def violations(package: Path) -> list[str]:
     """Every cross-module private import or module-attribute access under `package`."""
     root, found = package.parent, []
     for path in sorted(package.rglob("*.py")):
@@ -154,7 +155,7 @@ def violations(package: Path = PACKAGE) -> list[str]:
 
 
 def test_no_module_imports_another_modules_private_names():
-    found = violations()
+    found = [v for package in PACKAGES for v in violations(package)]
     assert not found, "private names used across modules:\n" + "\n".join(found)
 
 

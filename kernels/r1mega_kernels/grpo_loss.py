@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from r1mega_kernels._utils import (
+from r1mega_kernels.launch import (
     TOKEN_FLOAT_DTYPES,
     VALID_DTYPES,
     check_tensor,
@@ -44,11 +44,11 @@ from r1mega_kernels._utils import (
     row_layout,
 )
 from r1mega_kernels.logprob import (
-    _check_temperature,
-    _check_tokens,
-    _online_softmax_stats,
-    _row_offsets,
-    _target_logit,
+    check_temperature,
+    check_tokens,
+    online_softmax_stats,
+    row_offsets,
+    target_logit,
 )
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k1+", "k3+")
@@ -163,11 +163,11 @@ def _grpo_loss_fwd_kernel(
     KL_IN_LOSS: tl.constexpr, HAS_TIS_CAP: tl.constexpr,
 ):
     """Token-level ratio: one pass over the logits of the valid tokens, the loss terms as epilogue."""
-    rows, in_range, row_off = _row_offsets(tl.program_id(0), n_rows, T, stride_s, stride_t, ROWS)
+    rows, in_range, row_off = row_offsets(tl.program_id(0), n_rows, T, stride_s, stride_t, ROWS)
     valid = in_range & (tl.load(valid_ptr + rows, mask=in_range, other=0) != 0)
-    m, s, _ = _online_softmax_stats(logits_ptr, row_off, valid, V, temperature, ROWS, BLOCK_V, False)
+    m, s, _ = online_softmax_stats(logits_ptr, row_off, valid, V, temperature, ROWS, BLOCK_V, False)
     tokens = tl.load(tokens_ptr + rows, mask=valid, other=0).to(tl.int64)
-    z_y = _target_logit(logits_ptr, row_off, tokens, valid, V, temperature)
+    z_y = target_logit(logits_ptr, row_off, tokens, valid, V, temperature)
     log_s = tl.log(tl.where(valid, s, 1.0))
     logp = tl.where(valid, (z_y - m) - log_s, 0.0)
     tl.store(logp_ptr + rows, logp, mask=in_range)
@@ -315,10 +315,10 @@ def grpo_forward(
         rows_per_program, block_v: tile sizes (powers of two); default per target.
     """
     layout = row_layout("logits", logits)
-    _check_tokens(tokens, layout, logits)
+    check_tokens(tokens, layout, logits)
     shape = tuple(tokens.shape)
     _check_token_inputs(shape, logits.device, valid, old_logp, advantages, ref_logp, rollout_logp)
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     scalars, flags = _loss_options(eps_low, eps_high, dual_clip, kl_estimator, kl_coef, kl_clamp, tis_cap,
                                    log_ratio_bound, ref_logp is not None, rollout_logp is not None)
     params = launch_params(logits.device, layout.V, rows_per_program, block_v)

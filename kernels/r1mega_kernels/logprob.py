@@ -7,7 +7,7 @@ z = logits[n] / temperature (float32 math whatever the logit dtype):
     logp = (z_y - m) - log s                     (y = tokens[n])
     H    = log s - t / s                         (entropy of softmax(z))
 
-m, s and t are accumulated online over vocabulary tiles (``_online_softmax_stats``): one pass, no
+m, s and t are accumulated online over vocabulary tiles (``online_softmax_stats``): one pass, no
 float32 copy of the logits, no stored softmax. t is kept relative to the running maximum, so
 logits like 1e4 lose nothing to cancellation. Saved for the backward: m and log s per token (plus
 H when the entropy is differentiated); the backward re-reads the logits once and writes
@@ -17,7 +17,7 @@ H when the entropy is differentiated); the backward re-reads the logits once and
 divided by the temperature, into a new buffer or into the logits buffer itself.
 
 A vocabulary-parallel version needs only the per-shard partials (m, s, t, z_y when y is in the
-shard) that ``_online_softmax_stats`` already returns; combining them across ranks is
+shard) that ``online_softmax_stats`` already returns; combining them across ranks is
 m = max m_r, s = sum s_r e^(m_r - m), t = sum e^(m_r - m) (t_r + (m_r - m) s_r).
 
 Grid: one dimension over tokens, ``ROWS`` tokens per program (a power of two), so the number of
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from r1mega_kernels._utils import (
+from r1mega_kernels.launch import (
     TOKEN_ID_DTYPES,
     VALID_DTYPES,
     LaunchParams,
@@ -44,7 +44,7 @@ from r1mega_kernels._utils import (
 
 
 @triton.jit
-def _row_offsets(pid, n_rows, T, stride_s, stride_t, ROWS: tl.constexpr):
+def row_offsets(pid, n_rows, T, stride_s, stride_t, ROWS: tl.constexpr):
     """Rows of this program, whether each exists, and the int64 offset of each row's first logit."""
     rows = pid * ROWS + tl.arange(0, ROWS)
     in_range = rows < n_rows
@@ -54,7 +54,7 @@ def _row_offsets(pid, n_rows, T, stride_s, stride_t, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_stats(
+def online_softmax_stats(
     logits_ptr, row_off, live, V, temperature, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, WITH_T: tl.constexpr
 ):
     """Running (m, s, t) over the vocabulary of each live row; dead rows are never read.
@@ -87,7 +87,7 @@ def _online_softmax_stats(
 
 
 @triton.jit
-def _target_logit(logits_ptr, row_off, tokens, live, V, temperature):
+def target_logit(logits_ptr, row_off, tokens, live, V, temperature):
     """z_y of each live row; -inf when the token id is outside [0, V) (probability 0, no OOB read)."""
     ok = live & (tokens >= 0) & (tokens < V)
     z = tl.load(logits_ptr + row_off + tokens, mask=ok, other=float("-inf"))
@@ -125,13 +125,13 @@ def _logprob_fwd_kernel(
     BLOCK_V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
 ):
-    rows, in_range, row_off = _row_offsets(tl.program_id(0), n_rows, T, stride_s, stride_t, ROWS)
+    rows, in_range, row_off = row_offsets(tl.program_id(0), n_rows, T, stride_s, stride_t, ROWS)
     live = in_range
     if valid_ptr is not None:
         live = live & (tl.load(valid_ptr + rows, mask=in_range, other=0) != 0)
-    m, s, t = _online_softmax_stats(logits_ptr, row_off, live, V, temperature, ROWS, BLOCK_V, WITH_ENTROPY)
+    m, s, t = online_softmax_stats(logits_ptr, row_off, live, V, temperature, ROWS, BLOCK_V, WITH_ENTROPY)
     tokens = tl.load(tokens_ptr + rows, mask=live, other=0).to(tl.int64)
-    z_y = _target_logit(logits_ptr, row_off, tokens, live, V, temperature)
+    z_y = target_logit(logits_ptr, row_off, tokens, live, V, temperature)
     s = tl.where(live, s, 1.0)  # rows not read: no log(0)
     log_s = tl.log(s)
     # (z_y - m) - log s, not z_y - (m + log s): exact for large logits, like torch.log_softmax.
@@ -170,7 +170,7 @@ def _logprob_bwd_kernel(
     logits. In place (dlogits_ptr == logits_ptr with the same strides) each program reads a tile
     before it overwrites that same tile, and no other program touches its rows.
     """
-    rows, in_range, row_off = _row_offsets(tl.program_id(0), n_rows, T, stride_s, stride_t, ROWS)
+    rows, in_range, row_off = row_offsets(tl.program_id(0), n_rows, T, stride_s, stride_t, ROWS)
     rows64 = rows.to(tl.int64)
     out_off = (rows64 // T) * out_stride_s + (rows64 % T) * out_stride_t
     g_lp = tl.load(grad_logp_ptr + rows, mask=in_range, other=0.0).to(tl.float32)
@@ -212,13 +212,15 @@ class LogprobForward(NamedTuple):
     row_logsum: torch.Tensor  # log s, saved for the backward
 
 
-def _check_tokens(tokens: object, layout: RowLayout, logits: torch.Tensor) -> torch.Tensor:
+def check_tokens(tokens: object, layout: RowLayout, logits: torch.Tensor) -> torch.Tensor:
+    """`tokens` checked: integer ids shaped like ``logits[..., 0]``, on the logits' device."""
     shape = (layout.T,) if logits.dim() == 2 else (layout.S, layout.T)
     return check_tensor("tokens", tokens, dtypes=TOKEN_ID_DTYPES, shape=shape, like="logits[..., 0]",
                         device=logits.device)
 
 
-def _check_temperature(temperature: object) -> float:
+def check_temperature(temperature: object) -> float:
+    """`temperature` as a float; ValueError unless it is a finite number > 0."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if temperature == float("inf"):
@@ -252,8 +254,8 @@ def logprob_forward(
         rows_per_program, block_v: tile sizes (powers of two); default per target.
     """
     layout = row_layout("logits", logits)
-    _check_tokens(tokens, layout, logits)
-    temperature = _check_temperature(temperature)
+    check_tokens(tokens, layout, logits)
+    temperature = check_temperature(temperature)
     if valid is not None:
         check_tensor("valid", valid, dtypes=VALID_DTYPES, shape=tuple(tokens.shape), like="tokens",
                      device=logits.device)
@@ -297,8 +299,8 @@ def logprob_backward(
         ``out`` (or the new tensor) holding the gradient in the logits' dtype.
     """
     layout = row_layout("logits", logits)
-    _check_tokens(tokens, layout, logits)
-    temperature = _check_temperature(temperature)
+    check_tokens(tokens, layout, logits)
+    temperature = check_temperature(temperature)
     floats = (torch.float32,)
     for name, x in (("row_max", row_max), ("row_logsum", row_logsum)):
         check_tensor(name, x, dtypes=floats, shape=tuple(tokens.shape), like="tokens", device=logits.device)

@@ -29,13 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from r1mega_kernels._utils import VALID_DTYPES, check_tensor, launch_params, row_layout
+from r1mega_kernels.launch import VALID_DTYPES, check_tensor, launch_params, row_layout
 from r1mega_kernels.logprob import (
-    _check_temperature,
-    _check_tokens,
-    _online_softmax_stats,
-    _row_offsets,
-    _target_logit,
+    check_temperature,
+    check_tokens,
+    online_softmax_stats,
+    row_offsets,
+    target_logit,
 )
 
 
@@ -59,13 +59,13 @@ def _logprob_partials_kernel(
     BLOCK_V: tl.constexpr,
     WITH_T: tl.constexpr,
 ):
-    rows, in_range, row_off = _row_offsets(tl.program_id(0), n_rows, T, stride_s, stride_t, ROWS)
+    rows, in_range, row_off = row_offsets(tl.program_id(0), n_rows, T, stride_s, stride_t, ROWS)
     live = in_range
     if valid_ptr is not None:
         live = live & (tl.load(valid_ptr + rows, mask=in_range, other=0) != 0)
-    m, s, t = _online_softmax_stats(logits_ptr, row_off, live, V, temperature, ROWS, BLOCK_V, WITH_T)
+    m, s, t = online_softmax_stats(logits_ptr, row_off, live, V, temperature, ROWS, BLOCK_V, WITH_T)
     tokens = tl.load(tokens_ptr + rows, mask=live, other=0).to(tl.int64) - vocab_start
-    z_y = _target_logit(logits_ptr, row_off, tokens, live, V, temperature)  # -inf outside the shard
+    z_y = target_logit(logits_ptr, row_off, tokens, live, V, temperature)  # -inf outside the shard
     tl.store(row_max_ptr + rows, tl.where(live, m, 0.0), mask=in_range)
     tl.store(sum_exp_ptr + rows, tl.where(live, s, 0.0), mask=in_range)
     tl.store(target_ptr + rows, tl.where(live, z_y, 0.0), mask=in_range)
@@ -110,8 +110,8 @@ def logprob_partials(
         rows_per_program, block_v: tile sizes (powers of two); default per target.
     """
     layout = row_layout("logits", logits)
-    _check_tokens(tokens, layout, logits)
-    temperature = _check_temperature(temperature)
+    check_tokens(tokens, layout, logits)
+    temperature = check_temperature(temperature)
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
     if valid is not None:
