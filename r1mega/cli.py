@@ -397,9 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reward":
             return _reward(args, cfg)
         if args.command == "train" and not args.dry_run:
-            from r1mega.trainer.loop import train
+            from r1mega.trainer.loop import StepFailed, train
 
-            train(cfg, resume=args.resume, progress=not args.quiet)
+            try:
+                train(cfg, resume=args.resume, progress=not args.quiet)
+            except StepFailed as err:
+                print(f"r1mega: error: {err}", file=sys.stderr)
+                return 1
             return 0
     except (ConfigError, DataError, ValueError, FileNotFoundError) as err:
         print(f"r1mega: error: {err}", file=sys.stderr)

@@ -39,6 +39,17 @@ def small_base_model(tmp_path_factory):
                                PretrainSpec(steps=40, batch_size=8), progress=False)
 
 
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory, small_base_model):
+    """A 3-step run of tests/trainer_helpers.SMALL, never interrupted: what every fault test's
+    resumed run must equal (metrics, timings aside, and the final export)."""
+    from tests.trainer_helpers import train
+
+    out = tmp_path_factory.getbasetemp() / "uninterrupted"
+    train(out, "whole", small_base_model, "run.steps=3")
+    return out / "whole"
+
+
 @pytest.fixture(autouse=True)
 def _runnable_backend(request):
     # On a CUDA machine the interpreter stays off: Triton cannot take CPU tensors there.

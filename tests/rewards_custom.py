@@ -4,6 +4,7 @@
   barely pretrained base model's groups have unequal rewards and the first step's loss and
   gradients are not zero: the layout tests then compare something.
 * ``judge_has_digit``: a judge for `r1mega sample --judge` (yes when the completion has a digit).
+* ``killed_once_digit_share``: digit_share whose worker is killed once in the run, mid-batch.
 * ``crash_or_hang``: misbehaves on purpose. On about a quarter of the samples it kills its worker
   process, on another quarter it hangs past the pool's deadline; otherwise it scores 0.0. Which
   samples is fixed by a hash of the prompt id and completion, so the run is deterministic.
@@ -20,6 +21,16 @@ from r1mega.rewards import RewardOutput
 
 def digit_share(record, completion: str) -> RewardOutput:
     return RewardOutput(sum(c.isdigit() for c in completion) / max(len(completion), 1))
+
+
+def killed_once_digit_share(record, completion: str) -> RewardOutput:
+    """digit_share, but the first call in a run (a marker file in $R1MEGA_TEST_MARKER_DIR) has its
+    worker process SIGKILLed mid-batch, as the OOM killer would."""
+    marker = os.path.join(os.environ["R1MEGA_TEST_MARKER_DIR"], "killed")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), 9)
+    return digit_share(record, completion)
 
 
 def crash_or_hang(record, completion: str) -> RewardOutput:

@@ -96,11 +96,10 @@ def _run_until_killed(out: Path, name: str, model: Path, moment: str, resume: bo
         proc.wait(timeout=60)
 
 
-def test_a_killed_run_resumes_bit_for_bit(tmp_path, small_base_model):
+def test_a_killed_run_resumes_bit_for_bit(tmp_path, small_base_model, uninterrupted_run):
     """SIGKILL mid-save, resume, SIGKILL again mid-step, resume: per-step metrics and the final
     export equal the uninterrupted run's (timings aside)."""
-    train(tmp_path, "whole", small_base_model, "run.steps=3")
-    whole = tmp_path / "whole"
+    whole = uninterrupted_run
     _run_until_killed(tmp_path, "killed", small_base_model, "mid-save")
     _run_until_killed(tmp_path, "killed", small_base_model, "step-2", resume=True)
     train(tmp_path, "killed", small_base_model, "run.steps=3", resume=True)
@@ -153,10 +152,9 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, small_base_model):
     assert not any(p.name == "r1mega" for p in tmp_path.iterdir())
 
 
-def test_a_damaged_newest_checkpoint_resumes_from_the_previous(tmp_path, small_base_model):
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous(tmp_path, small_base_model, uninterrupted_run):
     """The newest checkpoint truncated on disk (a full disk, a lost node): the resumed run warns,
     naming it, restarts from the one before and ends equal to the uninterrupted run."""
-    train(tmp_path, "whole", small_base_model, "run.steps=3")
     train(tmp_path, "damaged", small_base_model, "run.steps=2")
     run = tmp_path / "damaged"
     newest = run / "checkpoints" / "step_00000002"
@@ -165,5 +163,5 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous(tmp_path, small_b
     proc = train(tmp_path, "damaged", small_base_model, "run.steps=3", resume=True)
     assert "step_00000002 is damaged" in proc.stderr and "step_00000001" in proc.stderr, proc.stderr[-2000:]
     assert [r["step"] for r in metrics(run)] == [0, 1, 2]
-    assert deterministic(metrics(run)) == deterministic(metrics(tmp_path / "whole"))
-    assert (run / "final/model.safetensors").read_bytes() == (tmp_path / "whole/final/model.safetensors").read_bytes()
+    assert deterministic(metrics(run)) == deterministic(metrics(uninterrupted_run))
+    assert (run / "final/model.safetensors").read_bytes() == (uninterrupted_run / "final/model.safetensors").read_bytes()

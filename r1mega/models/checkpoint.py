@@ -353,15 +353,19 @@ def _broadcast_from_zero(value: Any) -> Any:
     return box[0]
 
 
-def _agree(error: Optional[str]) -> None:
-    """Raise the same error on every rank when any rank has one (no rank hangs in a collective)."""
+def _agree(error: Optional[str], *, discard: Optional[Path] = None) -> None:
+    """Raise the same error on every rank when any rank has one (no rank hangs in a collective);
+    `discard`: the unfinished save directory to remove first (rank 0), so that a failed save
+    gives back the space it took and leaves the previous checkpoint and ``latest`` as they were."""
     import torch.distributed as dist
 
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     first = next((e for e in errors if e), None)
     if first:
-        raise CheckpointError(first)
+        if discard is not None:
+            shutil.rmtree(discard, ignore_errors=True)
+        raise CheckpointError(f"{first}; the previous checkpoint is intact")
 
 
 def save_checkpoint(policy, root: str | Path, *, data_state: Optional[dict] = None,
@@ -415,11 +419,16 @@ def save_checkpoint(policy, root: str | Path, *, data_state: Optional[dict] = No
     state = {"model": model_sd}
     if policy.optimizer is not None:
         state["optimizer"] = optimizer_sharded_state(policy.optimizer, model_sd, is_loading=False)
-    dist_checkpointing.save(state, str(tmp / WEIGHTS_DIR))
-    rng_state_files(rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}")
-    # Every rank makes its own writes durable before the barrier below: on a file system shared by
-    # several nodes, rank 0's fsync does not flush the pages another node holds.
-    _fsync_tree(tmp, racing=True)
+    error = None
+    try:
+        dist_checkpointing.save(state, str(tmp / WEIGHTS_DIR))
+        rng_state_files(rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}")
+        # Every rank makes its own writes durable before the barrier below: on a file system shared
+        # by several nodes, rank 0's fsync does not flush the pages another node holds.
+        _fsync_tree(tmp, racing=True)
+    except OSError as err:  # a full disk, a lost mount: this save fails, nothing saved before does
+        error = f"save_checkpoint: writing {final.name} failed on rank {rank} ({err})"
+    _agree(error, discard=tmp if rank == 0 else None)
 
     adam = adam_step(policy.optimizer) if policy.optimizer is not None else 0
     steps = [None] * dist.get_world_size()
@@ -450,7 +459,7 @@ def save_checkpoint(policy, root: str | Path, *, data_state: Optional[dict] = No
             _cleanup(root, keep_last, keep=final)
         except OSError as err:
             error = f"save_checkpoint: {err}"
-    _agree(error)
+    _agree(error, discard=tmp if rank == 0 and not final.exists() else None)
     return final
 
 

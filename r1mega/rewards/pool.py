@@ -20,8 +20,8 @@ inside them; the pool's deadline is the hard bound behind them. Workers come fro
 "forkserver" context (fresh single-threaded server, no inherited torch/CUDA threads) with
 r1mega.rewards preloaded into the server, so a replacement worker starts in milliseconds; the
 "spawn" context also works (each worker then imports sympy, about a second). Workers ignore
-SIGINT (the trainer decides when to stop) and exit when the pool's process does (a lifeline pipe
-whose only write end the pool holds), even when busy in a hung task.
+SIGINT and SIGTERM (the trainer decides when to stop) and exit when the pool's process does (a
+lifeline pipe whose only write end the pool holds), even when busy in a hung task.
 
 Results keep input order. RewardPool is not thread-safe: call ``score`` from one thread.
 """
@@ -79,6 +79,7 @@ def _exit_when_orphaned(lifeline) -> None:
 def _worker_main(conn, lifeline, fns: dict[str, RewardFn], options: dict[str, dict[str, Any]],
                  memory_mb: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM to the job: the trainer stops cleanly
     if memory_mb is not None:
         import resource
 
