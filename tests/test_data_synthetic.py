@@ -238,12 +238,12 @@ def run_tests(code: str, tests) -> None:
     asserts = [t["assert"] for t in tests if "assert" in t]
     if asserts:  # one process runs the program and then all its assert lines
         proc = subprocess.run([sys.executable, "-c", code + "\n" + "\n".join(asserts) + "\n"],
-                              capture_output=True, text=True, timeout=5)
+                              capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"{proc.stderr}\n--- program:\n{code}\n--- asserts:\n{asserts}"
     for t in tests:
         if "input" in t:
             proc = subprocess.run([sys.executable, "-c", code], input=t["input"], capture_output=True,
-                                  text=True, timeout=5)
+                                  text=True, timeout=120)
             assert proc.returncode == 0, proc.stderr
             assert proc.stdout.rstrip() == t["output"].rstrip(), f"{code}\n--- input:\n{t['input']}"
 
