@@ -21,12 +21,24 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 SUPPORTED_ARCHS = ("deepseek_v3", "qwen3_moe", "qwen2", "llama")
 _DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+# Bounds on the sizes that r1mega loops over (per layer, per expert) when it describes, checks or
+# builds a model: far above any published model, low enough that a typo cannot make it hang.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 4096
+_MAX_INT = 2**63 - 1  # every other size: it must fit a tensor dimension
+
+# Values quoted in messages are cut to about this many characters (a huge value must not make a
+# huge message) and nested containers to a few levels.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_shown = _SHOWN.repr
 
 
 class UnsupportedModelError(ValueError):
@@ -113,24 +125,39 @@ class ModelDesc:
 
 
 # ---------------------------------------------------------------------------------------------
+def _config_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
+
+
 def load_hf_config(path: str | Path) -> dict:
     """The config.json of a model directory (or the file itself) as a dict."""
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
+    file = _config_file(path)
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UnsupportedModelError(f"{file}: no config.json") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # also not UTF-8, an integer of too many digits
         raise UnsupportedModelError(f"{file}: cannot read a JSON config ({err})") from None
+    except RecursionError:
+        raise UnsupportedModelError(f"{file}: cannot read a JSON config (nested too deeply)") from None
     if not isinstance(data, dict):
         raise UnsupportedModelError(f"{file}: expected a JSON object")
     return data
 
 
 def describe_hf_model(path: str | Path) -> ModelDesc:
-    """`describe_hf_config` of the config.json in a model directory."""
-    return describe_hf_config(load_hf_config(path))
+    """`describe_hf_config` of the config.json in a model directory; its refusals name the file
+    (``DIR/config.json (arch): key=value ...``)."""
+    file = _config_file(path)
+    cfg = load_hf_config(file)
+    try:
+        return describe_hf_config(cfg)
+    except UnsupportedModelError as err:
+        message = str(err)
+        if message.startswith("config.json"):
+            message = message[len("config.json"):]
+        raise UnsupportedModelError(f"{file}{message}") from None
 
 
 _MISSING = object()
@@ -148,14 +175,39 @@ class _Reader:
             raise UnsupportedModelError(f"config.json ({self.arch}): required key {key!r} is missing")
         return default
 
-    def int(self, key: str, default: Any = _MISSING, *, aliases: tuple[str, ...] = (), ge: int = 1) -> int:
-        value = self.get(key, default, aliases=aliases)
+    def int(self, key: str, default: Any = _MISSING, *, aliases: tuple[str, ...] = (), ge: int = 1,
+            le: int = _MAX_INT) -> int:
+        return self.integer(key, self.get(key, default, aliases=aliases), ge=ge, le=le)
+
+    def integer(self, key: str, value: Any, *, ge: int = 1, le: int = _MAX_INT) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < ge:
-            raise UnsupportedModelError(f"config.json ({self.arch}): {key}={value!r} must be an integer >= {ge}")
+            raise UnsupportedModelError(f"config.json ({self.arch}): {key}={_shown(value)} must be an integer >= {ge}")
+        if value > le:
+            raise UnsupportedModelError(f"config.json ({self.arch}): {key}={_shown(value)} must be an integer "
+                                        f">= {ge} and <= {le}")
+        return value
+
+    def float(self, key: str, default: Any = _MISSING, *, aliases: tuple[str, ...] = ()) -> float:
+        return self.number(key, self.get(key, default, aliases=aliases))
+
+    def number(self, key: str, value: Any) -> float:
+        """`value` (of `key`) as a float: a JSON number, finite."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                if math.isfinite(number := float(value)):
+                    return number
+            except OverflowError:  # an integer past the largest float
+                pass
+        raise UnsupportedModelError(f"config.json ({self.arch}): {key}={_shown(value)} must be a finite number")
+
+    def bool(self, key: str, default: Any = _MISSING) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise UnsupportedModelError(f"config.json ({self.arch}): {key}={_shown(value)} must be true or false")
         return value
 
     def refuse(self, key: str, value: Any, why: str) -> None:
-        raise UnsupportedModelError(f"config.json ({self.arch}): {key}={value!r} is not supported: {why}")
+        raise UnsupportedModelError(f"config.json ({self.arch}): {key}={_shown(value)} is not supported: {why}")
 
     def require(self, key: str, allowed: tuple, default: Any, why: str) -> Any:
         value = self.get(key, default)
@@ -170,7 +222,7 @@ def model_type_of(cfg: dict) -> str:
     archs = cfg.get("architectures") or []
     if model_type in SUPPORTED_ARCHS:
         return model_type
-    shown = f"model_type {model_type!r}" + (f", architectures {archs}" if archs else "")
+    shown = f"model_type {_shown(model_type)}" + (f", architectures {_shown(archs)}" if archs else "")
     raise UnsupportedModelError(
         f"config.json: {shown} is not supported; supported model_type: {', '.join(SUPPORTED_ARCHS)}")
 
@@ -185,9 +237,11 @@ def describe_hf_config(cfg: dict) -> ModelDesc:
     act = r.get("hidden_act", "silu", aliases=("hidden_activation",))
     if act != "silu":
         r.refuse("hidden_act", act, "only silu (SwiGLU) MLPs are supported")
-    if r.get("use_sliding_window", False):
+    if r.bool("use_sliding_window", False):
         r.refuse("use_sliding_window", True, "sliding-window attention is not supported")
     layer_types = r.get("layer_types", None)
+    if layer_types is not None and not (isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
+        r.refuse("layer_types", layer_types, "expected a list of layer type names")
     if layer_types is not None and any(t != "full_attention" for t in layer_types):
         r.refuse("layer_types", sorted(set(layer_types)), "only full_attention layers are supported")
     if r.get("pretraining_tp", 1) != 1:
@@ -195,20 +249,20 @@ def describe_hf_config(cfg: dict) -> ModelDesc:
 
     hidden = r.int("hidden_size")
     heads = r.int("num_attention_heads")
-    layers = r.int("num_hidden_layers")
+    layers = r.int("num_hidden_layers", le=MAX_LAYERS)
     kv_heads = r.int("num_key_value_heads", heads)
     if heads % kv_heads:
         r.refuse("num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
     head_dim = r.int("head_dim", hidden // heads) if arch != "deepseek_v3" else hidden // heads
     raw_dtype = r.get("dtype", None, aliases=("torch_dtype",)) or "float32"
-    if raw_dtype not in _DTYPES:
+    if not isinstance(raw_dtype, str) or raw_dtype not in _DTYPES:
         r.refuse("dtype", raw_dtype, f"expected one of {', '.join(sorted(set(_DTYPES.values())))}")
     common = dict(
         arch=arch, vocab_size=r.int("vocab_size"), hidden_size=hidden, num_layers=layers, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=head_dim, ffn_hidden_size=r.int("intermediate_size"),
-        norm_eps=float(r.get("rms_norm_eps", 1e-6)), max_position_embeddings=r.int("max_position_embeddings", 4096),
-        tie_embeddings=bool(r.get("tie_word_embeddings", False)), dtype=_DTYPES[raw_dtype],
-        init_std=float(r.get("initializer_range", 0.02)), config=cfg,
+        norm_eps=r.float("rms_norm_eps", 1e-6), max_position_embeddings=r.int("max_position_embeddings", 4096),
+        tie_embeddings=r.bool("tie_word_embeddings", False), dtype=_DTYPES[raw_dtype],
+        init_std=r.float("initializer_range", 0.02), config=cfg,
     )
     if arch == "deepseek_v3":
         return _deepseek_v3(r, common)
@@ -217,9 +271,9 @@ def describe_hf_config(cfg: dict) -> ModelDesc:
     if arch == "qwen2":
         return ModelDesc(**common, rope=_rope(r, mla=False), qkv_bias=True, qk_norm=False)
     # llama
-    if r.get("attention_bias", False):
+    if r.bool("attention_bias", False):
         r.refuse("attention_bias", True, "biases on q/k/v/o projections are not supported for llama")
-    if r.get("mlp_bias", False):
+    if r.bool("mlp_bias", False):
         r.refuse("mlp_bias", True, "MLP biases are not supported")
     return ModelDesc(**common, rope=_rope(r, mla=False), qkv_bias=False, qk_norm=False)
 
@@ -227,6 +281,8 @@ def describe_hf_config(cfg: dict) -> ModelDesc:
 def _rope_params(r: _Reader) -> dict:
     """rope_parameters (transformers >= 5) or the older rope_theta + rope_scaling keys."""
     params = r.get("rope_parameters", None)
+    if params is not None and not isinstance(params, dict):
+        r.refuse("rope_parameters", params, "expected an object")
     if isinstance(params, dict) and "rope_theta" in params:
         return dict(params)
     scaling = r.get("rope_scaling", None) or {}
@@ -240,39 +296,48 @@ def _rope_params(r: _Reader) -> dict:
 def _rope(r: _Reader, *, mla: bool) -> RopeDesc:
     p = _rope_params(r)
     kind = p.get("rope_type", p.get("type", "default"))
-    theta = float(p["rope_theta"])
+
+    def number(key: str, default: Any = _MISSING) -> float:
+        value = p.get(key, default)
+        if value is _MISSING or (value is None and default is _MISSING):
+            raise UnsupportedModelError(f"config.json ({r.arch}): rope_parameters.{key} is missing "
+                                        f"(needed by rope_type {_shown(kind)})")
+        return r.number(f"rope_parameters.{key}", value)
+
+    theta = number("rope_theta")
     if p.get("partial_rotary_factor", 1.0) != 1.0:
         r.refuse("rope_parameters.partial_rotary_factor", p["partial_rotary_factor"], "only 1.0 is supported")
     if kind == "default":
         return RopeDesc(theta=theta)
     if kind == "linear" and not mla:
-        return RopeDesc(theta=theta, kind="linear", factor=float(p["factor"]))
+        return RopeDesc(theta=theta, kind="linear", factor=number("factor"))
     if kind == "llama3" and not mla:
         # megatron's RotaryEmbedding applies the llama3.1 rule with these constants built in.
         fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
         for key, value in fixed.items():
-            if float(p.get(key, value)) != value:
+            if number(key, value) != value:
                 r.refuse(f"rope_parameters.{key}", p.get(key), f"megatron's llama3 rope scaling fixes it at {value:g}")
-        return RopeDesc(theta=theta, kind="llama3", factor=float(p["factor"]))
+        return RopeDesc(theta=theta, kind="llama3", factor=number("factor"))
     if kind == "yarn" and mla:
         if p.get("attention_factor") is not None:
             r.refuse("rope_parameters.attention_factor", p["attention_factor"],
                      "an explicit YaRN attention factor is not supported (it is derived from mscale)")
         if p.get("truncate", True) is not True:
             r.refuse("rope_parameters.truncate", p["truncate"], "megatron's YaRN always truncates")
-        original = int(p.get("original_max_position_embeddings") or 4096)
-        factor = p.get("factor")
-        factor = float(factor) if factor is not None else r.get("max_position_embeddings") / original
+        original = r.integer("rope_parameters.original_max_position_embeddings",
+                             p.get("original_max_position_embeddings") or 4096)
+        factor = number("factor") if p.get("factor") is not None else r.int("max_position_embeddings") / original
         # transformers: cos/sin scaled by m(mscale)/m(mscale_all_dim) when both are set, else by
         # m(1); the softmax scale by m(mscale_all_dim)^2 when it is set. megatron always uses the
         # ratio and m(mscale_all_dim)^2, so "mscale_all_dim without mscale" has no equivalent.
-        mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+        mscale, mscale_all_dim = (None if p.get(k) is None else number(k) for k in ("mscale", "mscale_all_dim"))
         if mscale_all_dim and not mscale:
             r.refuse("rope_parameters.mscale", mscale, "YaRN with mscale_all_dim but no mscale has no megatron equivalent")
         if not (mscale and mscale_all_dim):
             mscale, mscale_all_dim = 1.0, 0.0
         return RopeDesc(theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=original,
-                        beta_fast=float(p.get("beta_fast") or 32), beta_slow=float(p.get("beta_slow") or 1),
+                        beta_fast=number("beta_fast") if p.get("beta_fast") else 32.0,
+                        beta_slow=number("beta_slow") if p.get("beta_slow") else 1.0,
                         mscale=float(mscale), mscale_all_dim=float(mscale_all_dim))
     where = "multi-latent attention supports default and yarn" if mla else "supported: default, linear, llama3"
     r.refuse("rope_parameters.rope_type", kind, where)
@@ -291,7 +356,7 @@ def _deepseek_v3(r: _Reader, common: dict) -> ModelDesc:
         r.refuse("moe_layer_freq", r.get("moe_layer_freq"),
                  "transformers' DeepSeek-V3 makes every layer from first_k_dense_replace on an MoE layer")
     layers = common["num_layers"]
-    experts = r.int("n_routed_experts", aliases=("num_local_experts",))
+    experts = r.int("n_routed_experts", aliases=("num_local_experts",), le=MAX_EXPERTS)
     topk = r.int("num_experts_per_tok")
     groups = r.int("n_group", 1)
     group_topk = r.int("topk_group", 1)
@@ -306,7 +371,7 @@ def _deepseek_v3(r: _Reader, common: dict) -> ModelDesc:
                  f"num_experts_per_tok // topk_group == 2 (num_experts_per_tok={topk})")
     if topk == 1:
         r.refuse("num_experts_per_tok", 1, "megatron's sigmoid router does not renormalise a single expert's weight")
-    if not r.get("norm_topk_prob", True):
+    if not r.bool("norm_topk_prob", True):
         r.refuse("norm_topk_prob", False, "megatron's sigmoid router always renormalises the top-k weights")
     first_dense = r.int("first_k_dense_replace", 0, ge=0)
     shared = r.int("n_shared_experts", 0, ge=0)
@@ -316,7 +381,7 @@ def _deepseek_v3(r: _Reader, common: dict) -> ModelDesc:
         layers=tuple(i >= first_dense for i in range(layers)), score_function="sigmoid",
         pre_softmax=False, expert_bias=True,
         num_groups=groups if groups > 1 else None, group_topk=group_topk if groups > 1 else None,
-        scaling_factor=float(r.get("routed_scaling_factor", 1.0)), shared_ffn_hidden_size=shared * moe_ffn,
+        scaling_factor=r.float("routed_scaling_factor", 1.0), shared_ffn_hidden_size=shared * moe_ffn,
         router_fp32=True,
     )
     mla = MLADesc(q_lora_rank=r.get("q_lora_rank", None), kv_lora_rank=r.int("kv_lora_rank"),
@@ -326,6 +391,7 @@ def _deepseek_v3(r: _Reader, common: dict) -> ModelDesc:
         r.int("q_lora_rank")
     if mla.qk_rope_head_dim % 2:
         r.refuse("qk_rope_head_dim", mla.qk_rope_head_dim, "must be even")
+    r.int("num_nextn_predict_layers", 0, ge=0, le=MAX_LAYERS)  # read by the checkpoint check (the MTP layers)
     rope = _rope(r, mla=True)
     if rope.kind == "yarn" and not math.isfinite(rope.factor):
         r.refuse("rope_parameters.factor", rope.factor, "must be finite")
@@ -337,16 +403,19 @@ def _qwen3_moe(r: _Reader, common: dict) -> ModelDesc:
     if r.get("attention_bias", False):
         r.refuse("attention_bias", True, "attention biases are not supported for qwen3_moe")
     layers = common["num_layers"]
-    experts = r.int("num_experts", aliases=("num_local_experts",), ge=0)
+    experts = r.int("num_experts", aliases=("num_local_experts",), ge=0, le=MAX_EXPERTS)
     step = r.int("decoder_sparse_step", 1)
-    dense_only = set(r.get("mlp_only_layers", []) or [])
+    dense_only = r.get("mlp_only_layers", []) or []
+    if not isinstance(dense_only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense_only):
+        r.refuse("mlp_only_layers", dense_only, "expected a list of layer indices")
+    dense_only = set(dense_only)
     pattern = tuple(experts > 0 and i not in dense_only and (i + 1) % step == 0 for i in range(layers))
     if r.get("shared_expert_intermediate_size", 0):
         r.refuse("shared_expert_intermediate_size", r.get("shared_expert_intermediate_size"),
                  "qwen3_moe has no shared experts")
     moe = None
     if any(pattern):
-        norm = bool(r.get("norm_topk_prob", False))
+        norm = r.bool("norm_topk_prob", False)
         moe = MoEDesc(num_experts=experts, topk=r.int("num_experts_per_tok"),
                       ffn_hidden_size=r.int("moe_intermediate_size"), layers=pattern,
                       score_function="softmax", pre_softmax=not norm, expert_bias=False)
