@@ -10,23 +10,29 @@ programming (each test case run in the code sandbox). Providers: "inline" scores
 processes under deadlines (what the trainer uses). The table prints completions per second, the
 cost per completion and the speed relative to inline; one JSON line per row goes to --out.
 
-A second table times the code sandbox itself on the first --n-sandbox programming completions,
-under every backend that works here: all tests of a completion as the cases of one sandbox
-(what code rewards do) against one sandbox per test (the previous design), on the same
-completions in the same run; the verdicts must agree.
+A second table times the code sandbox itself on --n-sandbox programming completions, under every
+backend that works here, on the same completions in the same run, interleaved: all tests of a
+completion as the cases of one sandbox (what code rewards do), one sandbox of today's kind per
+test, and -- read from git at --previous (the sandbox before it ran a completion in one sandbox)
+when the history is there -- the previous implementation, one sandbox per test. The verdicts
+must agree.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from _common import RESULTS, append_jsonl, environment
 from r1mega.data.synthetic import get_task
 from r1mega.rewards import CompositeReward, RewardPool
-from r1mega.rewards.code import SANDBOX_PER, code_reward_details
+from r1mega.rewards.code import SANDBOX_PER, case_for_test, code_reward_details, extract_program, passes_test
 from r1mega.rewards.sandbox import available_backends, limits_description
 
 WEIGHTS = {"accuracy": 1.0, "format": 1.0}
@@ -69,38 +75,80 @@ def run_pool(records, completions, workers: int) -> tuple[float, list]:
         return time.perf_counter() - start, scored
 
 
-def run_sandbox_modes(records, completions, env: dict, seed: int) -> list[dict] | None:
-    """Per-completion cost of the code sandbox, one sandbox per completion vs one per test."""
+PREVIOUS = "25490cc"  # the last commit whose sandbox ran every test in a sandbox of its own
+
+
+def previous_sandbox(commit: str):
+    """The sandbox module as it was at `commit` (it is self-contained), or None without the history."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(["git", "-C", str(repo), "show", f"{commit}:r1mega/rewards/sandbox.py"],
+                                capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = Path(tempfile.mkdtemp(prefix="r1mega-bench-")) / f"sandbox_{commit}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"sandbox_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def score_with(module, completion: str, tests, backend: str) -> float:
+    """code_reward's fraction with `module.run_sandboxed` running each test in a sandbox of its own."""
+    program = extract_program(completion)
+    if program is None:
+        return 0.0
+    passed = 0
+    for test in tests:
+        (source, stdin), token = case_for_test(program, test)
+        r = module.run_sandboxed(source, stdin=stdin, timeout_s=5.0, memory_mb=512, backend=backend)
+        passed += passes_test(test, token, r)
+    return passed / len(tests)
+
+
+def run_sandbox_modes(records, completions, env: dict, seed: int, previous: str) -> list[dict] | None:
+    """Per-completion cost of code rewards: one sandbox per completion, one per test, and the
+    previous implementation (one per test) when git has it."""
+    old = previous_sandbox(previous)
     rows = []
     tests = sum(len(r.tests) for r in records)
     for backend in available_backends():
-        code_reward_details(completions[0], records[0].tests, backend=backend)  # warm the probe
-        verdicts = {mode: [] for mode in SANDBOX_PER}
-        seconds = dict.fromkeys(SANDBOX_PER, 0.0)
+        providers = {f"{mode}": (lambda c, t, mode=mode: code_reward_details(
+            c, t, backend=backend, sandbox_per=mode)[0]) for mode in SANDBOX_PER}
+        if old is not None and backend in old.available_backends():
+            providers[f"test@{previous}"] = lambda c, t: score_with(old, c, t, backend)
+        names = list(providers)
+        for fn in providers.values():  # warm each provider's probe
+            fn(completions[0], records[0].tests)
+        verdicts = {name: [] for name in names}
+        seconds = dict.fromkeys(names, 0.0)
         for k, (r, c) in enumerate(zip(records, completions)):
-            # interleaved, in alternating order: a load change on the machine hits both modes
-            for mode in (SANDBOX_PER if k % 2 == 0 else SANDBOX_PER[::-1]):
+            # interleaved, in rotating order: a load change on the machine hits every provider
+            for name in names[k % len(names):] + names[:k % len(names)]:
                 start = time.perf_counter()
-                verdicts[mode].append(code_reward_details(c, r.tests, backend=backend, sandbox_per=mode)[0])
-                seconds[mode] += time.perf_counter() - start
-        for mode in SANDBOX_PER:
-            rows.append({"bench": "bench_rewards/sandbox", "backend": backend, "sandbox_per": mode,
-                         "completions": len(records), "tests": tests, "seconds": seconds[mode],
-                         "ms_per_completion": 1e3 * seconds[mode] / len(records),
-                         "accuracy_mean": sum(verdicts[mode]) / len(records),
+                verdicts[name].append(providers[name](c, r.tests))
+                seconds[name] += time.perf_counter() - start
+        for name in names:
+            rows.append({"bench": "bench_rewards/sandbox", "backend": backend, "sandbox_per": name,
+                         "completions": len(records), "tests": tests, "seconds": seconds[name],
+                         "ms_per_completion": 1e3 * seconds[name] / len(records),
+                         "accuracy_mean": sum(verdicts[name]) / len(records),
                          "limits": limits_description(), "seed": seed, **env})
-        if verdicts["completion"] != verdicts["test"]:
-            print(f"ERROR: the two sandbox modes disagree under {backend}", file=sys.stderr)
+        if any(v != verdicts["completion"] for v in verdicts.values()):
+            print(f"ERROR: the sandbox providers disagree under {backend}", file=sys.stderr)
             return None
-    print(f"\n{'backend':<9}{'sandbox per':<13}{'n':>5}{'tests':>7}{'seconds':>9}{'ms each':>9}"
-          f"{'speed-up':>10}{'accuracy':>10}")
+    print(f"\n{'backend':<9}{'sandbox per':<16}{'n':>5}{'tests':>7}{'seconds':>9}{'ms each':>9}"
+          f"{'vs completion':>15}{'accuracy':>10}")
     for r in rows:
-        base = next(x for x in rows if x["backend"] == r["backend"] and x["sandbox_per"] == "test")
-        print(f"{r['backend']:<9}{r['sandbox_per']:<13}{r['completions']:>5}{r['tests']:>7}"
+        ours = next(x for x in rows if x["backend"] == r["backend"] and x["sandbox_per"] == "completion")
+        print(f"{r['backend']:<9}{r['sandbox_per']:<16}{r['completions']:>5}{r['tests']:>7}"
               f"{r['seconds']:>9.2f}{r['ms_per_completion']:>9.1f}"
-              f"{base['seconds'] / r['seconds']:>9.2f}x{r['accuracy_mean']:>10.3f}")
-    print("speed-up = time with one sandbox per test / time (same completions, same run); "
-          + limits_description())
+              f"{r['seconds'] / ours['seconds']:>14.2f}x{r['accuracy_mean']:>10.3f}")
+    print(f"vs completion = provider time / time with one sandbox per completion (same completions, same run); "
+          f"test@{previous} = the previous implementation" + ("" if old else " (not run: no git history here)"))
+    print(limits_description())
     return rows
 
 
@@ -114,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(rates are compared; the verdicts on that prefix must agree)")
     ap.add_argument("--n-sandbox", type=int, default=60,
                     help="programming completions for the sandbox table (0: skip it)")
+    ap.add_argument("--previous", default=PREVIOUS,
+                    help="git commit of the previous sandbox, timed as a baseline when the history is there")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "bench_rewards.jsonl"))
     args = ap.parse_args(argv)
@@ -157,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             print("ERROR: no sandbox backend works here for the sandbox table", file=sys.stderr)
             return 1
         records, completions = workload("programming", args.n_sandbox, args.seed)
-        sandbox_rows = run_sandbox_modes(records, completions, env, args.seed)
+        sandbox_rows = run_sandbox_modes(records, completions, env, args.seed, args.previous)
         if sandbox_rows is None:
             return 1
         rows += sandbox_rows

@@ -79,7 +79,7 @@ def _check_tests(tests: Any) -> list[Mapping[str, str]]:
     return list(tests)
 
 
-def _case(program: str, test: Mapping[str, str]) -> tuple[tuple[str, str], str | None]:
+def case_for_test(program: str, test: Mapping[str, str]) -> tuple[tuple[str, str], str | None]:
     """The sandbox case of one test, and the token an assert test must print (else None)."""
     if "assert" in test:
         token = secrets.token_hex(16)
@@ -90,7 +90,8 @@ def _case(program: str, test: Mapping[str, str]) -> tuple[tuple[str, str], str |
     return (program, test["input"]), None
 
 
-def _passed(test: Mapping[str, str], token: str | None, r: SandboxResult) -> bool:
+def passes_test(test: Mapping[str, str], token: str | None, r: SandboxResult) -> bool:
+    """Whether sandbox result `r` of :func:`case_for_test`'s case passes `test` (`token`: its token)."""
     if token is not None:
         return r.ok and token in r.stdout
     return r.ok and normalize_output(r.stdout) == normalize_output(test["output"])
@@ -120,7 +121,7 @@ def code_reward_details(completion: str, tests, *, timeout_s: float = 5.0, memor
     if program is None:
         info["error"] = "no code block"
         return 0.0, info
-    cases, tokens = zip(*(_case(program, t) for t in tests))
+    cases, tokens = zip(*(case_for_test(program, t) for t in tests))
     limits = {"timeout_s": timeout_s, "memory_mb": memory_mb, "backend": backend}
     if sandbox_per == "completion":
         results = run_cases(list(cases), **limits)
@@ -128,7 +129,7 @@ def code_reward_details(completion: str, tests, *, timeout_s: float = 5.0, memor
         results = [run_cases([c], **limits)[0] for c in cases]
     passed = 0
     for test, token, r in zip(tests, tokens, results):
-        ok = _passed(test, token, r)
+        ok = passes_test(test, token, r)
         passed += ok
         entry = {"passed": ok, "timed_out": r.timed_out, "returncode": r.returncode,
                  "seconds": round(r.seconds, 4), "stderr_tail": r.stderr[-_STDERR_TAIL:]}
