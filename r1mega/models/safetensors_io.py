@@ -38,19 +38,83 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+# Bytes per element of every dtype the safetensors format defines (its spec), for the checks below.
+ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+_MAX_HEADER = 100 * 2**20
+
+
+def _load_json(raw: bytes, what: str):
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} is not UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+def _check_entry(name, meta) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, or ValueError saying what is wrong."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"tensor {name!r}: an entry must be an object, got {type(meta).__name__}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
+    if missing:
+        raise ValueError(f"tensor {name!r}: no {', '.join(missing)}")
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
+        raise ValueError(f"tensor {name!r}: dtype {dtype!r} is not a safetensors dtype")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+    if offsets[1] - offsets[0] != math.prod(shape) * ST_ITEMSIZE[dtype]:
+        raise ValueError(f"tensor {name!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
+                         f"its {dtype} shape {shape} needs {math.prod(shape) * ST_ITEMSIZE[dtype]}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
 def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Name -> TensorInfo of one safetensors file, from its header only."""
+    """Name -> TensorInfo of one safetensors file, from its header only.
+
+    The header is checked as the format requires (and as the safetensors library checks when it
+    opens the file): a JSON object of ``{dtype, shape, data_offsets}`` entries whose byte ranges
+    match their shapes and dtypes and tile the data section exactly, which ends the file, and a
+    ``__metadata__`` of strings. Anything else is a CheckpointError naming the file and the entry.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100 * 2**20:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{len(head)} bytes, shorter than the 8-byte header size")
+            (size,) = struct.unpack("<Q", head)
+            if size > _MAX_HEADER:
                 raise ValueError(f"header of {size} bytes")
-            header = json.loads(f.read(size))
+            raw = f.read(size)
+            if len(raw) < size:
+                raise ValueError(f"the header of {size} bytes is cut off at {len(raw)}")
+            data_size = f.seek(0, 2) - 8 - size
+        header = _load_json(raw, "the header")
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise ValueError("__metadata__ must map strings to strings")
+        entries = {name: _check_entry(name, meta) for name, meta in header.items()}
+        covered = 0
+        for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if begin != covered:
+                raise ValueError(f"tensor {name!r}: data_offsets start at {begin}, the previous tensor ends at "
+                                 f"{covered} (tensors must tile the data section)")
+            covered = end
+        if covered != data_size:
+            raise ValueError(f"the tensors cover {covered} bytes of data, the file holds {data_size}"
+                             + (" (truncated)" if data_size < covered else ""))
     except (OSError, ValueError, struct.error) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    header.pop("__metadata__", None)
-    return {name: TensorInfo(path.name, meta["dtype"], tuple(meta["shape"])) for name, meta in header.items()}
+    return {name: TensorInfo(path.name, dtype, shape) for name, (dtype, shape, _, _) in entries.items()}
 
 
 def scan_hf_checkpoint(path: str | Path) -> dict[str, TensorInfo]:
@@ -66,7 +130,10 @@ def scan_hf_checkpoint(path: str | Path) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     if index_file.is_file():
         try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
+            weight_map = _load_json(index_file.read_bytes(), "the index")["weight_map"]
+            if not (isinstance(weight_map, dict) and all(isinstance(f, str) and f and "/" not in f
+                                                         for f in weight_map.values())):
+                raise ValueError("weight_map must map tensor names to file names")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index_file}: not a safetensors index ({err})") from None
         for file in sorted(set(weight_map.values())):
