@@ -56,14 +56,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The embedded default (the cached embedded base, the general prompts' pairs), 2 epochs."""
+    """The embedded default (the cached embedded base, the general prompts' pairs), 4 epochs."""
     from r1mega.rm import embedded_pairs, train_reward_model
     from r1mega.trainer.rundir import resolve_model
 
     train_pairs, heldout_pairs = embedded_pairs()
     _, base = resolve_model(None)
     out = tmp_path_factory.mktemp("rm") / "model"
-    result = train_reward_model(base, train_pairs, heldout_pairs, out, epochs=2, lr=5e-4, batch_size=8,
+    result = train_reward_model(base, train_pairs, heldout_pairs, out, epochs=4, lr=5e-4, batch_size=8,
                                 max_length=4096, seed=0, progress=False)
     return out, heldout_pairs, result
 
@@ -73,12 +73,14 @@ def test_embedded_pairs_train_well_above_chance_and_reward_model_scores_what_was
 
     out, heldout, result = trained
     m = result["metrics"]
-    # measured: 0.40 before (the new head), 0.79 after epoch 1 and 0.92 after epoch 2, over 52 held-out pairs
+    # measured over 52 held-out pairs: 0.40 before (the new head), 0.79 and 0.92 after epochs 1 and 2 on
+    # one machine; 0.52 before, 0.60, 0.67, 0.88, 0.98 after epochs 1-4 on another (a base pretrained on
+    # another CPU differs in its last bits): four epochs clear the bar on both
     assert m["heldout_acc"] >= 0.8, m
     assert m["epochs"][-1]["loss"] < m["epochs"][0]["loss"] < 0.693, m  # below log 2 (chance) and falling
-    assert len(m["epochs"]) == 2 and m["epochs"][-1]["train_acc"] >= 0.8, m
+    assert len(m["epochs"]) == 4 and m["epochs"][-1]["train_acc"] >= 0.8, m
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[0]["heldout_acc"] == m["heldout_acc_before"]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4] and rows[0]["heldout_acc"] == m["heldout_acc_before"]
     saved = json.loads((out / "rm.json").read_text())
     assert saved["metrics"] == m and saved["inputs"]["heldout_pairs"] == len(heldout) == 52
     assert [p.name for p in out.parent.iterdir()] == ["model"]  # the temporary directory was renamed away
