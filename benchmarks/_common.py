@@ -57,6 +57,14 @@ def environment() -> dict:
     }
 
 
+def print_table(columns: list[tuple[str, int, object]], rows: list[dict]) -> None:
+    """One line per row under a header: each column is (header, width, row -> text); a negative
+    width aligns left."""
+    print("".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w, _ in columns))
+    for r in rows:
+        print("".join(f"{fn(r):<{-w}}" if w < 0 else f"{fn(r):>{w}}" for _, w, fn in columns))
+
+
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Append one JSON line per row (results accumulate across runs) and say where."""
     path = Path(path)

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, append_jsonl, environment
+from _common import RESULTS, append_jsonl, environment, print_table
 from r1mega.data.synthetic import get_task
 from r1mega.rewards import CompositeReward, RewardPool
 from r1mega.rewards.code import SANDBOX_PER, case_for_test, code_reward_details, extract_program, passes_test
@@ -139,13 +139,13 @@ def run_sandbox_modes(records, completions, env: dict, seed: int, previous: str)
         if any(v != verdicts["completion"] for v in verdicts.values()):
             print(f"ERROR: the sandbox providers disagree under {backend}", file=sys.stderr)
             return None
-    print(f"\n{'backend':<9}{'sandbox per':<16}{'n':>5}{'tests':>7}{'seconds':>9}{'ms each':>9}"
-          f"{'vs completion':>15}{'accuracy':>10}")
-    for r in rows:
-        ours = next(x for x in rows if x["backend"] == r["backend"] and x["sandbox_per"] == "completion")
-        print(f"{r['backend']:<9}{r['sandbox_per']:<16}{r['completions']:>5}{r['tests']:>7}"
-              f"{r['seconds']:>9.2f}{r['ms_per_completion']:>9.1f}"
-              f"{r['seconds'] / ours['seconds']:>14.2f}x{r['accuracy_mean']:>10.3f}")
+    print()
+    ours = {r["backend"]: r for r in rows if r["sandbox_per"] == "completion"}
+    print_table([("backend", -9, lambda r: r["backend"]), ("sandbox per", -16, lambda r: r["sandbox_per"]),
+                 ("n", 5, lambda r: f"{r['completions']}"), ("tests", 7, lambda r: f"{r['tests']}"),
+                 ("seconds", 9, lambda r: f"{r['seconds']:.2f}"), ("ms each", 9, lambda r: f"{r['ms_per_completion']:.1f}"),
+                 ("vs completion", 15, lambda r: f"{r['seconds'] / ours[r['backend']]['seconds']:.2f}x"),
+                 ("accuracy", 10, lambda r: f"{r['accuracy_mean']:.3f}")], rows)
     print(f"vs completion = provider time / time with one sandbox per completion (same completions, same run); "
           f"test@{previous} = the previous implementation" + ("" if old else " (not run: no git history here)"))
     print(limits_description())
@@ -193,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ERROR: providers disagree on the {name} verdicts", file=sys.stderr)
             return 1
 
-    print(f"{'workload':<9}{'provider':<10}{'n':>7}{'seconds':>10}{'per s':>10}{'ms each':>9}"
-          f"{'vs inline':>10}{'accuracy':>10}{'errors':>7}")
-    for r in rows:
-        inline = next(x for x in rows if x["workload"] == r["workload"] and x["provider"] == "inline")
-        print(f"{r['workload']:<9}{r['provider']:<10}{r['completions']:>7}{r['seconds']:>10.2f}"
-              f"{r['completions_per_s']:>10.1f}{r['ms_per_completion']:>9.2f}"
-              f"{r['completions_per_s'] / inline['completions_per_s']:>9.2f}x{r['accuracy_mean']:>10.3f}{r['errors']:>7}")
+    inline = {r["workload"]: r for r in rows if r["provider"] == "inline"}
+    print_table([("workload", -9, lambda r: r["workload"]), ("provider", -10, lambda r: r["provider"]),
+                 ("n", 7, lambda r: f"{r['completions']}"), ("seconds", 10, lambda r: f"{r['seconds']:.2f}"),
+                 ("per s", 10, lambda r: f"{r['completions_per_s']:.1f}"),
+                 ("ms each", 9, lambda r: f"{r['ms_per_completion']:.2f}"),
+                 ("vs inline", 10, lambda r: f"{r['completions_per_s'] / inline[r['workload']]['completions_per_s']:.2f}x"),
+                 ("accuracy", 10, lambda r: f"{r['accuracy_mean']:.3f}"), ("errors", 7, lambda r: f"{r['errors']}")],
+                rows)
     print("vs inline = rate / inline rate (>1: faster than scoring in this process); a third of "
           "the completions are corrupted (code accuracy is the fraction of tests passed)")
     if args.n_sandbox > 0:
