@@ -150,8 +150,9 @@ def unshare_config(python: str, runner: list[str], job_fd: int, disk_mb: int,
             "mount_point": "/tmp", "cgroup_procs": cgroup_procs}
 
 
-# Imported rather than run as a script, so that its compiled form is cached in __pycache__.
-_LAUNCH = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import launcher; "
+# Imported rather than run as a script, so that its compiled form is cached in __pycache__; its
+# directory goes last on the path, so that no file there can stand in for a standard module.
+_LAUNCH = ("import sys; sys.path.append(sys.argv.pop(1)); import launcher; "
            "launcher.exit_with(launcher.main(sys.argv[1:]))")
 
 
