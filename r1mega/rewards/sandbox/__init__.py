@@ -127,6 +127,15 @@ def limits_description() -> str:
     return f"{cgroups.describe()}; {filt}"
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
 def _run_backend(backend: str, cases: Sequence[tuple[str, str]], timeout_s: float, python: str,
                  limits: dict[str, int], memory_mb: int, max_procs: int, disk_mb: int,
                  max_output: int, site_packages: bool) -> list[SandboxResult]:
@@ -144,7 +153,11 @@ def _run_backend(backend: str, cases: Sequence[tuple[str, str]], timeout_s: floa
                          "seccomp": _seccomp_filter()}, 4)
     cgroup = None
     if cgroups.support().version != "none":
-        cgroup = cgroups.SampleCgroup(memory_mb << 20, max_procs)
+        try:
+            cgroup = cgroups.SampleCgroup(memory_mb << 20, max_procs)
+        except OSError as err:  # e.g. the delegated cgroup went away: rlimits still bound the sample
+            _warn_once(f"r1mega: code sandbox: running a sample without its cgroup ({err}); "
+                       "rlimits still bound each process")
     try:
         deadline = _SETUP_ALLOWANCE_S + len(cases) * (timeout_s + 1.0)
         run = SandboxProcess(deadline, max_results=len(cases) * (12 * max_output + 4096))
