@@ -20,7 +20,7 @@ import pytest
 
 from r1mega.rewards import sandbox
 from r1mega.rewards.code import code_reward_details
-from r1mega.rewards.sandbox import cgroups, run_cases, run_sandboxed, seccomp
+from r1mega.rewards.sandbox import cgroups, run_cases, seccomp
 from tests.test_sandbox import backends, canary, contain  # noqa: F401 - canary is a fixture
 
 REPO = Path(__file__).resolve().parents[1]

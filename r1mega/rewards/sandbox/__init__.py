@@ -49,7 +49,6 @@ against kernel exploits: run untrusted code where that risk is acceptable.
 
 from __future__ import annotations
 
-import json
 import marshal
 import math
 import os
