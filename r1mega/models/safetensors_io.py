@@ -197,8 +197,10 @@ class SliceReader:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The raw bytes of `tensor` as safetensors stores them (C order, native little-endian)."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    """The raw bytes of `tensor` as safetensors stores them (C order, native little-endian), from
+    any device: a CUDA tensor is copied to host memory first (numpy reads host memory only)."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return flat.cpu().numpy().tobytes()
 
 
 class StreamingWriter:
