@@ -16,6 +16,7 @@ the whole step's rollout and trains on it (the policy splits rows over data para
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -61,6 +62,16 @@ def _step_failure(err: BaseException, step: int, run_dir: Path, data_state: Opti
             else "no checkpoint was saved yet")
     return StepFailed(f"step {step} failed ({cause}); {kept}: resume with `r1mega train --resume {run_dir}` "
                       f"(traceback in {log_path})")
+
+
+@contextlib.contextmanager
+def _reported_as_step_failure(where, run_dir: Path, rank0: bool):
+    """Any failure inside becomes :class:`StepFailed`; `where()` gives (the step, the saved state)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - any failure mid-run: say what was kept and what to do
+        step, data_state = where()
+        raise _step_failure(err, step, run_dir, data_state, rank0) from err
 
 
 class TrainError(ValueError):
@@ -303,134 +314,134 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
         policy.save_checkpoint(checkpoints, data_state=state, keep_last=cfg.run.keep_checkpoints)
         data_state = state
 
-    stopped_after = None
-    with GracefulStop() as stop:
-        for step in range(start_step, cfg.run.steps):
-            try:
-                t: dict[str, float] = {}
-                clock = time.perf_counter()
-
-                def lap(name):
-                    nonlocal clock
-                    now = time.perf_counter()
-                    t[name] = t.get(name, 0.0) + now - clock
-                    clock = now
-
-                colocation.refit()
-                lap("time_refit")
-                if step == 0 or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-                    run_eval(step)
-                    lap("time_eval")
-
-                # rollout: G completions of each prompt, refilled by dynamic sampling
-                params = sampling_params(rollout_cfg, n=grpo.group_size, seed=cfg.run.seed + step * SEED_STRIDE,
-                                         stop_token_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-                parts, kept_groups, rounds, generated = [], 0, 0, 0
-                while True:
-                    records = next(sampler)
-                    prompt_ids = S.render_prompts(records, tokenizer, cfg.run.template, rollout_cfg.max_prompt_tokens)
-                    part = generate(engine, engines, records, prompt_ids, dataclasses.replace(params, seed=params.seed + rounds),
-                                    tokenizer)
-                    generated += len(part)
-                    lap("time_rollout")
-                    rewards = from_rank0(S.score(pool, part) if rank0 else None)
-                    lap("time_reward")
-                    if grpo.dynamic_sampling:
-                        keep = S.informative_groups(rewards.total, part.group)
-                        rows = [i for i, g in enumerate(part.group) if g in set(keep)]
-                        parts.append((part.select(rows), _select_rewards(rewards, rows)))
-                        kept_groups += len(keep)
-                    else:
-                        parts.append((part, rewards))
-                        kept_groups += len(set(part.group))
-                    rounds += 1
-                    if not grpo.dynamic_sampling or kept_groups >= batch_cfg.prompts_per_step or rounds > grpo.max_resample_rounds:
-                        break
-                rollout = S.Rollout.concat([p for p, _ in parts])
-                rewards = _concat_rewards([r for _, r in parts])
-                if grpo.dynamic_sampling and len(rollout) and kept_groups > batch_cfg.prompts_per_step:
-                    rows = [i for i, g in enumerate(rollout.group) if g < batch_cfg.prompts_per_step]
-                    rollout, rewards = rollout.select(rows), _select_rewards(rewards, rows)
-                if not len(rollout):
-                    log.note(f"step {step}: every group had equal rewards after {rounds} rounds; no update")
-                    log.step(step, {"skipped": 1.0, "dynamic_groups_kept": 0.0})
-                    continue
-
-                # overlong handling and advantages
-                lengths = torch.tensor([len(c) for c in rollout.completions])
-                truncated = torch.tensor([c.finish_reason == "length" for c in rollout.completions])
-                total, loss_mask = rewards.total.clone(), None
-                if grpo.overlong == "soft":
-                    total = total + S.overlong_penalty(lengths, truncated, max_new_tokens=rollout_cfg.max_new_tokens,
-                                                       buffer=grpo.overlong_buffer)
-                elif grpo.overlong == "mask":
-                    loss_mask = ~truncated
-                adv = S.advantages(total, rollout.group, grpo)
-                batch = S.build_batch(rollout, adv, loss_mask=loss_mask, pad_id=tokenizer.pad_token_id or 0)
-                colocation.release()
-                lap("time_sleep")
-
-                # log-probs of the sampling policy (recomputed) and of the reference
-                budget = batch_cfg.micro_batch_tokens
-                routes = batch.routes if rollout_cfg.router_replay else None
-                batch.old_logp = policy.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget, routes=routes,
-                                                 balance=batch_cfg.balance)
-                if reference is not None:
-                    batch.ref_logp = reference.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget,
-                                                        balance=batch_cfg.balance)
-                lap("time_logprobs")
-
-                # train: the policy spreads each mini-batch over data-parallel ranks (batch.balance); global denominators
-                train_metrics = []
-                for mb in S.minibatches(batch, batch_cfg.minibatches_per_step):
-                    step_batch = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                      completion_mask=mb.completion_mask, old_logp=mb.old_logp, advantages=mb.advantages,
-                                      **opts)
-                    if mb.ref_logp is not None:
-                        step_batch["ref_logp"] = mb.ref_logp
-                    if grpo.tis:
-                        step_batch["rollout_logp"] = mb.rollout_logp
-                    if routes is not None:
-                        step_batch["routes"] = mb.routes
-                    train_metrics.append(policy.train_step(step_batch, micro_batch_tokens=budget, balance=batch_cfg.balance))
-                lap("time_train")
-                if reference is not None and grpo.ref_update_interval and (step + 1) % grpo.ref_update_interval == 0:
-                    reference.model.load_state_dict(policy.model.state_dict())
-
-                # metrics
-                metrics = _step_metrics(rewards, rollout, batch, train_metrics, lengths, truncated, generated, kept_groups,
-                                        len(set(rollout.group)), t)
-                metrics.update(mismatch_metrics(batch.rollout_logp, batch.old_logp, batch.completion_mask & batch.attention_mask,
-                                                tis_cap=grpo.tis_cap if grpo.tis else None))
-                for key, value in t.items():
-                    phase_totals[key] = phase_totals.get(key, 0.0) + value
-                log.step(step, metrics)
-                log.samples(step, [{"prompt": r.prompt, "completion": text, "reward": _num(rewards.total[i]),
-                                    "advantage": float(adv[i]), "finish_reason": rollout.completions[i].finish_reason}
-                                   for i, (r, text) in enumerate(zip(rollout.records, rollout.texts))
-                                   if i < cfg.run.samples_per_step])
-                if progress:
-                    log.progress(step, metrics, start_step)
-
-
-                last = step + 1 == cfg.run.steps
-                if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                    save(step)
-                if stop.agreed() and not last:
-                    if (data_state or {}).get("step") != step + 1:
-                        save(step)
-                    stopped_after = step + 1
-                    break
-            except Exception as err:  # noqa: BLE001 - any failure mid-run: say what was kept and what to do
-                raise _step_failure(err, step, run_dir, data_state, rank0) from err
-    if stopped_after is not None:
-        log.note(f"stopped by SIGTERM after step {stopped_after} of {cfg.run.steps}; the checkpoint is saved: "
-                 f"resume with `r1mega train --resume {run_dir}`")
+    def close() -> None:
         log.close()
         if engine is not None:
             engine.close()
         if pool is not None:
             pool.close()
+
+    stopped_after, step = None, start_step
+    with GracefulStop() as stop, _reported_as_step_failure(lambda: (step, data_state), run_dir, rank0):
+        for step in range(start_step, cfg.run.steps):
+            t: dict[str, float] = {}
+            clock = time.perf_counter()
+
+            def lap(name):
+                nonlocal clock
+                now = time.perf_counter()
+                t[name] = t.get(name, 0.0) + now - clock
+                clock = now
+
+            colocation.refit()
+            lap("time_refit")
+            if step == 0 or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+                run_eval(step)
+                lap("time_eval")
+
+            # rollout: G completions of each prompt, refilled by dynamic sampling
+            params = sampling_params(rollout_cfg, n=grpo.group_size, seed=cfg.run.seed + step * SEED_STRIDE,
+                                     stop_token_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+            parts, kept_groups, rounds, generated = [], 0, 0, 0
+            while True:
+                records = next(sampler)
+                prompt_ids = S.render_prompts(records, tokenizer, cfg.run.template, rollout_cfg.max_prompt_tokens)
+                part = generate(engine, engines, records, prompt_ids, dataclasses.replace(params, seed=params.seed + rounds),
+                                tokenizer)
+                generated += len(part)
+                lap("time_rollout")
+                rewards = from_rank0(S.score(pool, part) if rank0 else None)
+                lap("time_reward")
+                if grpo.dynamic_sampling:
+                    keep = S.informative_groups(rewards.total, part.group)
+                    rows = [i for i, g in enumerate(part.group) if g in set(keep)]
+                    parts.append((part.select(rows), _select_rewards(rewards, rows)))
+                    kept_groups += len(keep)
+                else:
+                    parts.append((part, rewards))
+                    kept_groups += len(set(part.group))
+                rounds += 1
+                if not grpo.dynamic_sampling or kept_groups >= batch_cfg.prompts_per_step or rounds > grpo.max_resample_rounds:
+                    break
+            rollout = S.Rollout.concat([p for p, _ in parts])
+            rewards = _concat_rewards([r for _, r in parts])
+            if grpo.dynamic_sampling and len(rollout) and kept_groups > batch_cfg.prompts_per_step:
+                rows = [i for i, g in enumerate(rollout.group) if g < batch_cfg.prompts_per_step]
+                rollout, rewards = rollout.select(rows), _select_rewards(rewards, rows)
+            if not len(rollout):
+                log.note(f"step {step}: every group had equal rewards after {rounds} rounds; no update")
+                log.step(step, {"skipped": 1.0, "dynamic_groups_kept": 0.0})
+                continue
+
+            # overlong handling and advantages
+            lengths = torch.tensor([len(c) for c in rollout.completions])
+            truncated = torch.tensor([c.finish_reason == "length" for c in rollout.completions])
+            total, loss_mask = rewards.total.clone(), None
+            if grpo.overlong == "soft":
+                total = total + S.overlong_penalty(lengths, truncated, max_new_tokens=rollout_cfg.max_new_tokens,
+                                                   buffer=grpo.overlong_buffer)
+            elif grpo.overlong == "mask":
+                loss_mask = ~truncated
+            adv = S.advantages(total, rollout.group, grpo)
+            batch = S.build_batch(rollout, adv, loss_mask=loss_mask, pad_id=tokenizer.pad_token_id or 0)
+            colocation.release()
+            lap("time_sleep")
+
+            # log-probs of the sampling policy (recomputed) and of the reference
+            budget = batch_cfg.micro_batch_tokens
+            routes = batch.routes if rollout_cfg.router_replay else None
+            batch.old_logp = policy.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget, routes=routes,
+                                             balance=batch_cfg.balance)
+            if reference is not None:
+                batch.ref_logp = reference.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget,
+                                                    balance=batch_cfg.balance)
+            lap("time_logprobs")
+
+            # train: the policy spreads each mini-batch over data-parallel ranks (batch.balance); global denominators
+            train_metrics = []
+            for mb in S.minibatches(batch, batch_cfg.minibatches_per_step):
+                step_batch = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                  completion_mask=mb.completion_mask, old_logp=mb.old_logp, advantages=mb.advantages,
+                                  **opts)
+                if mb.ref_logp is not None:
+                    step_batch["ref_logp"] = mb.ref_logp
+                if grpo.tis:
+                    step_batch["rollout_logp"] = mb.rollout_logp
+                if routes is not None:
+                    step_batch["routes"] = mb.routes
+                train_metrics.append(policy.train_step(step_batch, micro_batch_tokens=budget, balance=batch_cfg.balance))
+            lap("time_train")
+            if reference is not None and grpo.ref_update_interval and (step + 1) % grpo.ref_update_interval == 0:
+                reference.model.load_state_dict(policy.model.state_dict())
+
+            # metrics
+            metrics = _step_metrics(rewards, rollout, batch, train_metrics, lengths, truncated, generated, kept_groups,
+                                    len(set(rollout.group)), t)
+            metrics.update(mismatch_metrics(batch.rollout_logp, batch.old_logp, batch.completion_mask & batch.attention_mask,
+                                            tis_cap=grpo.tis_cap if grpo.tis else None))
+            for key, value in t.items():
+                phase_totals[key] = phase_totals.get(key, 0.0) + value
+            log.step(step, metrics)
+            log.samples(step, [{"prompt": r.prompt, "completion": text, "reward": _num(rewards.total[i]),
+                                "advantage": float(adv[i]), "finish_reason": rollout.completions[i].finish_reason}
+                               for i, (r, text) in enumerate(zip(rollout.records, rollout.texts))
+                               if i < cfg.run.samples_per_step])
+            if progress:
+                log.progress(step, metrics, start_step)
+
+
+            last = step + 1 == cfg.run.steps
+            if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                save(step)
+            if stop.agreed() and not last:
+                if (data_state or {}).get("step") != step + 1:
+                    save(step)
+                stopped_after = step + 1
+                break
+    if stopped_after is not None:
+        log.note(f"stopped by SIGTERM after step {stopped_after} of {cfg.run.steps}; the checkpoint is saved: "
+                 f"resume with `r1mega train --resume {run_dir}`")
+        close()
         return {"stopped_after_step": stopped_after, "steps": cfg.run.steps, "run_dir": str(run_dir)}
 
     # the end: evaluation of the final policy, its Hugging Face export, the summary
@@ -452,11 +463,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_run(run_dir)
         log.note(_summary_text(summary))
-    log.close()
-    if engine is not None:
-        engine.close()
-    if pool is not None:
-        pool.close()
+    close()
     return summary
 
 
