@@ -59,7 +59,6 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 _SYS_MOUNT_SETATTR = 442  # the same on every architecture but alpha
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 _AT_RECURSIVE, _AT_FDCWD = 0x8000, -100
-_KILL_WAIT_S = 5.0
 
 
 class Libc:

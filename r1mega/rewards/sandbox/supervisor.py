@@ -43,7 +43,6 @@ class SandboxProcess:
         self._open_writers = {self.cfg_w, self.job_w}
         self.init_pidfd: int | None = None
         self.lines: list[dict] = []
-        self.bwrap_status: list[dict] = []
         self.diagnostics = bytearray()
         self.timed_out = False
         self.overflowed = False
@@ -101,7 +100,7 @@ class SandboxProcess:
                 pass
 
     def run(self) -> None:
-        """Drive the run to its end (results in `lines`, `bwrap_status`, `diagnostics`)."""
+        """Drive the run to its end (results in `lines` and `diagnostics`)."""
         try:
             self._loop()
         finally:
@@ -225,7 +224,8 @@ class SandboxProcess:
                 self._open_init(int(doc["init_pid"]))
 
     def _parse_lines(self, buf: bytearray) -> None:
-        """bwrap's --json-status-fd: one JSON document per line."""
+        """bwrap's --json-status-fd: one JSON document per line; only its child-pid is wanted (the
+        runner's own records say how each case ended)."""
         while b"\n" in buf:
             line, _, rest = bytes(buf).partition(b"\n")
             buf[:] = rest
@@ -233,7 +233,6 @@ class SandboxProcess:
                 doc = json.loads(line)
             except ValueError:
                 continue
-            self.bwrap_status.append(doc)
             if "child-pid" in doc:
                 self._open_init(int(doc["child-pid"]))
 
