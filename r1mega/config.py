@@ -405,6 +405,44 @@ class ParallelConfig(_Section):
 
 
 @dataclass(frozen=True)
+class PolicyConfig(_Section):
+    """How the policy's layers compute (megatron's TransformerConfig and layer spec): grouped-GEMM
+    experts, the packed-sequence layout and FP8 through Transformer Engine."""
+
+    section_name: typing.ClassVar[str] = "policy"
+
+    grouped_gemm: bool = knob(
+        False, "MoE experts as grouped GEMMs (megatron's TEGroupedMLP: Transformer Engine's GroupedLinear on a "
+        "GPU, one matmul per expert elsewhere) instead of one module per expert; same weights, other layout.")
+    packed_format: Literal["auto", "thd", "mask"] = knob(
+        "auto", "How a micro-batch's sequences reach attention: thd (tokens of every sequence back to back with "
+        "cu_seqlens, no padding computed; Transformer Engine's fused attention on a GPU), mask (padded rows; "
+        "packed rows get a block-diagonal mask); auto: thd with Transformer Engine, mask otherwise.")
+    fp8: Optional[Literal["e4m3", "hybrid"]] = knob(
+        None, "FP8 training through Transformer Engine (GPU): e4m3 everywhere, or hybrid (e4m3 forward, e5m2 "
+        "gradients); None: no FP8.")
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = knob(
+        "delayed", "FP8 scaling: delayed (per-tensor scales from an amax history), tensorwise (current "
+        "per-tensor), blockwise (DeepSeek-V3's 1x128 activations / 128x128 weights; Hopper), mxfp8 (Blackwell).")
+    fp8_amax_history_len: int = knob(1024, "Delayed scaling: amax values kept per tensor.", ge=1)
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = knob(
+        "max", "Delayed scaling: the scale's amax is the history's maximum or its newest value.")
+    fp8_margin: int = knob(0, "Delayed scaling: the scale is reduced by 2**margin for headroom.", ge=0)
+
+    def _check(self) -> None:
+        if self.fp8 is None:
+            for name, default in (("fp8_recipe", "delayed"), ("fp8_amax_history_len", 1024),
+                                  ("fp8_amax_compute_algo", "max"), ("fp8_margin", 0)):
+                if getattr(self, name) != default:
+                    self._fail(name, "needs policy.fp8 (e4m3 or hybrid)")
+        elif self.fp8_recipe != "delayed":
+            for name, default in (("fp8_amax_history_len", 1024), ("fp8_amax_compute_algo", "max"),
+                                  ("fp8_margin", 0)):
+                if getattr(self, name) != default:
+                    self._fail(name, f"is for policy.fp8_recipe=delayed, not {self.fp8_recipe}")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole r1mega run. Build one with a recipe, then `with_overrides`."""
 
@@ -414,6 +452,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 

@@ -29,6 +29,7 @@ Name mapping (megatron local-spec names; Transformer Engine's fused-norm names a
     ...mlp.router.weight                         ...mlp.gate.weight
     ...mlp.router.expert_bias                    ...mlp.gate.e_score_correction_bias   (DeepSeek-V3)
     ...mlp.experts.local_experts.j.linear_fc{1,2}  ...mlp.experts.E.{gate,up,down}_proj (E global)
+    ...mlp.experts.linear_fc{1,2}.weightj        the same (grouped-GEMM experts, TEGroupedMLP)
     ...mlp.shared_experts.linear_fc{1,2}         ...mlp.shared_experts.{gate,up,down}_proj
 
 Ignored on load (reported, and not exported): DeepSeek-V3's multi-token-prediction layers
@@ -196,13 +197,17 @@ def _map_layer(desc: ModelDesc, layer: int, suffix: str) -> tuple[str, tuple[str
 
 
 _LAYER_PREFIX = re.compile(r"(decoder\.layers\.\d+\.)")
+_GROUPED_EXPERT = re.compile(r"(decoder\.layers\.\d+\.mlp\.experts\.)linear_fc([12])\.weight(\d+)")
+# Grouped linears carry no tensor-parallel tags (Transformer Engine's do not): fc1 is column-parallel
+# (rows split over expert TP), fc2 row-parallel (columns split).
+_GROUPED_SPLIT_DIM = {"1": 0, "2": 1}
 _LOCAL_EXPERT = re.compile(r"(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.")
 
 
 def model_entries(model, desc: ModelDesc) -> list[Entry]:
     """This rank's megatron tensors (parameters and persistent buffers) with their HF sources."""
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     model = unwrap_model(model)
@@ -212,7 +217,7 @@ def model_entries(model, desc: ModelDesc) -> list[Entry]:
     for name, module in model.named_modules():
         if isinstance(module, TransformerLayer):
             layer_of[name + "."] = module.layer_number - 1
-        elif isinstance(module, SequentialMLP):
+        elif isinstance(module, (SequentialMLP, TEGroupedMLP)):
             expert_base[name + "."] = ep_rank * module.num_local_experts
     entries = []
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -223,6 +228,11 @@ def model_entries(model, desc: ModelDesc) -> list[Entry]:
             if canonical.endswith(te_suffix):
                 canonical = canonical[: -len(te_suffix)] + local_suffix
         split_dim = getattr(tensor, "partition_dim", None) if getattr(tensor, "tensor_model_parallel", False) else None
+        grouped = _GROUPED_EXPERT.fullmatch(canonical)
+        if grouped is not None:  # one layout for both expert modules from here on
+            prefix, fc, j = grouped.groups()
+            canonical = f"{prefix}local_experts.{j}.linear_fc{fc}.weight"
+            split_dim = _GROUPED_SPLIT_DIM[fc]
         expert = ".mlp.experts." in canonical
         export = True
         if canonical == "embedding.word_embeddings.weight":

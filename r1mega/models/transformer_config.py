@@ -4,7 +4,9 @@
 :class:`~r1mega.parallel.state.ParallelConfig` into megatron's ``TransformerConfig`` (or
 ``MLATransformerConfig`` for DeepSeek-V3) with every field that affects numerics set explicitly;
 :func:`layer_spec` picks megatron's Transformer Engine spec on a GPU with Transformer Engine and its
-local spec otherwise (CPU, or GPU without TE). No other r1mega module chooses between them, and no
+local spec otherwise (CPU, or GPU without TE); grouped-GEMM experts (``policy.grouped_gemm``) are
+TE's ``GroupedLinear`` with TE and :mod:`r1mega.models.grouped_experts` without, in one parameter
+layout. FP8 (``policy.fp8`` and its recipe knobs) is set here too, and only here. No other r1mega module chooses between them, and no
 r1mega module imports transformer_engine: :func:`transformer_engine_available` reads megatron's own
 probe, ``megatron.core.extensions.transformer_engine.HAVE_TE``.
 
@@ -26,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from r1mega.config import ConfigError, PolicyConfig
 from r1mega.models.hf_config import ModelDesc
 from r1mega.parallel.state import ParallelConfig
 
@@ -48,10 +51,12 @@ def transformer_engine_available() -> bool:
 
 
 def make_transformer_config(desc: ModelDesc, parallel: ParallelConfig, *, dtype: Optional[str] = None,
-                            **overrides):
+                            policy: Optional[PolicyConfig] = None, **overrides):
     """megatron's TransformerConfig for `desc` under `parallel`.
 
-    `dtype` is the parameter dtype (default: the checkpoint's, ``desc.dtype``). `overrides` are
+    `dtype` is the parameter dtype (default: the checkpoint's, ``desc.dtype``). `policy` (default
+    :class:`~r1mega.config.PolicyConfig`) chooses grouped-GEMM experts and FP8: FP8 needs
+    Transformer Engine on a CUDA device and is refused in one line (ConfigError) elsewhere. `overrides` are
     passed to the config as-is (e.g. ``moe_aux_loss_coeff``, ``recompute_granularity``) for the
     trainer; they are not needed for a forward pass that matches the Hugging Face model.
     """
@@ -62,6 +67,7 @@ def make_transformer_config(desc: ModelDesc, parallel: ParallelConfig, *, dtype:
     )
 
     parallel.check_model(num_layers=desc.num_layers, moe=desc.is_moe)
+    policy = policy or PolicyConfig()
     params_dtype = torch_dtype(dtype or desc.dtype)
     use_te = transformer_engine_available()
     on_cpu = not torch.cuda.is_available()
@@ -100,9 +106,10 @@ def make_transformer_config(desc: ModelDesc, parallel: ParallelConfig, *, dtype:
             moe_router_dtype="fp32" if moe.router_fp32 else None,
             moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
             moe_expert_capacity_factor=None, moe_token_dispatcher_type=parallel.moe_dispatcher,
-            moe_grouped_gemm=False, moe_permute_fusion=False, moe_router_fusion=False,
+            moe_grouped_gemm=policy.grouped_gemm, moe_permute_fusion=False, moe_router_fusion=False,
             moe_shared_expert_overlap=False,
         )
+    kwargs.update(fp8_config(policy, use_te))
     # rotate-half RoPE (transformers' layout). MLA de-interleaves its rope dims before rotating
     # (megatron's multi_latent_attention path), which is DeepSeek's rope_interleave=True layout.
     kwargs.update(rotary_interleaved=False)
@@ -127,6 +134,22 @@ def make_transformer_config(desc: ModelDesc, parallel: ParallelConfig, *, dtype:
     return TransformerConfig(**kwargs)
 
 
+def fp8_config(policy: PolicyConfig, use_te: bool) -> dict:
+    """The TransformerConfig fields of `policy`'s FP8 choice (empty without FP8); ConfigError when
+    FP8 is asked for where Transformer Engine cannot run it (`use_te` False)."""
+    if policy.fp8 is None:
+        return {}
+    if not use_te:
+        where = "no CUDA device" if not torch.cuda.is_available() else "CUDA but no Transformer Engine"
+        raise ConfigError(f"policy.fp8: {policy.fp8!r} needs Transformer Engine on a CUDA GPU and this machine has "
+                          f"{where}; install it (pip install -e '.[gpu]') or set policy.fp8=none")
+    fields = dict(fp8=policy.fp8, fp8_recipe=policy.fp8_recipe, fp8_margin=policy.fp8_margin)
+    if policy.fp8_recipe == "delayed":
+        fields.update(fp8_amax_history_len=policy.fp8_amax_history_len,
+                      fp8_amax_compute_algo=policy.fp8_amax_compute_algo)
+    return fields
+
+
 def rope_model_kwargs(desc: ModelDesc) -> dict:
     """The GPTModel keyword arguments for rotary embeddings (MLA keeps its own, in the config)."""
     rope = desc.rope
@@ -148,5 +171,13 @@ def layer_spec(config, *, pp_rank: Optional[int] = None, vp_stage: Optional[int]
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    return get_gpt_decoder_block_spec(config, use_transformer_engine=transformer_engine_available(),
-                                      normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank)
+    from r1mega.models.grouped_experts import use_grouped_experts
+
+    use_te = transformer_engine_available()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
+                                      vp_stage=vp_stage, pp_rank=pp_rank)
+    if config.moe_grouped_gemm and not use_te:
+        # megatron's local provider would pick its legacy GroupedMLP (CUDA grouped_gemm, bf16 only, a
+        # fused weight buffer); TE's TEGroupedMLP layout with torch grouped linears keeps one layout.
+        use_grouped_experts(spec)
+    return spec

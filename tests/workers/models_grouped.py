@@ -1,0 +1,71 @@
+"""Worker (1 or 2 ranks): grouped-GEMM experts (``policy.grouped_gemm``: megatron's TEGroupedMLP
+layout, ``mlp.experts.linear_fc{1,2}.weight{j}``) load a Hugging Face checkpoint, give transformers'
+logits, and export it back bit for bit, in every layout the world size allows; a checkpoint
+written in the grouped layout loads into per-expert modules and the other way round.
+
+argv: ROOT — fixture directories from tests.models_fixtures.build_fixture_set.
+"""
+
+import sys
+from pathlib import Path
+
+from _models_common import LOGIT_ATOL, log, quiet_megatron, reference, same_tensors
+
+LAYOUTS = {  # world size -> (fixture, ParallelConfig kwargs)
+    1: [("qwen3_moe", {}), ("deepseek_v3", {})],
+    2: [("qwen3_moe", dict(ep=2)), ("deepseek_v3", dict(ep=2)),
+        ("qwen3_moe", dict(tp=2, etp=2)),  # each expert's FFN split over two ranks
+        ("deepseek_v3", dict(pp=2, pp_first_stage_layers=1))],
+}
+
+
+def main() -> None:
+    quiet_megatron()
+    import torch
+    import torch.distributed as dist
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    from r1mega.config import PolicyConfig
+    from r1mega.models import build_model, describe_hf_model, export_hf_weights, forward_logits, load_hf_weights
+    from r1mega.parallel import ParallelConfig, destroy_parallel, init_parallel
+
+    root = Path(sys.argv[1])
+    grouped = PolicyConfig(grouped_gemm=True)
+    world = None
+    for name, kwargs in LAYOUTS[int(__import__("os").environ["WORLD_SIZE"])]:
+        parallel = ParallelConfig(**kwargs)
+        tag = "-".join(f"{k}{v}" for k, v in kwargs.items() if k != "pp_first_stage_layers") or "tp1"
+        layout = init_parallel(parallel)
+        world = layout.world
+        desc = describe_hf_model(root / name)
+        model = build_model(desc, parallel, policy=grouped)
+        experts = [m for m in model.modules() if isinstance(m, TEGroupedMLP)]
+        names = [n for n, _ in model.named_parameters() if ".mlp.experts." in n]
+        assert all(".experts.linear_fc" in n for n in names), names[:4]
+        built = torch.tensor(len(experts))
+        dist.all_reduce(built)  # a pipeline stage may hold only dense layers
+        assert built > 0, f"{name} {tag}: no grouped experts built"
+        report = load_hf_weights(model, desc, root / name)
+        ref = reference(root, name)
+        logits = forward_logits(model, ref["ids"])
+        diff = torch.zeros(())
+        if layout.is_last_stage:
+            diff += (logits - ref["logits"]).abs().max()
+            assert diff <= LOGIT_ATOL, f"{name} {tag}: max |logits - transformers| = {diff:.3g}"
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        if layout.rank == 0:
+            local = experts[0].num_local_experts if experts else 0
+            log(f"grouped {name} {tag} local_experts {local} max_abs_diff {diff.item():.3g}")
+        out = root / f"roundtrip-grouped-{name}-{tag}-w{world}"
+        export_hf_weights(model, desc, out, dtypes=report.dtypes)
+        dist.barrier()
+        if layout.rank == 0:
+            problems = same_tensors(root / name, out)
+            assert not problems, f"{name} {tag}: round trip differs: {problems[:5]}"
+            log(f"roundtrip grouped {name} {tag} ok")
+        del model
+    destroy_parallel(process_group=True)
+
+
+if __name__ == "__main__":
+    main()
