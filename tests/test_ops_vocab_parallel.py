@@ -37,12 +37,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpr
 
 
 @pytest.mark.distributed
-def test_tensor_parallel_ranks_match_the_unsharded_ops(gen):
+@pytest.mark.parametrize("device, vocab", [
+    ("cpu", None),  # every case, small shards, both backends
+    # the Triton backend with the models' vocabularies, both ranks on one GPU (gloo all-reduces)
+    pytest.param("cuda", 32_000, marks=pytest.mark.gpu, id="cuda-V32000"),
+    pytest.param("cuda", 152_064, marks=pytest.mark.gpu, id="cuda-V152064"),
+])
+def test_tensor_parallel_ranks_match_the_unsharded_ops(device, vocab, gen):
     """2 ranks, every case in one launch (each launch costs ~5 s); the seed is fresh and printed."""
     seed = gen.initial_seed()
-    out = run_torchrun("vocab_parallel_tp.py", 2, str(seed), timeout_s=400)
+    sizes = [] if vocab is None else [device, str(vocab)]
+    out = run_torchrun("vocab_parallel_tp.py", 2, str(seed), *sizes, timeout_s=400)
     print(out)
-    assert "vocab parallel ok on 2 ranks" in out
+    assert f"vocab parallel ok on 2 ranks ({device})" in out
 
 
 @pytest.mark.parametrize("vocab_start", [0, 50, 1000])

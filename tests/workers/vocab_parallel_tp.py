@@ -1,6 +1,11 @@
 """Worker: the vocabulary-parallel ops on tp ranks equal the unsharded ops (tests/test_ops_vocab_parallel.py).
 
-    torchrun --nproc_per_node=2 tests/workers/vocab_parallel_tp.py SEED
+    torchrun --nproc_per_node=2 tests/workers/vocab_parallel_tp.py SEED [DEVICE VOCAB]
+
+With DEVICE and VOCAB (e.g. ``cuda 152064``; launchers/gpu_check.sh, through the gpu-marked cases
+of tests/test_ops_vocab_parallel.py) only the Triton backend's log-probs, loss and fused-linear
+cases run, on tensors on DEVICE, with that whole vocabulary (VOCAB / tp per rank). Gloo carries the
+all-reduces of CUDA tensors, so the two ranks may share one GPU.
 
 Every rank builds the same seeded full logits (or hidden states and output weight), keeps its
 vocabulary shard (megatron's layout: rank r holds ids [r V/tp, (r + 1) V/tp); the shard width is
@@ -56,6 +61,8 @@ dist.init_process_group("gloo")
 RANK, WORLD = dist.get_rank(), dist.get_world_size()
 GROUP = dist.new_group(list(range(WORLD)))  # the tensor-parallel group (here: every rank)
 SEED = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+DEVICE = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+LARGE_VOCAB = int(sys.argv[3]) if len(sys.argv) > 3 else None
 BACKENDS = ("triton", "torch")
 TEMPERATURE = 0.8
 report: list[dict] = []
@@ -71,18 +78,17 @@ def record(case: str, errors: dict) -> None:
     report.append({"case": case, **{k: [f"{e:.3g}" for e in v] for k, v in errors.items()}})
 
 
-def check_logprobs(gen, backend: str, dtype: torch.dtype, layout: str) -> None:
-    width = 1031  # odd shard width
-    S, T, V = 3, 13, WORLD * width
-    logits, tokens = random_logits(gen, (S, T), V, dtype)
+def check_logprobs(gen, backend: str, dtype: torch.dtype, layout: str, width: int = 1031, T: int = 13) -> None:
+    S, V = 3, WORLD * width  # an odd shard width by default
+    logits, tokens = random_logits(gen, (S, T), V, dtype, DEVICE)
     if layout == "one-shard":  # every token in rank 0's shard
-        tokens = torch.randint(0, width, (S, T), generator=gen)
+        tokens = torch.randint(0, width, (S, T), generator=gen).to(DEVICE)
     elif layout == "banned-shards":  # rows whose logits outside one shard are all -inf
         logits[0, :, width:] = float("-inf")
-        tokens[0] = torch.randint(0, width, (T,), generator=gen)
+        tokens[0] = torch.randint(0, width, (T,), generator=gen).to(DEVICE)
         logits[1, :, :width] = float("-inf")
-        tokens[1] = torch.randint(width, V, (T,), generator=gen)
-    grads = [torch.randn(S, T, generator=gen) for _ in range(2)]
+        tokens[1] = torch.randint(width, V, (T,), generator=gen).to(DEVICE)
+    grads = [torch.randn(S, T, generator=gen).to(DEVICE) for _ in range(2)]
 
     def run(fn, full):
         x = full.detach().clone().requires_grad_()
@@ -115,8 +121,9 @@ def check_logprobs(gen, backend: str, dtype: torch.dtype, layout: str) -> None:
     record(f"logprobs {backend} {str(dtype)[6:]} {layout} [ours, torch, |ours-unsharded|]", errors)
 
 
-def check_loss(gen, backend: str, case: str, agg: str, dtype: torch.dtype = torch.float32) -> None:
-    batch, opts = make_batch(gen, case, V=WORLD * 129, dtype=dtype)  # 7 sequences, one empty
+def check_loss(gen, backend: str, case: str, agg: str, dtype: torch.dtype = torch.float32, V: int = WORLD * 129,
+               T: int = 13) -> None:
+    batch, opts = make_batch(gen, case, T=T, V=V, dtype=dtype, device=DEVICE)  # 7 sequences, one empty
     opts = dict(opts, agg=agg)
 
     def sharded(logits, *args, **kwargs):
@@ -142,7 +149,7 @@ def check_loss(gen, backend: str, case: str, agg: str, dtype: torch.dtype = torc
 
 
 def check_padding_is_never_read(gen, backend: str, level: str) -> None:
-    batch, opts = make_batch(gen, "everything", V=WORLD * 129)
+    batch, opts = make_batch(gen, "everything", V=WORLD * 129, device=DEVICE)
     opts = dict(opts, ratio_level=level, agg="seq-mean-token-sum")
     mask = batch["mask"]
 
@@ -164,7 +171,7 @@ def check_padding_is_never_read(gen, backend: str, level: str) -> None:
 
 def check_gradient_accumulation(gen, backend: str, level: str, agg: str) -> None:
     """Micro-batches with global denominators through the vocab-parallel loss sum to the full batch."""
-    batch, opts = make_batch(gen, "everything", V=WORLD * 129)
+    batch, opts = make_batch(gen, "everything", V=WORLD * 129, device=DEVICE)
     opts = dict(opts, agg=agg, ratio_level=level)
 
     def sharded(logits, *args, **kwargs):
@@ -186,8 +193,9 @@ def check_gradient_accumulation(gen, backend: str, level: str, agg: str) -> None
     torch.testing.assert_close(torch.cat(grads), full_grad, rtol=1e-6, atol=1e-9)
 
 
-def check_linear(gen, backend: str, case: str, agg: str, dtype: torch.dtype = torch.float32) -> None:
-    hidden, weight, batch, opts = make_linear_batch(gen, case, S=3, T=11, H=24, V=WORLD * 129, dtype=dtype)
+def check_linear(gen, backend: str, case: str, agg: str, dtype: torch.dtype = torch.float32, V: int = WORLD * 129,
+                 T: int = 11, H: int = 24) -> None:
+    hidden, weight, batch, opts = make_linear_batch(gen, case, S=3, T=T, H=H, V=V, dtype=dtype, device=DEVICE)
     opts = dict(opts, agg=agg)
 
     def sharded(h, w, *args, **kwargs):  # this rank's rows of the weight: its vocabulary shard
@@ -222,7 +230,7 @@ def check_linear(gen, backend: str, case: str, agg: str, dtype: torch.dtype = to
 
 def check_partial_hidden_gradients(gen) -> None:
     """hidden_grad_all_reduce=False leaves each rank's partial; their sum is the all-reduced gradient."""
-    hidden, weight, batch, opts = make_linear_batch(gen, "defaults", S=2, T=5, H=8, V=WORLD * 33)
+    hidden, weight, batch, opts = make_linear_batch(gen, "defaults", S=2, T=5, H=8, V=WORLD * 33, device=DEVICE)
     width = weight.shape[0] // WORLD
     grads = {}
     for all_reduce in (True, False):
@@ -241,13 +249,23 @@ def check_partial_hidden_gradients(gen) -> None:
 def check_group_of_one_equals_plain_op(gen) -> None:
     """A group of size 1 runs the plain op (no collective), bit for bit."""
     solo = dist.new_group([RANK], use_local_synchronization=True)
-    logits, tokens = random_logits(gen, (2, 5), 67, torch.float32)
+    logits, tokens = random_logits(gen, (2, 5), 67, torch.float32, DEVICE)
     torch.testing.assert_close(vocab_parallel_token_logprobs(logits, tokens, group=solo),
                                token_logprobs_and_entropy(logits, tokens)[0], rtol=0, atol=0)
 
 
+def check_large_vocabulary(gen, vocab: int) -> None:
+    """The Triton backend at a real vocabulary (each rank holds vocab / WORLD columns)."""
+    assert vocab % WORLD == 0, f"vocabulary {vocab} is not a multiple of tp = {WORLD}"
+    for dtype in (torch.float32, torch.bfloat16):
+        check_logprobs(gen, "triton", dtype, "spread", width=vocab // WORLD, T=64)
+        check_loss(gen, "triton", "everything", "token-mean", dtype=dtype, V=vocab, T=48)
+        check_linear(gen, "triton", "everything", "token-mean", dtype=dtype, V=vocab, T=48, H=256)
+    check_loss(gen, "triton", "gspo-everything", "seq-mean-token-mean", V=vocab, T=48)
+
+
 gen = torch.Generator().manual_seed(SEED)
-for backend in BACKENDS:
+for backend in BACKENDS if LARGE_VOCAB is None else ():
     for dtype in (torch.float32, torch.bfloat16):
         check_logprobs(gen, backend, dtype, "spread")
     check_logprobs(gen, backend, torch.float32, "one-shard")
@@ -259,17 +277,20 @@ for backend in BACKENDS:
         check_padding_is_never_read(gen, backend, level)
         check_linear(gen, backend, "everything" if level == "token" else "gspo-everything",
                      "token-mean" if level == "token" else "seq-mean-token-mean")
-check_loss(gen, "triton", "everything", "seq-mean-token-mean", dtype=torch.bfloat16)
-check_linear(gen, "triton", "everything", "token-mean", dtype=torch.bfloat16)
-for level in ("token", "sequence"):
-    for agg in AGG_MODES:
-        check_gradient_accumulation(gen, "triton", level, agg)
-check_gradient_accumulation(gen, "torch", "sequence", "token-mean")
-check_partial_hidden_gradients(gen)
-check_group_of_one_equals_plain_op(gen)
+if LARGE_VOCAB is not None:
+    check_large_vocabulary(gen, LARGE_VOCAB)
+else:
+    check_loss(gen, "triton", "everything", "seq-mean-token-mean", dtype=torch.bfloat16)
+    check_linear(gen, "triton", "everything", "token-mean", dtype=torch.bfloat16)
+    for level in ("token", "sequence"):
+        for agg in AGG_MODES:
+            check_gradient_accumulation(gen, "triton", level, agg)
+    check_gradient_accumulation(gen, "torch", "sequence", "token-mean")
+    check_partial_hidden_gradients(gen)
+    check_group_of_one_equals_plain_op(gen)
 
 if RANK == 0:
     for row in report:
         print(json.dumps(row))
-    print(f"vocab parallel ok on {WORLD} ranks, {len(report)} measured cases")
+    print(f"vocab parallel ok on {WORLD} ranks ({DEVICE}), {len(report)} measured cases")
 dist.destroy_process_group()
