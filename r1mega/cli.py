@@ -21,6 +21,9 @@
                                               train a reward model (Bradley-Terry) on preference pairs
                                               (the embedded general-prompt pairs without --data)
     r1mega plot RUN                           draw a run's curves into RUN/curves.png
+    r1mega plan [--nnodes N --nproc-per-node M --plan-json F] COMMAND ...
+                                              the per-rank plan of a launch of COMMAND (train, sft,
+                                              convert), checked against its layout and model
     r1mega recipes                            list the named recipes
     r1mega keys                               list every config key with its documentation
 
@@ -219,6 +222,16 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--format-style", default="summary", help="summary (R1, default) or answer-tags (R1-Zero)")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--quiet", action="store_true", help="no progress lines")
+    plan = sub.add_parser("plan", help="the per-rank plan of a torchrun/Slurm launch of a command, checked "
+                          "against its config and model (no GPU, no cluster; DRY_RUN=1 of the launchers)")
+    plan.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
+    plan.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (default 1)")
+    plan.add_argument("--launch", action="append", metavar="CMD", help="the command node i runs (the i-th "
+                      "--launch; the launchers pass them)")
+    plan.add_argument("--plan-json", metavar="FILE", help="also write the whole plan (every rank and node) as JSON")
+    plan.add_argument("--full", action="store_true", help="one row per rank even for a large world")
+    plan.add_argument("command_args", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                      help="the r1mega command and its arguments, e.g. train --set parallel.tp=2")
     sub.add_parser("recipes", help="list the named recipes")
     sub.add_parser("keys", help="list every config key with its type, default and documentation")
     return parser
@@ -230,6 +243,58 @@ def resolve_config(recipe: str, config_file: str | None, overrides: list[str]) -
     if config_file:
         cfg = cfg.with_file(config_file)
     return cfg.with_overrides(overrides)
+
+
+def command_config(args: argparse.Namespace) -> Config:
+    """The config the parsed command `args` runs with: the recipe (sft's own default for sft), the
+    --config file (a resumed run's config.json with --resume), the --set overrides, then train's
+    --model/--data/--heldout and sft's --model/--data."""
+    config_file = args.config
+    recipe = args.recipe or (DEFAULT_SFT_RECIPE if args.command == "sft" else DEFAULT_RECIPE)
+    if args.command in ("train", "sft") and args.resume and config_file is None:
+        config_file = str(Path(args.resume) / "config.json")
+        if not Path(config_file).is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.json there (not a run directory)")
+    cfg = resolve_config(recipe, config_file, args.overrides)
+    if args.command == "train":
+        extra = {f"run.{k}": getattr(args, k) for k in ("model", "data", "heldout") if getattr(args, k)}
+        cfg = cfg.with_values(extra) if extra else cfg
+    if args.command == "sft":
+        extra = {k: getattr(args, name) for k, name in (("run.model", "model"), ("sft.data", "data"))
+                 if getattr(args, name)}
+        cfg = cfg.with_values(extra) if extra else cfg
+    return cfg
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"megatron\.")  # its import-time notes about TE/Apex
+    from r1mega.parallel import ParallelConfig
+    from r1mega.parallel.plan import describe_run_model, make_plan, write_plan_json
+
+    argv = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    inner = _parser().parse_args(argv)  # bad arguments exit 2 with usage, as the command itself would
+    if inner.command in ("train", "sft"):
+        cfg = command_config(inner)
+        parallel, model = cfg.parallel, cfg.run.model
+    elif inner.command == "convert":  # its layout is its flags
+        parallel, model = ParallelConfig(tp=inner.tp, pp=inner.pp, ep=inner.ep, etp=inner.etp), inner.hf
+    else:
+        raise ValueError(f"plan: {inner.command or 'no command'!r} is not a distributed command; "
+                         "train, sft and convert run under torchrun")
+    parallel.check_world(args.nnodes * args.nproc_per_node)  # before reading any model
+    if inner.command == "convert" and model is None:
+        desc, note = None, f"{inner.megatron}: a megatron checkpoint, not read by the plan"
+    else:
+        desc, note = describe_run_model(model)
+    plan = make_plan(parallel, args.nnodes, args.nproc_per_node, desc=desc, model_note=note,
+                     launch=tuple(args.launch or ()))
+    sys.stdout.write(plan.render(full=args.full or None))
+    if args.plan_json:
+        write_plan_json(plan, args.plan_json)
+        print(f"wrote {args.plan_json}")
+    return 0
 
 
 def _list_recipes() -> str:
@@ -374,26 +439,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(plot_run(args.run, args.out))
             return 0
-        config_file = args.config
-        if args.recipe is None:
-            args.recipe = DEFAULT_SFT_RECIPE if args.command == "sft" else DEFAULT_RECIPE
-        if args.command in ("train", "sft") and args.resume and config_file is None:
-            config_file = str(Path(args.resume) / "config.json")
-            if not Path(config_file).is_file():
-                raise ConfigError(f"--resume {args.resume}: no config.json there (not a run directory)")
-        cfg = resolve_config(args.recipe, config_file, args.overrides)
-        if args.command == "train":
-            extra = {f"run.{k}": getattr(args, k) for k in ("model", "data", "heldout") if getattr(args, k)}
-            cfg = cfg.with_values(extra) if extra else cfg
-        if args.command == "sft":
-            extra = {k: getattr(args, name) for k, name in (("run.model", "model"), ("sft.data", "data"))
-                     if getattr(args, name)}
-            cfg = cfg.with_values(extra) if extra else cfg
-            if not args.dry_run:
-                from r1mega.sft.loop import sft
+        if args.command == "plan":
+            return _plan(args)
+        cfg = command_config(args)
+        if args.command == "sft" and not args.dry_run:
+            from r1mega.sft.loop import sft
 
-                sft(cfg, resume=args.resume, progress=not args.quiet)
-                return 0
+            sft(cfg, resume=args.resume, progress=not args.quiet)
+            return 0
         if args.command == "reward":
             return _reward(args, cfg)
         if args.command == "train" and not args.dry_run:

@@ -23,6 +23,20 @@ from r1mega.models.transformer_config import (
 from r1mega.parallel.state import ParallelConfig
 
 
+def check_model_split(desc: ModelDesc, parallel: ParallelConfig) -> None:
+    """Raise ConfigError unless `parallel` can shard `desc`: the vocabulary and the attention
+    (key/value heads; MLA: all heads) over tp, the routed experts over ep. The layer split over
+    pp is ``parallel.check_model``'s."""
+    if desc.vocab_size % parallel.tp:
+        raise ConfigError(f"parallel.tp: {parallel.tp} does not divide the vocabulary size {desc.vocab_size}")
+    if desc.moe is not None and desc.moe.num_experts % parallel.ep:
+        raise ConfigError(f"parallel.ep: {parallel.ep} does not divide the {desc.moe.num_experts} experts")
+    heads_split = desc.num_kv_heads if desc.mla is None else desc.num_heads
+    if heads_split % parallel.tp:
+        raise ConfigError(f"parallel.tp: {parallel.tp} does not divide the {heads_split} "
+                          f"{'key/value' if desc.mla is None else 'attention'} heads")
+
+
 def build_model(desc: ModelDesc, parallel: ParallelConfig, *, dtype: Optional[str] = None, **config_overrides):
     """This rank's GPTModel for `desc`, randomly initialised; megatron's groups must match `parallel`.
 
@@ -42,14 +56,7 @@ def build_model(desc: ModelDesc, parallel: ParallelConfig, *, dtype: Optional[st
     if sizes != (parallel.tp, parallel.pp, parallel.ep):
         raise ConfigError(f"parallel: the process groups are tp/pp/ep={sizes}, the config says "
                           f"{(parallel.tp, parallel.pp, parallel.ep)}; call init_parallel with this config")
-    if desc.vocab_size % parallel.tp:
-        raise ConfigError(f"parallel.tp: {parallel.tp} does not divide the vocabulary size {desc.vocab_size}")
-    if desc.moe is not None and desc.moe.num_experts % parallel.ep:
-        raise ConfigError(f"parallel.ep: {parallel.ep} does not divide the {desc.moe.num_experts} experts")
-    heads_split = desc.num_kv_heads if desc.mla is None else desc.num_heads
-    if heads_split % parallel.tp:
-        raise ConfigError(f"parallel.tp: {parallel.tp} does not divide the {heads_split} "
-                          f"{'key/value' if desc.mla is None else 'attention'} heads")
+    check_model_split(desc, parallel)
     config = make_transformer_config(desc, parallel, dtype=dtype, **config_overrides)
     pp_rank = ps.get_pipeline_model_parallel_rank()
     model = GPTModel(
