@@ -43,6 +43,46 @@ def test_packed_sft_in_tp2_and_pp2_matches_transformers(tiny_models, layout, fam
     _check(_parse(run_torchrun("sft_packing.py", 2, str(tiny_models), layout, *families)), families)
 
 
+@pytest.mark.parametrize("world,layout,families", [
+    (1, "tp1-thd", ("qwen3_moe", "deepseek_v3_yarn", "qwen2", "llama")),
+    (2, "tp2-thd", ("deepseek_v3_yarn", "qwen3_moe")),  # sequence parallel: N padded to a multiple of 2
+    (2, "pp2-thd", ("qwen2",)),  # the stages exchange [B * T, 1, H]
+])
+def test_packed_sft_in_thd_format_matches_transformers(tiny_models, world, layout, families):
+    """policy.packed_format=thd: megatron's PackedSeqParams with cu_seqlens (TE's fused attention
+    on a GPU; the CPU shim's local attention takes them as a block-diagonal mask)."""
+    _check(_parse(run_torchrun("sft_packing.py", world, str(tiny_models), layout, *families)), families)
+
+
+def test_thd_batch_against_brute_force():
+    from r1mega.models.packing import ThdBatch, thd_causal_mask
+
+    ids = torch.arange(1, 25).reshape(3, 8)
+    seg = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0, 0, 0]])
+    thd = ThdBatch(ids, seg, total=20)
+    # the sequences, read off row by row and segment by segment, then the padding tail
+    sequences = [[ids[b, t].item() for t in range(8) if seg[b, t] == s]
+                 for b in range(3) for s in sorted(set(seg[b].tolist()) - {0})]
+    flat = [tok for sq in sequences for tok in sq]
+    assert thd.input_ids[0, :len(flat)].tolist() == flat and thd.input_ids.shape == (1, 20)
+    bounds = [0]
+    for sq in sequences:
+        bounds.append(bounds[-1] + len(sq))
+    assert thd.cu_seqlens.tolist() == bounds + [20] and thd.cu_seqlens.dtype == torch.int32
+    assert thd.max_seqlen == max(max(map(len, sequences)), 20 - len(flat))
+    assert thd.position_ids[0].tolist() == [i for sq in sequences for i in range(len(sq))] + list(range(20 - len(flat)))
+    assert thd.padding_mask[0].tolist() == [False] * len(flat) + [True] * (20 - len(flat))
+    out = thd.unpack(thd.input_ids.unsqueeze(-1).float().requires_grad_())
+    assert torch.equal(out[..., 0], torch.where(seg > 0, ids, 0).float())
+    mask = thd_causal_mask(thd.cu_seqlens, 20)[0, 0]
+    seq_of = [i for i, sq in enumerate(sequences) for _ in sq] + [len(sequences)] * (20 - len(flat))
+    for t in range(20):
+        for u in range(20):
+            assert bool(mask[t, u]) == (not (u <= t and seq_of[u] == seq_of[t])), (t, u)
+    with pytest.raises(ValueError, match="do not fit"):
+        ThdBatch(ids, seg, total=len(flat) - 1)
+
+
 def test_segment_positions_and_block_mask_against_brute_force():
     from r1mega.models.packing import block_causal_mask, check_segments, segment_positions
 

@@ -46,17 +46,18 @@ def check_input_ids(input_ids, attention_mask, vocab_size: int) -> tuple[torch.T
     return input_ids, am
 
 
-def check_segment_ids(segment_ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+def check_segment_ids(segment_ids: torch.Tensor, am: torch.Tensor, *, packed_format: str = "mask") -> torch.Tensor:
     """`segment_ids` of packed rows (r1mega.models.packing) as int64, checked against the mask;
-    NotImplementedError under Transformer Engine, whose fused attention ignores the block mask."""
+    NotImplementedError for the "mask" format under Transformer Engine, whose fused attention
+    ignores the block mask (the "thd" format is what TE computes packed rows with)."""
     from r1mega.parallel.cpu_shim import megatron_has_te
 
     check_integer("segment_ids", segment_ids)
     check_segments(segment_ids, am)
-    if megatron_has_te():
+    if packed_format == "mask" and megatron_has_te():
         # TE's fused attention ignores an explicit mask under the causal mask type.
-        raise NotImplementedError("packed rows (segment_ids) need the local attention spec; with Transformer "
-                                  "Engine they need PackedSeqParams (THD), not implemented yet")
+        raise NotImplementedError("packed rows (segment_ids) with Transformer Engine need the THD format: "
+                                  "set policy.packed_format=thd (or auto)")
     return segment_ids.long()
 
 
@@ -110,9 +111,10 @@ def parse_grpo_batch(batch: Mapping[str, Any], vocab_size: int) -> tuple[dict[st
     return tensors, options, agg
 
 
-def parse_sft_batch(batch: Mapping[str, Any], vocab_size: int) -> dict[str, torch.Tensor]:
+def parse_sft_batch(batch: Mapping[str, Any], vocab_size: int, *, packed_format: str = "mask") -> dict[str, torch.Tensor]:
     """The tensors of an SFT batch (see Policy.sft_step), all keys checked: ``input_ids``,
-    ``attention_mask`` and ``loss_mask`` (bool), and ``segment_ids`` for packed rows."""
+    ``attention_mask`` and ``loss_mask`` (bool), and ``segment_ids`` for packed rows (see
+    :func:`check_segment_ids` for `packed_format`)."""
     unknown = sorted(set(batch) - set(SFT_KEYS))
     if unknown:
         raise ValueError(f"sft_step: unknown batch key {unknown[0]!r}; keys: {', '.join(SFT_KEYS)}")
@@ -126,7 +128,7 @@ def parse_sft_batch(batch: Mapping[str, Any], vocab_size: int) -> dict[str, torc
         raise ValueError("loss_mask: must be 0 at t = 0 and on padding (attention_mask 0)")
     tensors = {"input_ids": input_ids, "attention_mask": am, "loss_mask": mask}
     if batch.get("segment_ids") is not None:
-        tensors["segment_ids"] = check_segment_ids(batch["segment_ids"], am)
+        tensors["segment_ids"] = check_segment_ids(batch["segment_ids"], am, packed_format=packed_format)
     return tensors
 
 

@@ -105,3 +105,70 @@ class PackedRope(contextlib.AbstractContextManager):
                 m.forward = previous
         self._saved.clear()
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# THD: every sequence's tokens back to back, described by cu_seqlens
+# ---------------------------------------------------------------------------------------------
+class ThdBatch:
+    """A micro-batch of right-padded [B, T] rows in megatron's THD layout: the real tokens of
+    every sequence (a row, or each example of a packed row) back to back in one [1, N] row, no
+    padding between them; ``cu_seqlens`` [n_seq + 1] (int32) marks where each starts. A tail of
+    padding tokens, its own sequence, brings N to `total` (sequence parallelism needs N divisible
+    by the TP size; pipeline stages exchange a fixed shape).
+
+    Attributes: ``input_ids`` and ``position_ids`` [1, N], ``padding_mask`` [1, N] (True on the
+    tail), ``cu_seqlens``, ``max_seqlen``, ``index`` [n_real] (flat position in the [B, T] rows of
+    each packed token), ``shape`` (B, T).
+    """
+
+    def __init__(self, input_ids_BT: torch.Tensor, segment_ids_BT: torch.Tensor, *, total: int):
+        B, T = input_ids_BT.shape
+        real = segment_ids_BT > 0
+        self.shape = (B, T)
+        self.index = real.reshape(-1).nonzero().squeeze(1)
+        n_real = int(self.index.numel())
+        if total < n_real:
+            raise ValueError(f"ThdBatch: {n_real} real tokens do not fit in {total}")
+        # a new sequence starts where the row or the segment changes
+        row = torch.arange(B, device=input_ids_BT.device).unsqueeze(1).expand(B, T).reshape(-1)[self.index]
+        seg = segment_ids_BT.reshape(-1)[self.index]
+        starts = torch.ones(n_real, dtype=torch.bool, device=input_ids_BT.device)
+        starts[1:] = (row[1:] != row[:-1]) | (seg[1:] != seg[:-1])
+        bounds = starts.nonzero().squeeze(1).tolist() + [n_real]
+        if total > n_real:
+            bounds.append(total)
+        self.cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=input_ids_BT.device)
+        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        self.max_seqlen = int(lengths.max()) if lengths.numel() else 0
+        flat_ids = input_ids_BT.reshape(-1)[self.index]
+        self.input_ids = torch.cat([flat_ids, flat_ids.new_zeros(total - n_real)]).unsqueeze(0)
+        t = torch.arange(total, device=input_ids_BT.device)
+        seq_of_token = torch.bucketize(t, self.cu_seqlens[1:].long(), right=True)
+        self.position_ids = (t - self.cu_seqlens.long()[seq_of_token]).unsqueeze(0)
+        self.padding_mask = (t >= n_real).unsqueeze(0)
+
+    def packed_seq_params(self):
+        """megatron's PackedSeqParams (qkv_format "thd") of this batch."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+
+    def unpack(self, out_1N: torch.Tensor) -> torch.Tensor:
+        """[1, N, ...] per-token outputs back to the [B, T, ...] rows (zeros on padding);
+        differentiable."""
+        B, T = self.shape
+        rest = tuple(out_1N.shape[2:])
+        real = out_1N[0, : self.index.numel()]
+        full = out_1N.new_zeros((B * T,) + rest).index_copy(0, self.index, real)
+        return full.reshape((B, T) + rest)
+
+
+def thd_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[1, 1, N, N] bool, True where attention is NOT allowed, for the sequences of `cu_seqlens`
+    (attention within a sequence, causal): what THD attention computes, as a dense mask."""
+    t = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.bucketize(t, cu_seqlens[1:].long(), right=True)
+    allowed = (seq[:, None] == seq[None, :]) & (t[None, :] <= t[:, None])
+    return ~allowed[None, None]

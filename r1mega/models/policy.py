@@ -67,7 +67,7 @@ from typing import Any, Optional
 
 import torch
 
-from r1mega.config import ConfigError, OptimConfig, ParallelConfig
+from r1mega.config import ConfigError, OptimConfig, ParallelConfig, PolicyConfig
 from r1mega.models.batches import (
     build_micro_batches,
     check_input_ids,
@@ -98,11 +98,22 @@ def _ensure_parallel(parallel: ParallelConfig, seed: int):
     return init_parallel(parallel, seed=seed)
 
 
+def resolve_packed_format(packed_format: str) -> str:
+    """``policy.packed_format`` for this machine: "auto" is "thd" with Transformer Engine (its
+    fused attention takes cu_seqlens) and "mask" otherwise (the local attention's dense mask)."""
+    from r1mega.models.transformer_config import transformer_engine_available
+
+    if packed_format == "auto":
+        return "thd" if transformer_engine_available() else "mask"
+    return packed_format
+
+
 def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp: Optional[int] = None,
                 parallel: Optional[ParallelConfig] = None, dtype: torch.dtype = torch.float32,
                 optim: Optional[OptimConfig] = None, trainable: bool = True, micro_batch_size: int = 1,
                 temperature: float = 1.0, seed: int = 0, backend: Optional[str] = None,
-                load_optimizer: bool = True, router_replay: bool = False, **config_overrides) -> Policy:
+                load_optimizer: bool = True, router_replay: bool = False, policy: Optional[PolicyConfig] = None,
+                **config_overrides) -> Policy:
     """A :class:`Policy` for `path` in the layout tp/ep/pp (or `parallel`); call on every rank.
 
     Initialises ``torch.distributed`` (torchrun's environment, or a one-process group) and
@@ -114,7 +125,9 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
     weights and step count only (fresh Adam moments, scheduler and RNG). `config_overrides` go to
     megatron's TransformerConfig. `router_replay=True` (MoE models) lets log-probs and training
     steps take the rollout engine's recorded expert choices (``routes``; see
-    :mod:`r1mega.models.router_replay`).
+    :mod:`r1mega.models.router_replay`). `policy` (default :class:`~r1mega.config.PolicyConfig`)
+    chooses grouped-GEMM experts, FP8 and the packed-sequence format (``auto``: THD with
+    Transformer Engine, the block mask otherwise).
     Problems with `path` (not a model, a bad tensor) raise before any process group is set up.
     """
     from r1mega.models import checkpoint as ckpt
@@ -135,7 +148,8 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
     if source.kind == "hf":
         check_hf_checkpoint(source.path, desc)
     _ensure_parallel(parallel, seed)
-    model = build_model(desc, parallel, dtype=_DTYPE_NAMES[dtype], calculate_per_token_loss=True,
+    policy = policy or PolicyConfig()
+    model = build_model(desc, parallel, dtype=_DTYPE_NAMES[dtype], calculate_per_token_loss=True, policy=policy,
                         **config_overrides)
     if source.kind == "hf":
         hf_dtypes = load_hf_weights(model, desc, source.path).dtypes
@@ -143,7 +157,8 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
         ckpt.load_model_weights(model, source.weights)
     policy = Policy(model, desc, parallel, dtype=dtype, hf_dtypes=hf_dtypes, side_files=source.config_dir,
                     optim=optim, trainable=trainable, micro_batch_size=micro_batch_size,
-                    temperature=temperature, backend=backend, seed=seed)
+                    temperature=temperature, backend=backend, seed=seed,
+                    packed_format=resolve_packed_format(policy.packed_format))
     if router_replay:
         policy.enable_router_replay()
     if source.kind == "checkpoint":
@@ -170,7 +185,8 @@ class Policy:
 
     def __init__(self, model, desc: ModelDesc, parallel: ParallelConfig, *, dtype: torch.dtype,
                  hf_dtypes: Optional[dict], side_files: Optional[Path], optim: Optional[OptimConfig],
-                 trainable: bool, micro_batch_size: int, temperature: float, backend: Optional[str], seed: int):
+                 trainable: bool, micro_batch_size: int, temperature: float, backend: Optional[str], seed: int,
+                 packed_format: str = "mask"):
         from r1mega.parallel.state import current_layout
 
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
@@ -193,7 +209,9 @@ class Policy:
         self.data_state: Optional[dict] = None
         self.load_report = None
         self.optim = optim or OptimConfig()
-        self.runner = ModelRunner(model, desc, self.layout, temperature=self.temperature, backend=self.backend)
+        self.packed_format = packed_format
+        self.runner = ModelRunner(model, desc, self.layout, temperature=self.temperature, backend=self.backend,
+                                  packed_format=packed_format)
         self.training_state: Optional[TrainingState] = None
         if trainable:
             self.training_state = TrainingState(model, self.optim, dtype)
@@ -260,7 +278,7 @@ class Policy:
         if routes is not None:
             tensors["routes"] = self.runner.check_routes(routes, input_ids.shape)
         if segment_ids is not None:
-            tensors["segment_ids"] = check_segment_ids(segment_ids, am)
+            tensors["segment_ids"] = check_segment_ids(segment_ids, am, packed_format=self.packed_format)
         micro_batches = self._micro_batches(tensors, plan, lengths)
         full = self.runner.logprobs(micro_batches, tuple(input_ids.shape), split_dp=split_dp,
                                     packed=segment_ids is not None)
@@ -337,7 +355,7 @@ class Policy:
         ``update_successful``, ``step``.
         """
         state = self._trainable_state("sft_step")
-        tensors = parse_sft_batch(batch, self.desc.vocab_size)
+        tensors = parse_sft_batch(batch, self.desc.vocab_size, packed_format=self.packed_format)
         lengths = tensors["attention_mask"].sum(1).tolist()
         plan = self._plan(lengths, split_dp, micro_batch_size, micro_batch_tokens, balance)
         micro_batches = self._micro_batches(tensors, plan, lengths)

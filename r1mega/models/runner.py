@@ -26,7 +26,7 @@ import torch
 
 from r1mega.models.build import unwrap_model
 from r1mega.models.hf_config import ModelDesc
-from r1mega.models.packing import PackedRope, block_causal_mask, segment_positions
+from r1mega.models.packing import PackedRope, ThdBatch, block_causal_mask, segment_positions
 
 MEAN_METRICS = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "approx_kl")
 
@@ -96,14 +96,20 @@ class ModelRunner:
     method is collective over the model's groups.
 
     `temperature` divides the logits of log-probs and the GRPO loss; `backend` picks the ops'
-    implementation (r1mega.ops). ``chunk`` is the module the schedule runs: the model, or its
-    DDP wrapper once a training state exists. ``router_replay`` is None until
-    :meth:`enable_router_replay`.
+    implementation (r1mega.ops). `packed_format` is how a micro-batch reaches attention: "mask"
+    (padded [B, T] rows; packed rows get a block-diagonal mask and per-example positions) or
+    "thd" (the real tokens of every sequence back to back with cu_seqlens, megatron's
+    PackedSeqParams: no padding computed; outputs are unpacked to [B, T] for the losses).
+    ``chunk`` is the module the schedule runs: the model, or its DDP wrapper once a training
+    state exists. ``router_replay`` is None until :meth:`enable_router_replay`.
     """
 
-    def __init__(self, model, desc: ModelDesc, layout, *, temperature: float, backend: Optional[str]):
+    def __init__(self, model, desc: ModelDesc, layout, *, temperature: float, backend: Optional[str],
+                 packed_format: str = "mask"):
+        if packed_format not in ("mask", "thd"):
+            raise ValueError(f"packed_format must be 'mask' or 'thd', got {packed_format!r}")
         self.model, self.desc, self.layout = model, desc, layout
-        self.temperature, self.backend = temperature, backend
+        self.temperature, self.backend, self.packed_format = temperature, backend, packed_format
         self.device = next(model.parameters()).device
         self.chunk = model
         self.router_replay = None  # r1mega.models.router_replay.RouterReplay once enabled
@@ -120,6 +126,9 @@ class ModelRunner:
 
         if not self.desc.is_moe:
             raise ValueError(f"router replay needs an MoE model; {self.desc.arch} has no experts")
+        if self.packed_format == "thd":
+            raise ValueError("router replay takes routes per [B, T] position; it does not work with the THD "
+                             "packed format yet: set policy.packed_format=mask")
         if self.router_replay is None:
             moe_layers = tuple(i for i in range(self.desc.num_layers) if self.desc.is_moe_layer(i))
             self.router_replay = RouterReplay(unwrap_model(self.model), moe_layers, self.desc.moe.topk)
@@ -146,18 +155,52 @@ class ModelRunner:
 
         # The shape megatron's pipeline schedule communicates (all micro-batches share it when pp > 1).
         rows, seq = micro_batches[0]["input_ids"].shape
+        if self.packed_format == "thd":  # one row of every token (_thd_total)
+            rows, seq = 1, rows * seq
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.chunk],
             num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=rows, forward_only=forward_only)
 
     def _forward(self, model, mb: dict, rope):
-        """The model on one micro-batch; packed rows get their block mask and per-example positions."""
+        """The model on one micro-batch; packed rows get their block mask and per-example positions
+        (or, in THD, their own sequences)."""
+        if self.packed_format == "thd":
+            return self._forward_thd(model, mb)
         if "segment_ids" not in mb:
             return model(mb["input_ids"], mb["position_ids"], None, padding_mask=mb["padding_mask"])
         segments = mb["segment_ids"]
         positions = segment_positions(segments)
         rope.set(positions)
         return model(mb["input_ids"], positions, block_causal_mask(segments), padding_mask=mb["padding_mask"])
+
+    def _packed_rope(self):
+        # THD restarts rotary positions per sequence through cu_seqlens (megatron's THD RoPE)
+        return PackedRope(self.model) if self.packed_format == "mask" else contextlib.nullcontext()
+
+    def _thd_total(self, mb: dict) -> int:
+        """Tokens of a micro-batch in THD: its real tokens, rounded up to a multiple of the TP size
+        under sequence parallelism; with pipeline parallelism every micro-batch's B * T (the one
+        shape the stages exchange)."""
+        rows, seq = mb["input_ids"].shape
+        if self.layout.pp > 1:
+            return rows * seq
+        real = int(mb["attention_mask"].sum())
+        step = self.layout.tp if self.sequence_parallel else 1
+        return max(-(-real // step) * step, step)
+
+    def _forward_thd(self, model, mb: dict):
+        segments = mb.get("segment_ids")
+        if segments is None:  # a row is one sequence
+            segments = mb["attention_mask"].long()
+        thd = ThdBatch(mb["input_ids"], segments, total=self._thd_total(mb))
+        padding_mask = thd.padding_mask
+        if not self.layout.is_first_stage and self.sequence_parallel:
+            # GPTModel scatters the padding mask over sequence-parallel ranks on the first stage only
+            n, tp, r = padding_mask.shape[1], self.layout.tp, self.layout.tp_rank
+            padding_mask = padding_mask[:, r * n // tp: (r + 1) * n // tp].contiguous()
+        out = model(thd.input_ids, thd.position_ids, None, packed_seq_params=thd.packed_seq_params(),
+                    padding_mask=padding_mask)
+        return thd.unpack(out) if self.layout.is_last_stage else out
 
     def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """Broadcast a tensor (of a shape every rank knows) from the last pipeline stage."""
@@ -203,7 +246,7 @@ class ModelRunner:
             logp = torch.nn.functional.pad(logp.float(), (1, 0))
             return output.new_zeros(()), torch.zeros((), dtype=torch.int, device=self.device), {"logp": logp}
 
-        rope = PackedRope(self.model) if packed else contextlib.nullcontext()
+        rope = self._packed_rope() if packed else contextlib.nullcontext()
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
@@ -275,8 +318,7 @@ class ModelRunner:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             self._replay(mb)
-            out = model(mb["input_ids"], mb["position_ids"], None, padding_mask=mb["padding_mask"])
-            return out, lambda output: loss_func(mb, output)
+            return self._forward(model, mb, None), lambda output: loss_func(mb, output)
 
         self.model.train()
         try:
@@ -313,7 +355,7 @@ class ModelRunner:
         from r1mega.ops.vocab_parallel import vocab_parallel_token_logprobs
 
         tp_group = self._tp_group()
-        rope = PackedRope(self.model) if packed else contextlib.nullcontext()
+        rope = self._packed_rope() if packed else contextlib.nullcontext()
 
         def loss_func(mb, logits):
             logp = vocab_parallel_token_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], group=tp_group,

@@ -4,7 +4,7 @@ Two groups of patches, each applied at most once per process, each with a commen
 failure it fixes (measured on megatron-core 0.16.1, torch 2.13 CPU build, gloo):
 
 * :func:`apply_local_spec_workarounds` — megatron bugs and gaps hit by *anyone* who runs without
-  Transformer Engine (the local layer spec), GPU users included: patches 5, 6, 9 and 10. Applied
+  Transformer Engine (the local layer spec), GPU users included: patches 5, 6, 9, 10 and 12. Applied
   whenever megatron's own Transformer-Engine probe says TE is absent.
 * :func:`apply_cpu_shim` — the CPU-only part (no CUDA device): patches 1, 2, 3, 4, 7, 8 and 11,
   plus the local-spec group. It also sets ``OMP_NUM_THREADS=1`` and ``TORCH_COMPILE_DISABLE=1``
@@ -109,6 +109,7 @@ def apply_local_spec_workarounds() -> None:
     _patch_moe_utils_missing_te_names()      # 6
     _patch_dot_product_attention_channels()  # 9
     _patch_mock_have_te()                    # 10
+    _patch_dot_product_attention_thd()       # 12
     _applied.add("local-spec")
 
 
@@ -176,6 +177,33 @@ def _patch_dot_product_attention_channels() -> None:
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
 
     DotProductAttention.__init__ = __init__
+
+
+def _patch_dot_product_attention_thd() -> None:
+    # (12) Packed sequences in THD layout (PackedSeqParams, qkv_format "thd") reach the local
+    #      DotProductAttention as [t, heads, dim] with cu_seqlens: "AssertionError: Packed sequence
+    #      is not supported by DotProductAttention. Please use TEDotProductAttention instead."
+    #      Fix: the same attention as one batch row of t tokens under the block-diagonal causal
+    #      mask of cu_seqlens (r1mega.models.packing.thd_causal_mask): what TE's THD kernels
+    #      compute, with O(t^2) memory (a CPU and test path, not a fast one).
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from r1mega.models.packing import thd_causal_mask
+
+    original = DotProductAttention.forward
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+            return original(self, query, key, value, attention_mask, attn_mask_type, attention_bias,
+                            packed_seq_params)
+        total = query.shape[0]
+        mask = thd_causal_mask(packed_seq_params.cu_seqlens_q, total)
+        out = original(self, query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask, attn_mask_type,
+                       attention_bias, None)
+        return out.squeeze(1)
+
+    DotProductAttention.forward = forward
 
 
 def _patch_mock_have_te() -> None:

@@ -1,6 +1,7 @@
 """Worker for tests/test_sft.py: packed SFT in the megatron policy against transformers.
 
-    sft_packing.py ROOT LAYOUT FAMILY...     (LAYOUT: tp1, tp2, pp2, ep2; world size to match)
+    sft_packing.py ROOT LAYOUT FAMILY...     (LAYOUT: tp1, tp2, pp2, ep2; world size to match;
+                                              LAYOUT-thd: the same in the THD packed format)
 
 For each fixture FAMILY (tests/models_fixtures.py) five examples of odd lengths, packed two or
 three to a row (r1mega.sft.packing.pack_examples), go through:
@@ -61,16 +62,18 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from r1mega.config import OptimConfig
+    from r1mega.config import OptimConfig, PolicyConfig
     from r1mega.models import load_policy
     from r1mega.sft.packing import collate, pack_examples
 
     quiet_megatron()
     root, layout, families = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    layout, _, packed_format = layout.partition("-")
     for i, family in enumerate(families):
         path = root / family
         policy = load_policy(path, optim=OptimConfig(lr=1e-4, weight_decay=0.0, grad_clip=None),
-                             micro_batch_size=1, **LAYOUTS[layout])
+                             micro_batch_size=1, policy=PolicyConfig(packed_format=packed_format or "mask"),
+                             **LAYOUTS[layout])
         exs = examples(policy.desc.vocab_size, seed=100 + i)
         rows = pack_examples([len(e.input_ids) for e in exs], ROW_TOKENS)
         assert sum(len(r) for r in rows) == len(exs) and len(rows) < len(exs), rows
