@@ -106,7 +106,10 @@ def _check_layouts(stdout: str, names) -> None:
 def test_train_step_matches_transformers_autograd(policy_reference):
     """The first step's loss and gradient norm equal transformers' model under plain autograd with
     r1mega.algo.policy_loss (a check no layout comparison can pass by accident)."""
-    _, output = policy_reference
+    check_train_step_lines(policy_reference[1])
+
+
+def check_train_step_lines(output: str) -> None:
     print("\n".join(line for line in output.splitlines() if line.startswith(("train_step vs", "token budget", "logits head"))))
     for family in ("deepseek_v3", "qwen3_moe", "qwen2"):
         assert f"train_step vs transformers autograd {family} " in output, output
@@ -116,8 +119,12 @@ def test_train_step_matches_transformers_autograd(policy_reference):
 
 
 def test_tp1_logprobs_match_transformers_and_buckets_equal_export(policy_reference):
-    _, stdout = policy_reference
+    check_tp1_lines(policy_reference[1])
+
+
+def check_tp1_lines(stdout: str) -> None:
     for family in ("deepseek_v3", "qwen3_moe", "qwen2"):
+        assert f"round trip {family} ok" in stdout, stdout  # HF -> policy -> HF, bit for bit
         diff = re.search(rf"^parity {family} tp1 max_abs_diff {NUMBER}$", stdout, re.M)
         assert diff and float(diff.group(1)) <= 2e-5, stdout
         assert re.search(rf"^buckets {family} tp1 ok count=\d+", stdout, re.M), stdout
@@ -148,11 +155,27 @@ def test_killed_save_leaves_the_previous_checkpoint(killed_checkpoint):
 
 
 def test_bad_saves_are_refused_and_keep_last_prunes(policy_reference):
-    _, output = policy_reference
+    check_save_lines(policy_reference[1])
+
+
+def check_save_lines(output: str) -> None:
     assert "refused data_state nan: save_checkpoint: data_state must be a JSON-safe dict" in output, output
     assert "refused data_state object" in output and "refused data_state list" in output, output
     assert re.search(r"^refused existing step: save_checkpoint: .*step_\d+ already exists", output, re.M), output
     assert "keep_last ok" in output, output
+
+
+@pytest.mark.gpu
+def test_reference_job_on_cuda(tiny_models, tmp_path):
+    """The TP1 reference job with the policy, transformers' model and the checks on the GPU (nccl,
+    world 1): round trip, log-probs, the first step vs transformers' autograd, the trajectory,
+    checkpoints, bf16, the bucket stream vs the export."""
+    stdout = run_torchrun("models_policy.py", 1, "reference", str(tiny_models), str(tmp_path),
+                          env={"R1MEGA_TEST_DEVICE": "cuda"}, timeout_s=400)
+    assert "device cuda" in stdout, stdout
+    check_train_step_lines(stdout)
+    check_tp1_lines(stdout)
+    check_save_lines(stdout)
 
 
 def test_two_rank_layouts_match_tp1(policy_reference, killed_checkpoint, tiny_models):

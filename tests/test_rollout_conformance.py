@@ -25,9 +25,15 @@ def _report(checks):
         print(f"{layout:10s} {name:28s} {value}")
 
 
-def test_one_rank_layouts(tiny_models):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_one_rank_layouts(tiny_models, device):
+    """The policy and the hf engine on ``device`` (cuda: nccl, world 1; the engine on the same GPU).
+
+    CUDA_VISIBLE_DEVICES="" makes the CPU variant a CPU run on a GPU machine as well."""
+    env = {"R1MEGA_TEST_DEVICE": device, **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})}
     out = run_torchrun("rollout_conformance.py", 1, str(tiny_models), "ds-tp1", "qwen3-tp1", "qwen2-tp1", "offload",
-                       timeout_s=400)
+                       timeout_s=400, env=env)
+    assert f"device {device}" in out, out
     checks = _checks(out)
     _report(checks)
     for layout in ("ds-tp1", "qwen3-tp1", "qwen2-tp1"):

@@ -35,6 +35,28 @@ def same_tensors(src: str | Path, dst: str | Path) -> list[str]:
     return problems
 
 
+def worker_device() -> str:
+    """The device a model worker runs on: R1MEGA_TEST_DEVICE ("cpu" or "cuda"; the gpu-marked
+    variants set "cuda"), else where load_policy puts the model (CUDA when there is one)."""
+    import os
+
+    import torch
+
+    return os.environ.get("R1MEGA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def transformers_logits(model_dir: str | Path, ids, device: str):
+    """transformers' own model of ``model_dir`` (fp32, eager attention) on ``device``: the logits of
+    ``ids``, on the CPU."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                              attn_implementation="eager")
+    with torch.no_grad():
+        return model.to(device).eval()(ids.to(device)).logits.float().cpu()
+
+
 def reference(root: Path, name: str):
     import torch
 

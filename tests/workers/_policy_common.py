@@ -83,8 +83,9 @@ def collect_buckets(policy, bucket_bytes: int = BUCKET_BYTES):
         size = 0
         for name, tensor in bucket:
             assert name not in out, f"{name} yielded twice"
-            raw = tensor.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()
-            out[name] = (str(tensor.dtype), tuple(tensor.shape), raw, tensor.clone())
+            host = tensor.detach().cpu()  # the stream may yield device tensors (CUDA)
+            raw = host.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()
+            out[name] = (str(tensor.dtype), tuple(tensor.shape), raw, host.clone())
             size += len(raw)
         largest = max(largest, size if len(bucket) > 1 else 0)
     return out, count, largest

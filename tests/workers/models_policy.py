@@ -2,9 +2,12 @@
 
 Modes (argv[1]):
 
-reference ROOT OUT            1 rank. For DeepSeek-V3, Qwen3-MoE and Qwen2: log-probs vs transformers,
-                              a 3-step GRPO trajectory (checkpoint after step 1 in OUT/ckpt-FAMILY),
-                              the bucket stream vs the HF export; the TP1 results go to OUT/ref-FAMILY.pt.
+reference ROOT OUT            1 rank. For DeepSeek-V3, Qwen3-MoE and Qwen2: the HF import and export
+                              round trip bit for bit, log-probs vs transformers' model on the same
+                              device, a 3-step GRPO trajectory (checkpoint after step 1 in
+                              OUT/ckpt-FAMILY), the bucket stream vs the HF export; the TP1 results go
+                              to OUT/ref-FAMILY.pt. R1MEGA_TEST_DEVICE=cuda: all of it on the GPU
+                              (the gpu-marked variant of tests/test_models_policy.py).
 layouts ROOT OUT NAME...      every layout NAME (tests/workers/_policy_common.LAYOUTS) in turn, re-
                               initialising the groups: log-probs vs transformers and vs TP1, the
                               trajectory vs TP1, resume from the TP1 checkpoint (and from the previous
@@ -20,7 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-from _models_common import LOGIT_ATOL, log, quiet_megatron, reference
+from _models_common import (
+    LOGIT_ATOL,
+    log,
+    quiet_megatron,
+    reference,
+    same_tensors,
+    transformers_logits,
+    worker_device,
+)
 from _policy_common import (
     DATA_STATE,
     LAYOUTS,
@@ -41,13 +52,15 @@ from _policy_common import (
 FAMILIES = ("deepseek_v3", "qwen3_moe", "qwen2")
 
 
-def parity(policy, root: Path, family: str) -> float:
-    """max |our log-probs - transformers'| on the fixture's ids."""
+def parity(policy, root: Path, family: str, device: str | None = None) -> float:
+    """max |our log-probs - transformers'| on the fixture's ids: transformers' logits computed by
+    its model on ``device`` now, or (None) those the fixture saved on the CPU."""
     import torch
 
     ref = reference(root, family)
     ids = ref["ids"]
-    expected = torch.log_softmax(ref["logits"][:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    logits = ref["logits"] if device is None else transformers_logits(root / family, ids, device)
+    expected = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     got = policy.logprobs(ids)
     assert got.shape == ids.shape and got.dtype == torch.float32 and bool((got[:, 0] == 0).all())
     return float((got[:, 1:].double() - expected).abs().max())
@@ -61,16 +74,18 @@ def transformers_step(root: Path, family: str, batch) -> tuple[float, float]:
 
     from r1mega.algo import local_denominators, policy_loss
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(root / family, dtype=torch.float32)
+    device = worker_device()
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / family, dtype=torch.float32).to(device)
     model.train()
-    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    ids, am, cm = on_device["input_ids"], on_device["attention_mask"], on_device["completion_mask"]
     logits = model(input_ids=ids, attention_mask=am.long()).logits
     logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     options = {k: v for k, v in batch.items() if k in LOSS_KEYS}
     mask = cm[:, 1:]
-    loss, _ = policy_loss(logp, batch["old_logp"][:, 1:], batch["advantages"], mask,
-                          ref_logp=batch["ref_logp"][:, 1:],
-                          rollout_logp=batch["rollout_logp"][:, 1:] if "rollout_logp" in batch else None,
+    loss, _ = policy_loss(logp, on_device["old_logp"][:, 1:], on_device["advantages"], mask,
+                          ref_logp=on_device["ref_logp"][:, 1:],
+                          rollout_logp=on_device["rollout_logp"][:, 1:] if "rollout_logp" in batch else None,
                           **options, **local_denominators(mask, options.get("agg", "token-mean")))
     loss.backward()
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
@@ -181,12 +196,25 @@ def check_bf16(root: Path) -> None:
     log(f"bf16 ok max_abs_diff_vs_fp32 {diff:.3g}")
 
 
+def check_round_trip(policy, root: Path, family: str, out: Path) -> None:
+    """Exporting the freshly loaded policy gives the source's tensors bit for bit."""
+    export = out / f"round-trip-{family}"
+    policy.export_hf(export)
+    problems = same_tensors(root / family, export)
+    assert not problems, f"{family}: HF -> policy -> HF changed tensors: {problems[:5]}"
+    log(f"round trip {family} ok")
+
+
 def run_reference(root: Path, out: Path) -> None:
     import torch
 
+    device = worker_device()
+    log(f"device {device}")
     for family in FAMILIES:
         policy = load(root / family)
-        diff = parity(policy, root, family)
+        assert policy.device.type == device, f"the policy is on {policy.device}, the test asked for {device}"
+        check_round_trip(policy, root, family, out)
+        diff = parity(policy, root, family, device)
         assert diff <= LOGIT_ATOL, f"{family}: log-probs differ from transformers by {diff:.3g}"
         log(f"parity {family} tp1 max_abs_diff {diff:.3g}")
         ids, am, cm, adv, g = make_batch(policy.desc.vocab_size)
@@ -250,7 +278,7 @@ def check_converted(root: Path, out: Path) -> None:
 
     convert_hf_to_megatron(root / "qwen2", out / "converted-qwen2", ParallelConfig())
     policy = load(out / "converted-qwen2", trainable=False)
-    diff = parity(policy, root, "qwen2")
+    diff = parity(policy, root, "qwen2", worker_device())
     assert diff <= LOGIT_ATOL and policy.optimizer is None, diff
     log(f"converted qwen2 ok max_abs_diff {diff:.3g}")
 

@@ -18,6 +18,9 @@ the trajectory bit for bit unchanged.
 
 Prints one line per check: ``CHECK <layout> <name> <value>``.
 
+R1MEGA_TEST_DEVICE=cuda (the gpu-marked variant of the one-rank test) puts the policy and the `hf`
+engine on the GPU; the stream then moves CUDA tensors into a CUDA engine.
+
 R1MEGA_TEST_ENGINE=vllm (GPU, vLLM installed; one layout per process, as vLLM allows one
 sleep-mode engine per process) runs the same checks with a vLLM engine on every rank (fp32, so the
 tolerance is R1MEGA_VLLM_TOL, default 5e-3: other kernels; verification by log-probs only).
@@ -27,7 +30,7 @@ import os
 import sys
 from pathlib import Path
 
-from _models_common import log, quiet_megatron
+from _models_common import log, quiet_megatron, worker_device
 
 # name -> (family, ParallelConfig kwargs)
 LAYOUTS = {
@@ -137,9 +140,11 @@ def run_layout(root: Path, layout: str) -> None:
     policy = load_policy(root / family, parallel=ParallelConfig(**kwargs), micro_batch_size=2,
                          optim=OptimConfig(lr=LR, grad_clip=None, weight_decay=0.0), router_replay=moe)
     rank0 = dist.get_rank() == 0
+    device = worker_device()
+    assert policy.device.type == device, f"the policy is on {policy.device}, the test asked for {device}"
     stream_checks(policy, layout)
-    if ENGINE == "hf":  # on rank 0 only, fed point to point
-        engine, dst = (make_engine("hf", policy.desc.config) if rank0 else None), [0]
+    if ENGINE == "hf":  # on rank 0 only, fed point to point, on the policy's device
+        engine, dst = (make_engine("hf", policy.desc.config, device=device) if rank0 else None), [0]
     else:  # on every rank, as colocated vLLM runs
         moe = moe and policy.layout.pp == 1  # vLLM returns no routes under pipeline parallelism
         engine, dst = make_engine("vllm", policy.side_files, dtype=torch.float32, return_routes=moe,
@@ -208,7 +213,7 @@ def run_layout(root: Path, layout: str) -> None:
                 if isinstance(module, TopKRouter):
                     tensor = module.expert_bias if what == "expert_bias" else module.weight
                     g = torch.Generator().manual_seed(1000 + module.layer_number)
-                    tensor.add_((torch.randn(tensor.shape, generator=g) * scale).to(tensor.dtype))
+                    tensor.add_((torch.randn(tensor.shape, generator=g) * scale).to(tensor.device, tensor.dtype))
         free = diff(after, policy.logprobs(after["ids"], after["am"]))
         replayed = diff(after, policy.logprobs(after["ids"], after["am"], routes=routes))
         if rank0:
@@ -267,6 +272,7 @@ def run_offload(root: Path) -> None:
 def main() -> None:
     quiet_megatron()
     root, layouts = Path(sys.argv[1]), sys.argv[2:]
+    log(f"device {worker_device()}")
     from r1mega.parallel import destroy_parallel
 
     for layout in layouts:
