@@ -17,6 +17,9 @@ eps_low = eps_high = 0.2, k3 KL to a reference policy with beta = 0.04 (no clamp
     liger-fused-linear  liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss (loss_type="bnpo")
     linear-torch-compile / linear-torch-eager    reference_grpo_loss(hidden @ weight.T) compiled / eager
 
+A provider that raises is recorded with status "error: ..." and the script exits 1 after the
+table (out of memory is a status, not an error).
+
 Per case and provider: the forward and forward+backward time (GPU: the median of
 triton.testing.do_bench; CPU: the median of timed repeats), the peak memory above the inputs
 (GPU: torch.cuda.max_memory_allocated after a reset; CPU: a fresh subprocess's peak resident size,
@@ -162,7 +165,8 @@ def skip_reason(provider: str, device: str, include_interpreter: bool) -> str | 
     """Why ``provider`` does not run here, or None."""
     if provider.startswith("liger"):
         if _liger_version() is None:
-            return "liger-kernel is not installed (pip install liger-kernel)"
+            return ("liger-kernel is not installed (pip install liger-kernel; on a machine without a registry "
+                    "`bash launchers/gpu_check.sh --fetch-wheels` elsewhere, then carry build/wheels)")
         if device != "cuda":
             return "no CUDA device: Liger-Kernel's Triton kernels run on GPUs only"
     if provider in INTERPRETED and device != "cuda" and not include_interpreter:
@@ -371,6 +375,8 @@ def run_provider(provider: str, case: Case, dtype_name: str, memory: bool) -> di
         del step, leaves
     except torch.cuda.OutOfMemoryError:
         row["status"] = "out of memory"
+    except Exception as err:  # noqa: BLE001 - one provider's failure (e.g. a Liger API change) is its row's
+        row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     finally:
         gc.collect()
         if case.device == "cuda":
@@ -500,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += [dict(bench="grpo_loss", device=device_name, provider=p, status=f"skipped: {r}", **env)
                  for p, r in skipped.items()]
     append_jsonl(args.out, rows)
-    return 0
+    errors = [f"{r['provider']} at N={r['N']}, V={r['V']}" for r in rows if r["status"].startswith("error")]
+    if errors:
+        print(f"{len(errors)} provider runs failed: {'; '.join(errors)}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
