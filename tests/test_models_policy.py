@@ -110,12 +110,16 @@ def test_train_step_matches_transformers_autograd(policy_reference):
 
 
 def check_train_step_lines(output: str) -> None:
-    print("\n".join(line for line in output.splitlines() if line.startswith(("train_step vs", "token budget", "logits head"))))
+    print("\n".join(line for line in output.splitlines()
+                    if line.startswith(("train_step vs", "token budget", "logits head", "variant"))))
     for family in ("deepseek_v3", "qwen3_moe", "qwen2"):
         assert f"train_step vs transformers autograd {family} " in output, output
         # the same step on token-budget micro-batches (rows of unequal length packed together)
         assert re.search(rf"^token budget \d+ {family} ", output, re.M), output
         assert f"logits head {family} " in output, output
+        # the THD packed format and (MoE) grouped-GEMM experts: the same step
+        for variant in ("thd",) + (("grouped", "grouped+thd") if family != "qwen2" else ()):
+            assert f"variant {variant} {family} " in output, output
 
 
 def test_tp1_logprobs_match_transformers_and_buckets_equal_export(policy_reference):

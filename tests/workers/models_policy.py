@@ -269,6 +269,28 @@ def check_token_budget(root: Path, family: str, batch, logp0, hf_loss: float, hf
         family, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
     log(f"logits head {family} loss {metrics['loss']:.8f} vs {hf_loss:.8f} "
         f"grad_norm {metrics['grad_norm']:.8f} vs {hf_norm:.8f}")
+    check_policy_variants(root, family, batch, logp0, hf_loss, hf_norm, budget)
+
+
+def check_policy_variants(root: Path, family: str, batch, logp0, hf_loss: float, hf_norm: float, budget: int) -> None:
+    """The same log-probs and first step in the THD packed format (every row's real tokens back
+    to back with cu_seqlens) and, for MoE families, with grouped-GEMM experts."""
+    from r1mega.config import PolicyConfig
+
+    variants = {"thd": PolicyConfig(packed_format="thd")}
+    if family != "qwen2":
+        variants["grouped"] = PolicyConfig(grouped_gemm=True)
+        variants["grouped+thd"] = PolicyConfig(grouped_gemm=True, packed_format="thd")
+    for name, policy_config in variants.items():
+        policy = load(root / family, policy=policy_config)
+        diff = rel(policy.logprobs(batch["input_ids"], batch["attention_mask"], micro_batch_tokens=budget), logp0)
+        metrics = policy.train_step(batch, micro_batch_tokens=budget)
+        assert diff <= 1e-6, (family, name, diff)
+        assert abs(metrics["loss"] - hf_loss) <= 1e-5 and abs(metrics["grad_norm"] - hf_norm) <= 1e-4 * hf_norm, (
+            family, name, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
+        log(f"variant {name} {family} logp {diff:.3g} loss {metrics['loss']:.8f} vs {hf_loss:.8f} "
+            f"grad_norm {metrics['grad_norm']:.8f} vs {hf_norm:.8f}")
+        del policy
 
 
 def check_converted(root: Path, out: Path) -> None:
