@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _common
@@ -68,7 +68,6 @@ class Step:
     what: str
     commands: tuple[tuple[str, ...], ...]
     timeout_s: int
-    env: dict = field(default_factory=dict)
 
 
 # Against torch eager and Liger-Kernel (torch.compile's providers would add minutes of compiling).
