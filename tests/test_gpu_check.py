@@ -48,6 +48,7 @@ def test_dry_run_lists_every_step_with_its_commands():
     assert "pytest -q -p no:cacheprovider -m gpu tests --deselect" in done.stdout  # the whole gpu suite
     assert f"--find-links build/wheels {gpu_check.LIGER_PIN}" in done.stdout
     assert "benchmarks/kernels/bench_grpo_loss.py" in done.stdout
+    assert sum(step.timeout_s for step in gpu_check.steps(quick=False)) <= 8 * 60  # the steps' caps: 8 minutes
     quick = run_script("--dry-run", "--quick", "--only", "kernels,gpu-tests,bench")
     assert quick.returncode == 0, quick.stderr
     assert [line.split(" ")[1] for line in quick.stdout.splitlines() if line[:1].isdigit()] == ["kernels", "bench"]
