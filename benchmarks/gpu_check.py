@@ -138,6 +138,24 @@ def fetch_wheels() -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
+REQUIRED_MODULES = ("r1mega", "r1mega_kernels", "r1mega._batching", "megatron.core", "transformers", "pytest")
+
+
+def missing_modules() -> list[str]:
+    """The modules the steps import that this Python cannot find."""
+    import importlib.util
+
+    missing = []
+    for name in REQUIRED_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:  # a parent package is missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def device_environment() -> dict:
     """_common.environment() plus the GPU's name, CUDA and the CUDA build of torch."""
     import torch
@@ -251,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: needs a CUDA GPU, and torch {torch.__version__} sees none here "
               "(--dry-run lists the steps; --fetch-wheels downloads the Liger-Kernel wheel)", file=sys.stderr)
         return 2
+    missing = missing_modules()
+    if missing:
+        print(f"gpu_check: cannot import {', '.join(missing)} with {sys.executable}: set this machine up first "
+              "(bash launchers/setup.sh, or PYTHON=<the python that has them>)", file=sys.stderr)
+        return 1
     env = device_environment()
     print(f"gpu_check: {env['device']}, torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
           f"git {str(env['git_commit'])[:10]}{' (dirty)' if env['git_dirty'] else ''}", flush=True)

@@ -111,6 +111,12 @@ def test_steps_are_timed_and_failures_and_timeouts_reported(tmp_path, monkeypatc
     assert hung["status"] == "timed out" and hung["returncode"] == 124 and hung["seconds"] < 30
 
 
+def test_the_modules_the_steps_need_are_found_here(monkeypatch):
+    assert gpu_check.missing_modules() == []  # this suite runs with all of them
+    monkeypatch.setattr(gpu_check, "REQUIRED_MODULES", ("r1mega", "no_such_module_r1mega", "nope.sub"))
+    assert gpu_check.missing_modules() == ["no_such_module_r1mega", "nope.sub"]
+
+
 def test_pytest_counts_reads_the_summary_line():
     out = "....F\n=== short test summary info ===\nFAILED x\n1 failed, 4 passed, 3 skipped, 2 deselected in 9.1s\n"
     assert gpu_check.pytest_counts(out) == {"failed": 1, "passed": 4, "skipped": 3, "deselected": 2}
