@@ -11,7 +11,7 @@
 #   NNODES       nodes in the job (default 1). With 1, torchrun's standalone rendezvous on a free
 #                local port; with more, its static rendezvous at MASTER_ADDR:MASTER_PORT, so that
 #                global rank = NODE_RANK * NPROC + local rank, exactly as `r1mega plan` lists them.
-#   NODE_RANK    this node's index, 0..NNODES-1 (default 0); MASTER_ADDR (default 127.0.0.1) and
+#   NODE_RANK    this node's index, 0..NNODES-1 (default $SLURM_NODEID under srun, else 0); MASTER_ADDR (default 127.0.0.1) and
 #                MASTER_PORT (default 29500) are node 0's address and a free port there.
 #   LOG_DIR      when set, every rank's stdout and stderr also go to
 #                LOG_DIR/node<NODE_RANK>/<run id>/attempt_0/<local rank>/{stdout,stderr}.log, and the
@@ -50,7 +50,7 @@ positive_int() {  # NAME VALUE: refuse anything but a positive integer, in one l
 cuda_devices=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 NPROC=${NPROC:-$(( cuda_devices > 0 ? cuda_devices : 1 ))}
 NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}  # srun sets SLURM_NODEID on each node
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 positive_int NPROC "$NPROC"
@@ -69,14 +69,16 @@ fi
 
 # The torchrun command of node $1, as an array in `cmd`.
 node_command() {
+  local node=$1
+  shift
   cmd=("$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC")
   if [ "$NNODES" -eq 1 ]; then
     cmd+=(--standalone)
   else
-    cmd+=(--nnodes "$NNODES" --node-rank "$1" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+    cmd+=(--nnodes "$NNODES" --node-rank "$node" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
   fi
   if [ -n "${LOG_DIR:-}" ]; then
-    cmd+=(--log-dir "$LOG_DIR/node$1" --tee 3 --local-ranks-filter "${CONSOLE_RANKS:-0}")
+    cmd+=(--log-dir "$LOG_DIR/node$node" --tee 3 --local-ranks-filter "${CONSOLE_RANKS:-0}")
   elif [ -n "${CONSOLE_RANKS:-}" ]; then
     cmd+=(--local-ranks-filter "$CONSOLE_RANKS")
   fi
@@ -87,7 +89,8 @@ if [ "${DRY_RUN:-0}" != 0 ]; then
   launches=()
   for ((node = 0; node < NNODES; node++)); do
     node_command "$node" "${@}"
-    launches+=(--launch "$(printf '%q ' "${cmd[@]}")")
+    line=$(printf '%q ' "${cmd[@]}")
+    launches+=(--launch "${line% }")
   done
   exec "$PYTHON" -m r1mega.cli plan --nnodes "$NNODES" --nproc-per-node "$NPROC" "${launches[@]}" \
     ${PLAN_JSON:+--plan-json "$PLAN_JSON"} -- "$@"
