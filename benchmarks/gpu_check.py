@@ -62,7 +62,7 @@ PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", 
 
 @dataclass(frozen=True)
 class Step:
-    """One named command of the check, with its wall-clock limit."""
+    """One named part of the check: its commands, run in order until one fails, under one time limit."""
 
     name: str
     what: str
@@ -101,6 +101,7 @@ STEP_NAMES = ("kernels", "gpu-tests", "models", "bench")
 
 
 def describe(command: tuple[str, ...]) -> str:
+    """The command as a user would type it (the dry run, the logs, the results)."""
     if command == INSTALL_LIGER:
         return (f"pip install --no-deps --no-index --find-links build/wheels {LIGER_PIN}  "
                 "(only if build/wheels holds it; else the Liger rows are skipped with a line)")
