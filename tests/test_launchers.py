@@ -135,7 +135,8 @@ def test_dry_run_refuses_a_world_that_does_not_fit_in_one_line(deepseek_dir):
     (3, ["parallel.tp=8", "parallel.ep=3", "parallel.etp=1"], "parallel.ep: 3 does not divide the 256 experts"),
     (2, ["parallel.tp=8", "parallel.pp=2"], "parallel: 61 layers cannot be split over pp=2 stages"),
     (1, ["parallel.tp=16"], "parallel: world size 8 is not a multiple of tp*pp = 16*1 = 16"),
-    (1, ["parallel.sequence_parallel=false", "parallel.tp=2"], "parallel.sequence_parallel: False must be on (or None) for an MoE model"),
+    (1, ["parallel.sequence_parallel=false", "parallel.tp=2"],
+     "parallel.sequence_parallel: False must be on (or None) for an MoE model"),
 ])
 def test_plan_refuses_a_layout_that_does_not_fit_in_one_line(capsys, deepseek_dir, nnodes, sets, message):
     argv = ["plan", "--nnodes", str(nnodes), "--nproc-per-node", "8", "--", "train", "--model", str(deepseek_dir)]
