@@ -1,6 +1,7 @@
 """Grouped-GEMM experts (policy.grouped_gemm): megatron's TEGroupedMLP layout, with r1mega's torch
 grouped linears where Transformer Engine is absent, against transformers' logits and the source
-checkpoint's bytes, in TP1, EP2, TP2 with expert TP2, and PP2 (torchrun on gloo)."""
+checkpoint's bytes, in TP1, EP2, TP2 with expert TP2, and PP2 (torchrun on gloo); checkpoints
+move between the grouped and the per-expert layout."""
 
 import re
 
@@ -22,3 +23,7 @@ def test_grouped_experts_match_transformers_and_export_bitwise(tiny_models, worl
     assert all(diff <= 2e-5 for diff in found.values()), out
     for layout in layouts:
         assert f"roundtrip grouped {layout} ok" in out, out
+    # checkpoints: grouped <-> per-expert modules, both ways, in every layout
+    for name in {layout.split()[0] for layout in layouts}:
+        for direction in ("grouped->sequential", "sequential->grouped"):
+            assert f"checkpoint {name} {direction} ok" in out, out

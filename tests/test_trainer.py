@@ -165,3 +165,18 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous(tmp_path, small_b
     assert [r["step"] for r in metrics(run)] == [0, 1, 2]
     assert deterministic(metrics(run)) == deterministic(metrics(uninterrupted_run))
     assert (run / "final/model.safetensors").read_bytes() == (uninterrupted_run / "final/model.safetensors").read_bytes()
+
+
+def test_grouped_experts_and_thd_train_like_the_default_layout(tmp_path, small_base_model, uninterrupted_run):
+    """`r1mega train` with policy.grouped_gemm and policy.packed_format=thd: from the same rollouts
+    (same engine, weights and seed) its first step equals the default layout's (per-expert
+    modules, padded rows) to rounding, and it saves and exports. (Checkpoints across the two
+    expert layouts: tests/test_models_grouped.py.)"""
+    train(tmp_path, "grouped-thd", small_base_model, "run.steps=1", "policy.grouped_gemm=true",
+          "policy.packed_format=thd")
+    first, default = metrics(tmp_path / "grouped-thd")[0], metrics(uninterrupted_run)[0]
+    assert first["reward_mean"] == default["reward_mean"]
+    for key in ("loss", "grad_norm"):
+        assert abs(first[key] - default[key]) <= 1e-5 * max(1.0, abs(default[key])), (key, first[key], default[key])
+    assert (tmp_path / "grouped-thd/final/model.safetensors").exists()
+    assert (tmp_path / "grouped-thd/checkpoints").is_dir()

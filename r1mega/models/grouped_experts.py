@@ -60,6 +60,15 @@ class GroupedLinear(torch.nn.Module):
             # What TE's grouped linear sets: expert weights are reduced over the expert-DP group.
             weight.allreduce = not expert_parallel
             self.register_parameter(f"weight{i}", weight)
+        # TE keeps one extra state per GEMM (FP8 scales) and checkpoints hold one object per expert
+        # (SequentialMLP's linears have one each too); only the first is a state_dict key here.
+        self._register_load_state_dict_pre_hook(_drop_per_gemm_extra_states)
+
+    def get_extra_state(self):
+        return None
+
+    def set_extra_state(self, state) -> None:
+        pass
 
     def forward(self, x: torch.Tensor, m_splits: list[int]):
         if len(m_splits) != self.num_gemms:
@@ -87,15 +96,22 @@ class GroupedLinear(torch.nn.Module):
                 expert_prefix, offsets = f"{global_expert}.{prefix}", sharded_offsets
             else:
                 expert_prefix, offsets = prefix, (*sharded_offsets, (ep_axis, global_expert, num_global))
-            sub = make_sharded_tensors_for_checkpoint({f"{i}.weight": getattr(self, f"weight{i}")}, "",
+            sub = make_sharded_tensors_for_checkpoint({f"{i}.weight": getattr(self, f"weight{i}"),
+                                                       f"{i}._extra_state": None}, "",
                                                       {f"{i}.weight": self.split_dim}, offsets,
                                                       tp_group=self._tp_group, dp_cp_group=metadata["dp_cp_group"])
             replace_prefix_for_sharding(sub, f"{i}.", expert_prefix)
-            tensor = sub[f"{i}.weight"]
+            out[f"{prefix}weight{i}"] = sub[f"{i}.weight"]
+            out[f"{prefix}_extra_state{'' if i == 0 else i}"] = sub[f"{i}._extra_state"]
+        for sharded in out.values():
             # replicated over expert data parallelism, not (like dense weights) data parallelism
-            tensor.replica_id = (*tensor.replica_id[:2], self._pg_collection.expt_dp.rank())
-            out[f"{prefix}weight{i}"] = tensor
+            sharded.replica_id = (*sharded.replica_id[:2], self._pg_collection.expt_dp.rank())
         return out
+
+
+def _drop_per_gemm_extra_states(state_dict, prefix, *args):
+    for key in [k for k in state_dict if k.startswith(prefix + "_extra_state") and k != prefix + "_extra_state"]:
+        del state_dict[key]
 
 
 class ColumnGroupedLinear(GroupedLinear):

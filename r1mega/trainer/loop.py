@@ -256,7 +256,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     grpo, rollout_cfg, batch_cfg = cfg.grpo, cfg.rollout, cfg.batch
 
     policy = load_policy(source, parallel=cfg.parallel, optim=cfg.optim, temperature=rollout_cfg.temperature,
-                         seed=cfg.run.seed, router_replay=rollout_cfg.router_replay)
+                         seed=cfg.run.seed, router_replay=rollout_cfg.router_replay, policy=cfg.policy)
     rank0 = dist.get_rank() == 0
     if resumed_from is not None:
         data_state = policy.data_state
@@ -265,7 +265,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
     if grpo.kl_coef > 0:
         ref_source = Path(data_state["reference"]) if data_state and data_state.get("reference") else inputs.model_dir
         reference = load_policy(ref_source, parallel=cfg.parallel, trainable=False, temperature=rollout_cfg.temperature,
-                                seed=cfg.run.seed, load_optimizer=False)
+                                seed=cfg.run.seed, load_optimizer=False, policy=cfg.policy)
     engines = engine_ranks(policy.layout)
     engine = (engine_from_config(rollout_cfg, inputs.hf_dir if rollout_cfg.engine == "vllm" else policy.desc.config,
                                  seed=cfg.run.seed, tokenizer=inputs.hf_dir)
