@@ -72,3 +72,30 @@ def quiet_megatron() -> None:
 def log(*parts) -> None:
     print(*parts, flush=True)
     sys.stdout.flush()
+
+
+def check_layout(model, desc, root: Path, name: str, tag: str, layout, out: Path, label: str) -> None:
+    """Load fixture `name` into `model` (this layout), compare the last stage's logits with
+    transformers' (max over ranks, logged by rank 0 as ``{label} {name} {tag} max_abs_diff D``),
+    export into `out` and check the round trip bit for bit (``roundtrip {label} {name} {tag} ok files=N``)."""
+    import torch
+    import torch.distributed as dist
+
+    from r1mega.models import export_hf_weights, forward_logits, load_hf_weights
+
+    report = load_hf_weights(model, desc, root / name)
+    ref = reference(root, name)
+    logits = forward_logits(model, ref["ids"])
+    diff = torch.zeros(())
+    if layout.is_last_stage:
+        diff += (logits - ref["logits"]).abs().max()
+        assert diff <= LOGIT_ATOL, f"{name} {tag}: max |logits - transformers| = {diff:.3g}"
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)  # so that rank 0 reports the last stage's
+    if layout.rank == 0:
+        log(f"{label} {name} {tag} max_abs_diff {diff.item():.3g}")
+    export_hf_weights(model, desc, out, dtypes=report.dtypes)
+    dist.barrier()
+    if layout.rank == 0:
+        problems = same_tensors(root / name, out)
+        assert not problems, f"{name} {tag}: round trip differs: {problems[:5]}"
+        log(f"roundtrip {label} {name} {tag} ok files={len(list(out.glob('*.safetensors')))}")

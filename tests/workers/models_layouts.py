@@ -8,7 +8,7 @@ argv: ROOT — fixture directories from tests.models_fixtures.build_fixture_set.
 import sys
 from pathlib import Path
 
-from _models_common import LOGIT_ATOL, log, quiet_megatron, reference, same_tensors
+from _models_common import check_layout, log, quiet_megatron
 
 LAYOUTS = [  # (fixture, ParallelConfig kwargs)
     ("qwen3_moe", dict(tp=2)),  # MoE + TP: sequence parallel on
@@ -25,17 +25,8 @@ LAYOUTS = [  # (fixture, ParallelConfig kwargs)
 
 def main() -> None:
     quiet_megatron()
-    import torch
-    import torch.distributed as dist
-
     from r1mega.config import ConfigError
-    from r1mega.models import (
-        build_model,
-        describe_hf_model,
-        export_hf_weights,
-        forward_logits,
-        load_hf_weights,
-    )
+    from r1mega.models import build_model, describe_hf_model
     from r1mega.parallel import ParallelConfig, destroy_parallel, init_parallel
 
     root = Path(sys.argv[1])
@@ -54,23 +45,7 @@ def main() -> None:
         layout = init_parallel(parallel)
         desc = describe_hf_model(root / name)
         model = build_model(desc, parallel)
-        report = load_hf_weights(model, desc, root / name)
-        ref = reference(root, name)
-        logits = forward_logits(model, ref["ids"])
-        diff = torch.zeros(())
-        if layout.is_last_stage:
-            diff += (logits - ref["logits"]).abs().max()
-            assert diff <= LOGIT_ATOL, f"{name} {tag}: max |logits - transformers| = {diff:.3g}"
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)  # so that rank 0 reports the last stage's
-        if layout.rank == 0:
-            log(f"layout {name} {tag} max_abs_diff {diff.item():.3g}")
-        out = root / f"roundtrip-{name}-{tag}"
-        export_hf_weights(model, desc, out, dtypes=report.dtypes)
-        dist.barrier()
-        if layout.rank == 0:
-            problems = same_tensors(root / name, out)
-            assert not problems, f"{name} {tag}: round trip differs: {problems[:5]}"
-            log(f"roundtrip {name} {tag} ok files={len(list(out.glob('*.safetensors')))}")
+        check_layout(model, desc, root, name, tag, layout, root / f"roundtrip-{name}-{tag}", "layout")
         del model
     destroy_parallel(process_group=True)
 
