@@ -1,0 +1,132 @@
+"""Throughput regression check of the GRPO step (benchmarks/bench_step_phases.py): the real check
+against the committed baseline, and its comparison logic and baseline-file validation on their own.
+
+The check runs as a subprocess (it measures in fresh processes of its own); it fails the suite when
+a phase (refit, rollout, logprobs, train) of the step is over 1.25x its baseline score twice in a
+row. Its scores are normalised by a reference workload measured in the same process, interleaved,
+so a slower or loaded machine (.ci/under-load) moves them little; see the script's docstring for
+what it measures and how to update the baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench_step_phases.py"
+sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its sibling _common
+
+import bench_step_phases as bench  # noqa: E402
+
+
+def valid_baseline(**changes) -> dict:
+    data = {"phases": {"refit": 0.15, "rollout": 2.0, "logprobs": 2.4, "train": 3.4},
+            "workload": bench.Workload().as_dict(), "reason": "first baseline", "date": "2026-01-01T00:00:00+00:00",
+            "commit": "0" * 40}
+    data.update(changes)
+    return data
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+# ---- the comparison ------------------------------------------------------------------------------
+def test_within_the_threshold_passes_and_past_it_fails_naming_the_phase():
+    base = {"refit": 0.1, "rollout": 2.0, "logprobs": 2.0, "train": 4.0}
+    at_limit = {name: score * bench.REGRESSION_FACTOR for name, score in base.items()}
+    verdict = bench.compare(at_limit, base)
+    assert verdict.ok and verdict.lines == []
+
+    slower = dict(base, train=4.0 * bench.REGRESSION_FACTOR * 1.01)
+    verdict = bench.compare(slower, base, source="b.json")
+    assert not verdict.ok and verdict.regressions == ["train"]
+    (line,) = verdict.lines
+    assert "phase 'train'" in line and "5.050" in line and "4.000" in line and "b.json" in line
+    assert "--update-baseline --reason" in line
+
+
+def test_a_remeasured_phase_reports_both_measurements():
+    verdict = bench.compare({"train": 6.0}, {"train": 4.0}, remeasured={"train": (6.5, 6.0)})
+    assert verdict.regressions == ["train"]
+    assert "6.500, then 6.000" in verdict.lines[0] and "the lower counts" in verdict.lines[0]
+
+
+def test_much_faster_is_a_note_not_a_failure():
+    verdict = bench.compare({"rollout": 0.9, "train": 4.0}, {"rollout": 2.0, "train": 4.0})
+    assert verdict.ok and verdict.faster == ["rollout"]
+    assert verdict.lines[0].startswith("note: phase 'rollout' is much faster") and "--update-baseline" in verdict.lines[0]
+
+
+def test_a_phase_missing_on_either_side_fails():
+    verdict = bench.compare({"rollout": 2.0, "new_phase": 1.0}, {"rollout": 2.0, "train": 4.0}, source="b.json")
+    assert not verdict.ok and sorted(verdict.problems) == ["new_phase", "train"]
+    assert any("'train' is in the baseline b.json but was not measured" in line for line in verdict.lines)
+    assert any("'new_phase' has no baseline score in b.json" in line for line in verdict.lines)
+
+
+# ---- the baseline file ---------------------------------------------------------------------------
+def test_the_committed_baseline_is_valid_and_covers_every_phase():
+    data = bench.load_baseline(bench.BASELINE)
+    assert sorted(data["phases"]) == sorted(bench.PHASES)
+    assert data["workload"] == bench.Workload().as_dict()
+
+
+@pytest.mark.parametrize("content, field", [
+    ("{not json", "not JSON"),
+    ([1, 2], "must be a JSON object"),
+    (valid_baseline(phases={}), "field 'phases'"),
+    (valid_baseline(phases=[1.0]), "field 'phases'"),
+    (valid_baseline(phases={"train": "fast"}), "field 'phases.train'"),
+    (valid_baseline(phases={"train": -1.0}), "field 'phases.train'"),
+    (valid_baseline(phases={"train": True}), "field 'phases.train'"),
+    (valid_baseline(workload=None), "field 'workload'"),
+    (valid_baseline(reason="  "), "field 'reason'"),
+    (valid_baseline(commit=None), "field 'commit'"),
+])
+def test_a_malformed_baseline_is_one_line_naming_the_file_and_field(tmp_path, content, field):
+    path = write(tmp_path / "baseline.json", content)
+    with pytest.raises(bench.BaselineError) as err:
+        bench.load_baseline(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(path)) and field in message
+
+
+def test_a_missing_baseline_says_how_to_make_one(tmp_path):
+    with pytest.raises(bench.BaselineError, match="no baseline file.*--update-baseline"):
+        bench.load_baseline(tmp_path / "absent.json")
+
+
+def run_script(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+def test_bad_inputs_are_refused_before_any_measurement(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    bad = run_script("--baseline", str(write(tmp_path / "b.json", valid_baseline(phases={"train": 0}))),
+                     "--out", str(out), timeout=60)
+    assert bad.returncode == 2 and "field 'phases.train'" in bad.stderr and not out.exists()
+    other = valid_baseline(workload=dict(bench.Workload().as_dict(), new_tokens=999))
+    mismatch = run_script("--baseline", str(write(tmp_path / "w.json", other)), "--out", str(out), timeout=60)
+    assert mismatch.returncode == 2 and "field 'workload'" in mismatch.stderr and not out.exists()
+    no_reason = run_script("--update-baseline", "--baseline", str(tmp_path / "new.json"), timeout=60)
+    assert no_reason.returncode == 2 and "--reason" in no_reason.stderr and not (tmp_path / "new.json").exists()
+
+
+# ---- the check itself ----------------------------------------------------------------------------
+def test_no_phase_of_the_grpo_step_is_slower_than_its_baseline(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    result = run_script("--out", str(out))
+    report = f"\n{result.stdout}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, report
+    print(report)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["phase"] for r in rows] == list(bench.PHASES)
+    assert all(r["score"] > 0 and r["seconds"] > 0 for r in rows)
