@@ -1,5 +1,5 @@
 """The rollout conformance suite for the `hf` engine: the policy in TP1, TP2, EP2 and PP2 (torchrun on
-gloo) feeds the engine through the weight stream; the engine's log-probs equal the policy's before
+gloo; also in the THD packed format and with grouped-GEMM experts) feeds the engine through the weight stream; the engine's log-probs equal the policy's before
 and after a training step and its refit, a stale engine is caught, router replay holds. See
 tests/workers/rollout_conformance.py for each check; the figures are printed (pytest -s) and the
 assertions live in the worker.
@@ -32,23 +32,23 @@ def test_one_rank_layouts(tiny_models, device):
     CUDA_VISIBLE_DEVICES="" makes the CPU variant a CPU run on a GPU machine as well."""
     env = {"R1MEGA_TEST_DEVICE": device, **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})}
     out = run_torchrun("rollout_conformance.py", 1, str(tiny_models), "ds-tp1", "qwen3-tp1", "qwen2-tp1", "offload",
-                       timeout_s=400, env=env)
+                       "ds-tp1-thd", "qwen3-tp1-grouped-thd", timeout_s=400, env=env)
     assert f"device {device}" in out, out
     checks = _checks(out)
     _report(checks)
-    for layout in ("ds-tp1", "qwen3-tp1", "qwen2-tp1"):
+    for layout in ("ds-tp1", "qwen3-tp1", "qwen2-tp1", "ds-tp1-thd", "qwen3-tp1-grouped-thd"):
         assert float(checks[(layout, "logprob_diff")]) < 1e-4
         assert float(checks[(layout, "refit_logprob_diff")]) < 1e-4
         assert float(checks[(layout, "stale_logprob_diff")]) > 1e-2
         assert checks[(layout, "stream_plans")] == "1"
-    for layout in ("ds-tp1", "qwen3-tp1"):
+    for layout in ("ds-tp1", "qwen3-tp1", "ds-tp1-thd", "qwen3-tp1-grouped-thd"):
         assert float(checks[(layout, "replay_exact_diff")]) < 1e-4
         assert float(checks[(layout, "replay_on_diff")]) * 2 < float(checks[(layout, "replay_off_diff")])
     assert checks[("ds-tp1", "offload_bitwise")] == "ok"
 
 
 def test_two_rank_layouts(tiny_models):
-    layouts = ("ds-tp2", "ds-ep2", "ds-pp2", "qwen3-ep2")
+    layouts = ("ds-tp2", "ds-ep2", "ds-pp2", "qwen3-ep2", "ds-tp2-grouped-thd")
     out = run_torchrun("rollout_conformance.py", 2, str(tiny_models), *layouts, timeout_s=600)
     checks = _checks(out)
     _report(checks)

@@ -155,6 +155,14 @@ class ThdBatch:
         return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
                                max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
 
+    def pack(self, x_BT: torch.Tensor) -> torch.Tensor:
+        """Per-position values [B, T, ...] laid out as the packed tokens, [1, N, ...] (zeros on the tail)."""
+        B, T = self.shape
+        rest = tuple(x_BT.shape[2:])
+        real = x_BT.reshape((B * T,) + rest)[self.index.to(x_BT.device)]
+        tail = real.new_zeros((self.input_ids.shape[1] - real.shape[0],) + rest)
+        return torch.cat([real, tail]).unsqueeze(0)
+
     def unpack(self, out_1N: torch.Tensor) -> torch.Tensor:
         """[1, N, ...] per-token outputs back to the [B, T, ...] rows (zeros on padding);
         differentiable."""

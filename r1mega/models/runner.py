@@ -126,9 +126,6 @@ class ModelRunner:
 
         if not self.desc.is_moe:
             raise ValueError(f"router replay needs an MoE model; {self.desc.arch} has no experts")
-        if self.packed_format == "thd":
-            raise ValueError("router replay takes routes per [B, T] position; it does not work with the THD "
-                             "packed format yet: set policy.packed_format=mask")
         if self.router_replay is None:
             moe_layers = tuple(i for i in range(self.desc.num_layers) if self.desc.is_moe_layer(i))
             self.router_replay = RouterReplay(unwrap_model(self.model), moe_layers, self.desc.moe.topk)
@@ -145,9 +142,14 @@ class ModelRunner:
         return routes
 
     def _replay(self, mb: dict) -> None:
-        if self.router_replay is not None:
-            self.router_replay.set(mb.get("routes"), mb["attention_mask"], tp=self.layout.tp,
-                                   tp_rank=self.layout.tp_rank, sequence_parallel=self.sequence_parallel)
+        if self.router_replay is None:
+            return
+        routes, mask = mb.get("routes"), mb["attention_mask"]
+        if routes is not None and self.packed_format == "thd":  # the routers see the packed tokens
+            thd = self._thd_batch(mb)
+            routes, mask = thd.pack(routes), ~thd.padding_mask
+        self.router_replay.set(routes, mask, tp=self.layout.tp, tp_rank=self.layout.tp_rank,
+                               sequence_parallel=self.sequence_parallel)
 
     # ---- the schedule ----------------------------------------------------------------------
     def _run(self, forward_step, micro_batches: list[dict], forward_only: bool):
@@ -188,11 +190,14 @@ class ModelRunner:
         step = self.layout.tp if self.sequence_parallel else 1
         return max(-(-real // step) * step, step)
 
-    def _forward_thd(self, model, mb: dict):
+    def _thd_batch(self, mb: dict) -> ThdBatch:
         segments = mb.get("segment_ids")
         if segments is None:  # a row is one sequence
             segments = mb["attention_mask"].long()
-        thd = ThdBatch(mb["input_ids"], segments, total=self._thd_total(mb))
+        return ThdBatch(mb["input_ids"], segments, total=self._thd_total(mb))
+
+    def _forward_thd(self, model, mb: dict):
+        thd = self._thd_batch(mb)
         padding_mask = thd.padding_mask
         if not self.layout.is_first_stage and self.sequence_parallel:
             # GPTModel scatters the padding mask over sequence-parallel ranks on the first stage only

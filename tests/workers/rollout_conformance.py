@@ -41,6 +41,10 @@ LAYOUTS = {
     "qwen3-tp1": ("qwen3_moe", {}),
     "qwen3-ep2": ("qwen3_moe", dict(ep=2)),
     "qwen2-tp1": ("qwen2", {}),
+    # the THD packed format and grouped-GEMM experts (policy section): the same engine conformance
+    "ds-tp1-thd": ("deepseek_v3", {}, dict(packed_format="thd")),
+    "qwen3-tp1-grouped-thd": ("qwen3_moe", {}, dict(grouped_gemm=True, packed_format="thd")),
+    "ds-tp2-grouped-thd": ("deepseek_v3", dict(tp=2), dict(grouped_gemm=True, packed_format="thd")),
 }
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 17]]
 N, NEW = 3, 10
@@ -129,16 +133,17 @@ def run_layout(root: Path, layout: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from r1mega.config import Config, OptimConfig, ParallelConfig
+    from r1mega.config import Config, OptimConfig, ParallelConfig, PolicyConfig
     from r1mega.models import load_policy
     from r1mega.models.build import unwrap_model
     from r1mega.rollout import (Colocation, SamplingParams, make_engine, sleep_for_training, verify_refit,
                                 wake_and_refit)
 
-    family, kwargs = LAYOUTS[layout]
+    family, kwargs, *policy_kwargs = LAYOUTS[layout]
     moe = family in PERTURB
     policy = load_policy(root / family, parallel=ParallelConfig(**kwargs), micro_batch_size=2,
-                         optim=OptimConfig(lr=LR, grad_clip=None, weight_decay=0.0), router_replay=moe)
+                         optim=OptimConfig(lr=LR, grad_clip=None, weight_decay=0.0), router_replay=moe,
+                         policy=PolicyConfig(**(policy_kwargs[0] if policy_kwargs else {})))
     rank0 = dist.get_rank() == 0
     device = worker_device()
     assert policy.device.type == device, f"the policy is on {policy.device}, the test asked for {device}"
