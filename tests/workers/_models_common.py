@@ -88,7 +88,7 @@ def check_layout(model, desc, root: Path, name: str, tag: str, layout, out: Path
     logits = forward_logits(model, ref["ids"])
     diff = torch.zeros(())
     if layout.is_last_stage:
-        diff += (logits - ref["logits"]).abs().max()
+        diff += (logits.cpu() - ref["logits"]).abs().max()
         assert diff <= LOGIT_ATOL, f"{name} {tag}: max |logits - transformers| = {diff:.3g}"
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)  # so that rank 0 reports the last stage's
     if layout.rank == 0:
