@@ -122,10 +122,10 @@ def compare(scores: dict[str, float], baseline: dict[str, float], *, source: str
             remeasured: dict[str, tuple[float, float]] | None = None) -> Verdict:
     """Judge measured `scores` (phase -> score) against `baseline` (phase -> score, from `source`).
 
-    A phase fails when its score > `factor` x its baseline; `remeasured` holds both scores of
-    the phases measured twice (their score in `scores` is the lower; the message gives both). A phase measured but absent
-    from the baseline, or in the baseline but not measured, is a problem (the baseline needs
-    updating). Under `faster` x baseline: a note, not a failure."""
+    A phase fails when its score > `factor` x its baseline; `remeasured` holds both scores of the
+    phases measured twice (their score in `scores` is the lower; the message gives both). A phase
+    measured but absent from the baseline, or in the baseline but not measured, is a problem (the
+    baseline needs updating). Under `faster` x baseline: a note, not a failure."""
     regressions, quicker, problems, lines = [], [], [], []
     for name in sorted(set(baseline) - set(scores)):
         problems.append(name)
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"phase": name, "seconds": statistics.median(r["seconds"] for run_ in runs for r in run_[name]),
              "reference_s": statistics.median(r["reference_s"] for run_ in runs for r in run_[name]),
              "score": scores[name], "baseline": base.get(name),
-             "process_scores": [round(statistics.median(r["ratio"] for r in run_[name]), 4) for run_ in runs]}
+             "process_scores": [statistics.median(r["ratio"] for r in run_[name]) for run_ in runs]}
             for name in PHASES]
     print(f"\nGRPO step phases, tiny default (Qwen3-MoE, random weights), world 1, 1 thread: {workload.prompts} "
           f"prompts x G={workload.group}, {workload.prompt_tokens} prompt + {workload.new_tokens} new tokens; "
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                  ("ref s", 9, lambda r: f"{r['reference_s']:.4f}"), ("score", 8, lambda r: f"{r['score']:.3f}"),
                  ("baseline", 9, lambda r: "-" if r["baseline"] is None else f"{r['baseline']:.3f}"),
                  ("x base", 7, lambda r: "-" if r["baseline"] is None else f"{r['score'] / r['baseline']:.2f}"),
-                 ("  per process", -20, lambda r: "  " + " ".join(f"{x:.3f}" for x in r["process_scores"]))],
+                 ("  per process", -1, lambda r: "  " + " ".join(f"{x:.3f}" for x in r["process_scores"]))],
                 rows)
     append_jsonl(args.out, [{"bench": "bench_step_phases", **r, "measured_twice": r["phase"] in both,
                              "repeats": args.repeats, "workload": workload.as_dict(), **env} for r in rows])

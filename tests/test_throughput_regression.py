@@ -61,7 +61,8 @@ def test_a_remeasured_phase_reports_both_measurements():
 def test_much_faster_is_a_note_not_a_failure():
     verdict = bench.compare({"rollout": 0.9, "train": 4.0}, {"rollout": 2.0, "train": 4.0})
     assert verdict.ok and verdict.faster == ["rollout"]
-    assert verdict.lines[0].startswith("note: phase 'rollout' is much faster") and "--update-baseline" in verdict.lines[0]
+    (line,) = verdict.lines
+    assert line.startswith("note: phase 'rollout' is much faster") and "--update-baseline" in line
 
 
 def test_a_phase_missing_on_either_side_fails():
