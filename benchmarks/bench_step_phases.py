@@ -151,6 +151,20 @@ def compare(scores: dict[str, float], baseline: dict[str, float], *, source: str
     return Verdict(regressions, quicker, problems, lines)
 
 
+ENVIRONMENT_KEYS = ("python", "torch", "machine", "cpu_count")  # a change here can move the scores
+
+
+def environment_notes(baseline_env: object, env: dict) -> list[str]:
+    """Notes (not failures) where this run's interpreter, torch or machine is not the baseline's:
+    the normalisation cancels the machine's speed, not every difference between CPUs or builds."""
+    if not isinstance(baseline_env, dict):
+        return ["note: the baseline records no environment"]
+    differ = [f"{key} {baseline_env.get(key)!r} -> {env.get(key)!r}" for key in ENVIRONMENT_KEYS
+              if baseline_env.get(key) != env.get(key)]
+    return [f"note: not the baseline's environment ({', '.join(differ)}); a failure may be the machine, "
+            "not the code"] if differ else []
+
+
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.update_baseline:
         write_baseline(Path(args.baseline), scores, workload, args.repeats, len(runs), args.reason.strip(), env)
         return 0
-    for line in verdict.lines:
+    for line in [*environment_notes(baseline.get("environment"), env), *verdict.lines]:
         print(line)
     if not verdict.ok:
         return 1

@@ -72,6 +72,14 @@ def test_a_phase_missing_on_either_side_fails():
     assert any("'new_phase' has no baseline score in b.json" in line for line in verdict.lines)
 
 
+def test_another_environment_is_a_note():
+    env = {"python": "3.11.7", "torch": "2.13.0", "machine": "x86_64", "cpu_count": 2}
+    assert bench.environment_notes(env, dict(env)) == []
+    (note,) = bench.environment_notes(env, dict(env, torch="2.11.0", cpu_count=16))
+    assert note.startswith("note:") and "torch '2.13.0' -> '2.11.0'" in note and "cpu_count 2 -> 16" in note
+    assert bench.environment_notes(None, env) == ["note: the baseline records no environment"]
+
+
 # ---- the baseline file ---------------------------------------------------------------------------
 def test_the_committed_baseline_is_valid_and_covers_every_phase():
     data = bench.load_baseline(bench.BASELINE)
