@@ -1,8 +1,8 @@
 """r1mega vs TRL, like for like: ``r1mega train`` and TRL's ``GRPOTrainer`` on the same tiny model,
 prompts, hyper-parameters, loss, rewards and CPU, one after the other in one run.
 
-    python benchmarks/bench_vs_trl.py [--steps 20] [--prompts 8] [--group 8] [--max-new-tokens 48]
-                                      [--threads 2] [--skip-install] [--out PATH]
+    python benchmarks/bench_vs_trl.py [--steps 60] [--prompts 8] [--group 8] [--max-new-tokens 48]
+                                      [--threads 1] [--skip-install] [--out PATH]
 
 * Model: the embedded default base (Qwen3-MoE, 4 layers, hidden 128; built into ~/.cache/r1mega
   by ``r1mega pretrain`` when absent), fp32 on both sides.
@@ -272,7 +272,8 @@ def report(s: Settings, r1: dict, trl: dict, base: dict, ratio: float, trl_versi
         ("format", 8, lambda r: f"{r['heldout']['format_rate']:.3f}"),
         ("load before/after", 19, lambda r: f"{r['loadavg_before'][0]:.1f}/{r['loadavg_after'][0]:.1f}"),
     ], sides)
-    print(f"end-to-end tokens/s r1mega / TRL: {ratio:.2f}x (goal 1.5x)\n")
+    print(f"end-to-end tokens/s r1mega / TRL: {ratio:.2f}x (goal 1.5x); median step TRL / r1mega: "
+          f"{trl['step_s_median'] / r1['step_s_median']:.2f}x\n")
     names = sorted(set(r1["phase_s"]) | set(trl["phase_s"]), key=lambda k: (k.split(".")[0], k))
     print_table([("phase (s, all steps)", -22, lambda r: r["phase"]),
                  ("r1mega", 9, lambda r: r["r1"]), ("TRL", 9, lambda r: r["trl"])],

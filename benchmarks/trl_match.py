@@ -35,12 +35,14 @@ TRL_LOSS_TYPE = "grpo"
 class Settings:
     """The knobs of one comparison; everything else is the ``tiny`` recipe's."""
 
-    steps: int = 20
+    steps: int = 60  # the tiny recipe's run.steps
     prompts: int = 8  # prompts per step
     group: int = 8  # completions per prompt (G)
     max_new_tokens: int = 48
     seed: int = 0
-    threads: int = 2
+    # One thread per side: on this shared 2-core machine two OpenMP threads made single steps swing
+    # from 0.9 s to 50 s whenever another job ran (measured, 2026-12-05); one thread keeps both steady.
+    threads: int = 1
     heldout_prompts: int = 200
     eval_samples: int = 4
 
