@@ -125,6 +125,7 @@ def main(spec_path: str) -> int:
     from r1mega.config import Config
     from r1mega.data import load_prompts
     from r1mega.trainer.steps import render_prompts
+    from r1mega.utils.io import atomic_write_text
 
     wall = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
@@ -184,7 +185,7 @@ def main(spec_path: str) -> int:
         "train_accuracy": [h.get("rewards/accuracy/mean") for h in logs],
         "process_wall_s": time.perf_counter() - wall,
     }
-    (out_dir / "trl_timings.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(out_dir / "trl_timings.json", json.dumps(result, indent=2, default=str) + "\n")
     return 0
 
 
