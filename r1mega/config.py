@@ -174,6 +174,12 @@ class GRPOConfig(_Section):
     kl_estimator: Literal["k1", "k2", "k3", "k1+", "k3+"] = knob(
         "k3", "KL estimator; k3 is the R1 paper's; '+' takes the estimator's value with k2's gradient.")
     kl_clamp: Optional[float] = knob(None, "Clamp the KL value to +-kl_clamp (verl: 10); None: no clamp.", gt=0.0)
+    old_logp: Literal["recompute", "rollout"] = knob(
+        "recompute", "The sampling policy's log-probs in the ratio: recompute (a forward pass of the policy over the "
+        "rollouts before training; robust to an engine whose numerics differ from the trainer's) or rollout (the "
+        "engine's own, as slime's --use-rollout-logprobs and verl's bypass mode: saves that pass; exact where the "
+        "engine matches the trainer, as the hf engine does in fp32; the mismatch metrics then come from the first "
+        "mini-batch's ratio_max and approx_kl).")
     tis: bool = knob(True, "Truncated importance sampling against the rollout engine's log-probs.")
     tis_cap: Optional[float] = knob(2.0, "Cap C of the importance weight min(exp(old - rollout), C); None: no cap.", gt=0.0)
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = knob(
@@ -196,6 +202,9 @@ class GRPOConfig(_Section):
             self._fail("norm_length", f"is only used by agg='seq-mean-token-sum-norm', not {self.agg!r}")
         if self.tis_cap is not None and not self.tis:
             self._fail("tis_cap", "is set but grpo.tis is false")
+        if self.tis and self.old_logp == "rollout":
+            self._fail("tis", "with grpo.old_logp=rollout weights nothing (the old log-probs are the rollout's, the "
+                       "weight is always 1): set grpo.tis=false (and grpo.tis_cap=none)")
 
 
 @dataclass(frozen=True)

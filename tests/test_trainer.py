@@ -180,3 +180,21 @@ def test_grouped_experts_and_thd_train_like_the_default_layout(tmp_path, small_b
         assert abs(first[key] - default[key]) <= 1e-5 * max(1.0, abs(default[key])), (key, first[key], default[key])
     assert (tmp_path / "grouped-thd/final/model.safetensors").exists()
     assert (tmp_path / "grouped-thd/checkpoints").is_dir()
+
+
+def test_old_logprobs_from_the_rollout_skip_the_recompute_and_take_the_same_step(tmp_path, small_base_model,
+                                                                                  uninterrupted_run):
+    """grpo.old_logp=rollout: the hf engine's own log-probs (fp32, equal to the trainer's to ~1e-6)
+    stand for the sampling policy's, so no log-prob pass runs for them; the first step equals the
+    recomputing run's (whose TIS weight is 1 to rounding) and no mismatch metric is made up."""
+    train(tmp_path, "rollout-logp", small_base_model, "run.steps=1", "grpo.old_logp=rollout", "grpo.tis=false",
+          "grpo.tis_cap=none")
+    first, default = metrics(tmp_path / "rollout-logp")[0], metrics(uninterrupted_run)[0]
+    assert first["reward_mean"] == default["reward_mean"]
+    for key in ("loss", "grad_norm"):
+        assert abs(first[key] - default[key]) <= 1e-5 * max(1.0, abs(default[key])), (key, first[key], default[key])
+    assert not any(key.startswith("mismatch_") for key in first) and "mismatch_abs_mean" in default
+    assert first["approx_kl"] < 1e-9  # the engine's log-probs are the trainer's: the ratio starts at 1
+    proc = r1mega("--set", "grpo.old_logp=rollout", "--dry-run")
+    assert proc.returncode != 0 and "grpo.tis: True with grpo.old_logp=rollout weights nothing" in proc.stderr, \
+        proc.stderr[-1000:]

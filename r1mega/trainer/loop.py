@@ -387,11 +387,14 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
             colocation.release()
             lap("time_sleep")
 
-            # log-probs of the sampling policy (recomputed) and of the reference
+            # log-probs of the sampling policy (recomputed, or the engine's own) and of the reference
             budget = batch_cfg.micro_batch_tokens
             routes = batch.routes if rollout_cfg.router_replay else None
-            batch.old_logp = policy.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget, routes=routes,
-                                             balance=batch_cfg.balance)
+            if grpo.old_logp == "rollout":
+                batch.old_logp = batch.rollout_logp
+            else:
+                batch.old_logp = policy.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget,
+                                                 routes=routes, balance=batch_cfg.balance)
             if reference is not None:
                 batch.ref_logp = reference.logprobs(batch.input_ids, batch.attention_mask, micro_batch_tokens=budget,
                                                     balance=batch_cfg.balance)
@@ -417,8 +420,10 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
             # metrics
             metrics = _step_metrics(rewards, rollout, batch, train_metrics, lengths, truncated, generated, kept_groups,
                                     len(set(rollout.group)), t)
-            metrics.update(mismatch_metrics(batch.rollout_logp, batch.old_logp, batch.completion_mask & batch.attention_mask,
-                                            tis_cap=grpo.tis_cap if grpo.tis else None))
+            if grpo.old_logp == "recompute":  # else no trainer log-probs of the rollouts exist before the update
+                metrics.update(mismatch_metrics(batch.rollout_logp, batch.old_logp,
+                                                batch.completion_mask & batch.attention_mask,
+                                                tis_cap=grpo.tis_cap if grpo.tis else None))
             for key, value in t.items():
                 phase_totals[key] = phase_totals.get(key, 0.0) + value
             log.step(step, metrics)
