@@ -2,7 +2,7 @@
 prompts, hyper-parameters, loss, rewards and CPU, one after the other in one run.
 
     python benchmarks/bench_vs_trl.py [--steps 60] [--prompts 8] [--group 8] [--max-new-tokens 48]
-                                      [--threads 1] [--skip-install] [--out PATH]
+                                      [--threads 1] [--old-logp rollout] [--skip-install] [--out PATH]
 
 * Model: the embedded default base (Qwen3-MoE, 4 layers, hidden 128; built into ~/.cache/r1mega
   by ``r1mega pretrain`` when absent), fp32 on both sides.
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout-prompts", type=int, default=defaults.heldout_prompts)
     ap.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
     ap.add_argument("--seed", type=int, default=defaults.seed)
+    ap.add_argument("--old-logp", default=defaults.old_logp, help="r1mega's grpo.old_logp: rollout (default; TRL "
+                    "takes the current policy's detached log-probs, no extra pass) or recompute")
     ap.add_argument("--skip-install", action="store_true", help=f"use the existing {VENV.relative_to(REPO)}")
     ap.add_argument("--venv", default=str(VENV))
     ap.add_argument("--work", help="directory for both runs (default: a new temporary one)")
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = Settings(steps=args.steps, prompts=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens,
                      seed=args.seed, threads=args.threads, heldout_prompts=args.heldout_prompts,
-                     eval_samples=args.eval_samples)
+                     eval_samples=args.eval_samples, old_logp=args.old_logp)
         return run(s, args)
     except (BenchError, ValueError) as err:
         print(f"bench_vs_trl: {err}", file=sys.stderr)

@@ -45,6 +45,11 @@ class Settings:
     threads: int = 1
     heldout_prompts: int = 200
     eval_samples: int = 4
+    # The ratio's old log-probs. TRL (no vLLM, one optimizer step per generation) takes the current
+    # policy's own, detached, from the loss forward: no extra pass. r1mega's like-for-like choice is
+    # grpo.old_logp=rollout, the hf engine's fp32 log-probs (equal to the trainer's to ~1e-6);
+    # "recompute" adds the policy forward that verl and NeMo-RL run by default.
+    old_logp: str = "rollout"
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts", "group", "max_new_tokens", "threads", "heldout_prompts", "eval_samples"):
@@ -52,6 +57,8 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')}: {getattr(self, name)} must be >= 1")
         if self.group < 2:
             raise ValueError(f"--group: {self.group} must be >= 2 (TRL refuses a group of one)")
+        if self.old_logp not in ("rollout", "recompute"):
+            raise ValueError(f"--old-logp: {self.old_logp!r} must be rollout or recompute")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +80,7 @@ def r1mega_config(s: Settings, *, out_dir: str | Path, name: str, data: str | Pa
         "grpo.agg": trl_loss.agg, "grpo.adv_eps": trl_loss.adv_eps, "grpo.adv_scale": trl_loss.adv_scale,
         "grpo.tis": trl_loss.tis, "grpo.tis_cap": trl_loss.tis_cap, "grpo.eps_low": trl_loss.eps_low,
         "grpo.eps_high": trl_loss.eps_high, "grpo.dual_clip": trl_loss.dual_clip,
-        "grpo.kl_estimator": "k3", "grpo.kl_clamp": None,
+        "grpo.kl_estimator": "k3", "grpo.kl_clamp": None, "grpo.old_logp": s.old_logp,
     })
 
 
