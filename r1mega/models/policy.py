@@ -148,8 +148,8 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
     if source.kind == "hf":
         check_hf_checkpoint(source.path, desc)
     _ensure_parallel(parallel, seed)
-    policy = policy or PolicyConfig()
-    model = build_model(desc, parallel, dtype=_DTYPE_NAMES[dtype], calculate_per_token_loss=True, policy=policy,
+    layers = policy or PolicyConfig()
+    model = build_model(desc, parallel, dtype=_DTYPE_NAMES[dtype], calculate_per_token_loss=True, policy=layers,
                         **config_overrides)
     if source.kind == "hf":
         hf_dtypes = load_hf_weights(model, desc, source.path).dtypes
@@ -158,7 +158,7 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
     policy = Policy(model, desc, parallel, dtype=dtype, hf_dtypes=hf_dtypes, side_files=source.config_dir,
                     optim=optim, trainable=trainable, micro_batch_size=micro_batch_size,
                     temperature=temperature, backend=backend, seed=seed,
-                    packed_format=resolve_packed_format(policy.packed_format))
+                    packed_format=resolve_packed_format(layers.packed_format))
     if router_replay:
         policy.enable_router_replay()
     if source.kind == "checkpoint":
@@ -209,7 +209,6 @@ class Policy:
         self.data_state: Optional[dict] = None
         self.load_report = None
         self.optim = optim or OptimConfig()
-        self.packed_format = packed_format
         self.runner = ModelRunner(model, desc, self.layout, temperature=self.temperature, backend=self.backend,
                                   packed_format=packed_format)
         self.training_state: Optional[TrainingState] = None
@@ -278,7 +277,7 @@ class Policy:
         if routes is not None:
             tensors["routes"] = self.runner.check_routes(routes, input_ids.shape)
         if segment_ids is not None:
-            tensors["segment_ids"] = check_segment_ids(segment_ids, am, packed_format=self.packed_format)
+            tensors["segment_ids"] = check_segment_ids(segment_ids, am, packed_format=self.runner.packed_format)
         micro_batches = self._micro_batches(tensors, plan, lengths)
         full = self.runner.logprobs(micro_batches, tuple(input_ids.shape), split_dp=split_dp,
                                     packed=segment_ids is not None)
@@ -355,7 +354,7 @@ class Policy:
         ``update_successful``, ``step``.
         """
         state = self._trainable_state("sft_step")
-        tensors = parse_sft_batch(batch, self.desc.vocab_size, packed_format=self.packed_format)
+        tensors = parse_sft_batch(batch, self.desc.vocab_size, packed_format=self.runner.packed_format)
         lengths = tensors["attention_mask"].sum(1).tolist()
         plan = self._plan(lengths, split_dp, micro_batch_size, micro_batch_tokens, balance)
         micro_batches = self._micro_batches(tensors, plan, lengths)

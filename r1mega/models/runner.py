@@ -191,10 +191,13 @@ class ModelRunner:
         return max(-(-real // step) * step, step)
 
     def _thd_batch(self, mb: dict) -> ThdBatch:
-        segments = mb.get("segment_ids")
-        if segments is None:  # a row is one sequence
-            segments = mb["attention_mask"].long()
-        return ThdBatch(mb["input_ids"], segments, total=self._thd_total(mb))
+        """The micro-batch in THD, made once (router replay and the forward both need it)."""
+        if "thd" not in mb:
+            segments = mb.get("segment_ids")
+            if segments is None:  # a row is one sequence
+                segments = mb["attention_mask"].long()
+            mb["thd"] = ThdBatch(mb["input_ids"], segments, total=self._thd_total(mb))
+        return mb["thd"]
 
     def _forward_thd(self, model, mb: dict):
         thd = self._thd_batch(mb)
