@@ -335,6 +335,8 @@ class SFTConfig(_Section):
         2048, "Length of a packed row; also the longest example accepted (longer ones are refused).", ge=2)
     pack: bool = knob(True, "Pack several examples per row (attention and positions never cross examples); "
                       "false: one example per row.")
+    max_steps: int = knob(0, "Stop after this many optimizer steps of the epochs' plan (a short trial run, "
+                          "the golden metrics); 0: every step of every epoch.", ge=0)
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,8 @@ def sft(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = Tr
         raise SFTError(str(err)) from None
     plan = plan_steps(tokenized, epochs=cfg.sft.epochs, rows_per_step=cfg.sft.rows_per_step,
                       row_tokens=cfg.sft.row_tokens, pack=cfg.sft.pack, seed=cfg.run.seed)
+    if cfg.sft.max_steps:
+        plan = plan[:cfg.sft.max_steps]
     run_dir = Path(resume) if resume is not None else cfg.run.run_dir
     try:
         resumed_from = resume_source(run_dir, resuming=resume is not None)
