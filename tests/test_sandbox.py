@@ -541,15 +541,43 @@ def test_code_reward_rejects_bad_tests():
         code_reward(fenced(ADD), "assert True")
 
 
+def _link_this_environment(venv: Path) -> None:
+    """Make the fresh `venv` see exactly this interpreter's environment: a .pth file in its
+    site-packages adds this interpreter's site directories (with site.addsitedir, so that their own
+    .pth files, the editable install's among them, run too) and then every other directory on this
+    sys.path. `--system-site-packages` would not do: made from an interpreter that is itself a
+    venv, the new venv's base is the *base* interpreter, whose site-packages lack this venv's."""
+    import site
+    import sysconfig
+
+    sites = [d for d in site.getsitepackages() if os.path.isdir(d)]
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        sites.append(site.getusersitepackages())
+    stdlib = {os.path.realpath(sysconfig.get_path(k)) for k in ("stdlib", "platstdlib")}
+    extra = [d for d in sys.path if d and os.path.isdir(d) and d not in sites
+             and os.path.realpath(d) not in stdlib and "lib-dynload" not in d]
+    (purelib,) = {sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})}
+    Path(purelib).mkdir(parents=True, exist_ok=True)
+    # One `import` line, which site executes at start-up (addsitedir skips directories already
+    # on sys.path and runs the .pth files of the ones it adds; a plain directory is just appended).
+    (Path(purelib) / "_r1mega_test_parent_env.pth").write_text(
+        f"import site; list(map(site.addsitedir, {list(dict.fromkeys(sites + extra))!r}))\n")
+
+
 def test_runs_from_a_virtual_environment_under_tmp(tmp_path):
     # A venv under /tmp is hidden by the sandbox's private /tmp; its base interpreter must be used.
     if not AVAILABLE:
         pytest.skip("no sandbox backend works here")
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    _link_this_environment(venv)
+    python = venv / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import sys, r1mega; print(sys.prefix, r1mega.__file__)"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split()[0] == str(venv)  # it runs as the new venv, not as this interpreter
     code = ("from r1mega.rewards.sandbox import run_sandboxed; "
             "r = run_sandboxed('print(6 * 7)', timeout_s=10, memory_mb=256); print(r.stdout.strip(), r.error)")
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "42", out.stdout
