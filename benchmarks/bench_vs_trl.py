@@ -202,8 +202,8 @@ def run(s: Settings, args: argparse.Namespace) -> int:
 
     from r1mega.data import base_corpus
     from r1mega.data.loader import write_prompts
-    from r1mega.trainer.pretrain import ensure_base_model
-    from r1mega.trainer.steps import render_prompts
+    from r1mega.run.base_model import ensure_base_model
+    from r1mega.templates import render_prompts
 
     trl_version = ensure_trl(Path(args.venv), install=not args.skip_install)
     base = ensure_base_model()

@@ -124,7 +124,7 @@ def main(spec_path: str) -> int:
 
     from r1mega.config import Config
     from r1mega.data import load_prompts
-    from r1mega.trainer.steps import render_prompts
+    from r1mega.templates import render_prompts
     from r1mega.utils.io import atomic_write_text
 
     wall = time.perf_counter()

@@ -435,9 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rm":
             return _rm(args)
         if args.command == "plot":
-            from r1mega.trainer.logs import plot_run
-
-            print(plot_run(args.run, args.out))
+            return _plot(args)
             return 0
         if args.command == "plan":
             return _plan(args)
@@ -523,10 +521,21 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    """curves.png of a GRPO or an SFT run directory (an SFT run logs no reward)."""
+    from r1mega.run.logs import METRICS, plot_run, read_jsonl
+    from r1mega.sft.loop import SFT_PANELS
+    from r1mega.trainer.panels import GRPO_PANELS
+
+    grpo = any("reward_mean" in m for m in read_jsonl(Path(args.run) / METRICS))
+    print(plot_run(args.run, args.out, panels=GRPO_PANELS if grpo else SFT_PANELS))
+    return 0
+
+
 def _rm(args: argparse.Namespace) -> int:
     from r1mega.rm import embedded_pairs, load_preference_pairs, train_reward_model
     from r1mega.rm import train as rm_train
-    from r1mega.trainer.rundir import resolve_model
+    from r1mega.run.rundir import resolve_model
 
     # every pair checked before any work (the model too is built only after)
     embedded = "r1mega.data.r1_corpus.preference_pairs(general_prompts({!r}))"
@@ -573,7 +582,7 @@ def _distill(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from r1mega.trainer.pretrain import PretrainSpec, ensure_base_model, pretrain_base_model
+    from r1mega.run.base_model import PretrainSpec, ensure_base_model, pretrain_base_model
 
     spec = PretrainSpec() if args.steps is None else dataclasses.replace(PretrainSpec(), steps=args.steps)
     path = pretrain_base_model(args.out, spec) if args.out else ensure_base_model(spec=spec)

@@ -15,7 +15,7 @@ rejection-sampled reasoning traces (no RL).
 4. ``distill.json``: the inputs, the settings, the three rows of figures and the seconds of each
    phase, rewritten atomically after every phase (``complete`` is true at the end).
 
-The default student is the embedded dense one (:func:`r1mega.trainer.pretrain.ensure_student_base`:
+The default student is the embedded dense one (:func:`r1mega.run.base_model.ensure_student_base`:
 a Llama-3 architecture smaller than the MoE teacher, on the same corpus, hence the same
 tokenizer). The default data are the embedded R1 corpus's additions (English and Chinese), in the
 R1-Zero prompt template with R1's output format (think block, then a summary with the boxed
@@ -269,7 +269,7 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     if student_dir is None:
-        from r1mega.trainer.pretrain import STUDENT_SPEC, ensure_student_base
+        from r1mega.run.base_model import STUDENT_SPEC, ensure_student_base
 
         student = ensure_student_base(cache, progress=progress)
         student_info = {**_check_model(student, "--student"), "spec": asdict(STUDENT_SPEC)}

@@ -139,7 +139,7 @@ def _interleave(a: list, b: list) -> list:
 
 
 def stage_base(ctx: Context) -> dict:
-    from r1mega.trainer.rundir import resolve_model
+    from r1mega.run.rundir import resolve_model
 
     _, hf_dir = resolve_model(None)
     return {"model": str(hf_dir), "figures": {}}

@@ -20,7 +20,11 @@ summary ends with the final answer in ``\\boxed{}``, which the accuracy reward r
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # r1mega.data imports this module (the embedded corpus renders its prompts)
+    from r1mega.data.records import PromptRecord
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -97,6 +101,25 @@ def render_prompt(prompt: str, template: str, *, tokenizer: Any = None, system: 
     if template == "raw":
         return _check_str("prompt", prompt)
     raise ValueError(f"template must be one of {PROMPT_TEMPLATES}, got {template!r}")
+
+
+def render_prompts(records: Sequence[PromptRecord], tokenizer, template: str, max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids of each record's prompt under `template` (one of PROMPT_TEMPLATES); a prompt
+    longer than `max_prompt_tokens` raises naming the record."""
+    out = []
+    for r in records:
+        if template == "r1_zero":
+            ids = tokenizer(r1_zero_prompt(r.prompt), add_special_tokens=False)["input_ids"]
+        elif template == "chat":
+            ids = tokenizer(chat_prompt(tokenizer, r.prompt), add_special_tokens=False)["input_ids"]
+        elif template == "raw":
+            ids = tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
+        else:
+            raise ValueError(f"unknown template {template!r}")
+        if len(ids) > max_prompt_tokens:
+            raise ValueError(f"prompt {r.id!r}: {len(ids)} tokens > rollout.max_prompt_tokens {max_prompt_tokens}")
+        out.append(ids)
+    return out
 
 
 def boxed(answer: str) -> str:

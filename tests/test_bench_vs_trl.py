@@ -97,8 +97,8 @@ def test_trl_prompts_are_r1megas_in_sampler_order_and_tokens(tmp_path):
 
     from r1mega.data import PromptSampler
     from r1mega.models.tokenizer import build_tokenizer, save_tokenizer
-    from r1mega.trainer.pretrain import PretrainSpec
-    from r1mega.trainer.steps import render_prompts
+    from r1mega.run.base_model import PretrainSpec
+    from r1mega.templates import render_prompts
 
     spec = PretrainSpec()  # the embedded base model's tokenizer, built as r1mega pretrain builds it
     corpus = base_corpus.corpus(base_corpus.problems("train", spec.train_problems, seed=spec.seed), noise=spec.noise,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from r1mega.trainer.pretrain import STUDENT_SPEC, PretrainSpec
+from r1mega.run.base_model import STUDENT_SPEC, PretrainSpec
 from tests.trainer_helpers import r1mega
 
 # the test student: STUDENT_SPEC's model and corpus, pretrained for a few steps
@@ -20,7 +20,7 @@ SMALL_STUDENT = dataclasses.replace(STUDENT_SPEC, steps=30, batch_size=8)
 
 @pytest.fixture(scope="session")
 def small_student(tmp_path_factory):
-    from r1mega.trainer.pretrain import ensure_base_model
+    from r1mega.run.base_model import ensure_base_model
 
     return ensure_base_model(tmp_path_factory.getbasetemp() / "student-cache", SMALL_STUDENT, progress=False)
 

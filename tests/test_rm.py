@@ -58,7 +58,7 @@ def one_thread():
 def trained(tmp_path_factory):
     """The embedded default (the cached embedded base, the general prompts' pairs), 4 epochs."""
     from r1mega.rm import embedded_pairs, train_reward_model
-    from r1mega.trainer.rundir import resolve_model
+    from r1mega.run.rundir import resolve_model
 
     train_pairs, heldout_pairs = embedded_pairs()
     _, base = resolve_model(None)
@@ -99,7 +99,7 @@ def test_pair_tokens_are_reward_models_with_and_without_a_chat_template(trained,
 
     from r1mega.rewards.reward_model import RewardModel
     from r1mega.rm import PairTokens
-    from r1mega.trainer.pretrain import with_chat_template
+    from r1mega.run.base_model import with_chat_template
 
     out, heldout, _ = trained
     for path in (out, with_chat_template(out, tmp_path / "chat")):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from r1mega.trainer.logs import is_timing
+from r1mega.run.logs import is_timing
 
 SMALL = ["run.steps=2", "run.eval_every=0", "run.eval_max_prompts=6", "run.eval_samples=2", "run.save_every=1",
          "batch.prompts_per_step=4", "grpo.group_size=4", "rollout.max_new_tokens=24", "rewards.workers=1",

@@ -8,6 +8,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from r1mega.templates import render_prompts
+
 
 class GenerationError(ValueError):
     """A bad model directory or prompt; the message is one line."""
@@ -67,8 +69,6 @@ class ScoredSampler:
 
     def prompt_ids(self, records: Sequence) -> list[list[int]]:
         """Token ids of each record's templated prompt; GenerationError naming a prompt too long."""
-        from r1mega.trainer.steps import render_prompts
-
         try:
             return render_prompts(records, self.tokenizer, self.template, self.max_prompt_tokens)
         except ValueError as err:

@@ -223,7 +223,7 @@ def describe_run_model(model: Optional[str]):
     from r1mega.models.hf_config import describe_hf_model
 
     if model is None:
-        from r1mega.trainer.pretrain import PretrainSpec, default_cache
+        from r1mega.run.base_model import PretrainSpec, default_cache
 
         path = default_cache() / PretrainSpec().cache_name()
         if not (path / "config.json").is_file():
@@ -231,7 +231,7 @@ def describe_run_model(model: Optional[str]):
                           "layers, heads and experts not checked")
         where = f"the embedded base model {path}"
     else:
-        from r1mega.trainer.rundir import resolve_model
+        from r1mega.run.rundir import resolve_model
 
         _, path = resolve_model(model)
         where = str(model)

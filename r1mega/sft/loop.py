@@ -23,8 +23,8 @@ from typing import Optional
 from r1mega.config import Config
 from r1mega.sft.data import SFTExample, load_sft_data, tokenize_all
 from r1mega.sft.packing import TokenizedExample, collate, pack_examples
-from r1mega.trainer.logs import METRICS, RunLog, plot_run, truncate_after
-from r1mega.trainer.rundir import export_final, quiet_known_warnings, resolve_model, resume_source
+from r1mega.run.logs import METRICS, RunLog, plot_run, read_jsonl, truncate_after
+from r1mega.run.rundir import export_final, quiet_known_warnings, resolve_model, resume_source
 
 SFT_PANELS = (("loss", "SFT loss (mean NLL of completion tokens)"), ("lr", "learning rate"), ("padding_frac", "padding share"),
               ("tokens_per_s", "trained tokens / s"), ("rows", "packed rows per step"), ("examples", "examples per step"))
@@ -164,8 +164,6 @@ def sft(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = Tr
     # Re-exported when this call trained (a run resumed with more epochs); a run killed after
     # its export keeps it.
     final = export_final(policy, run_dir, replace=start_step < total)
-    from r1mega.trainer.logs import read_jsonl
-
     history = read_jsonl(run_dir / METRICS) if rank0 else []
     losses = [m["loss"] for m in history if m.get("loss") is not None]
     summary = {"base_model": str(inputs.model_dir.resolve()), "final_model": str(final.resolve()),

@@ -1,2 +1,3 @@
-"""The GRPO trainer: the loop (r1mega.trainer.loop), its phases (r1mega.trainer.steps), what it
-logs (r1mega.trainer.logs) and the embedded base model (r1mega.trainer.pretrain)."""
+"""The GRPO trainer: the loop (r1mega.trainer.loop), the phases of one step (r1mega.trainer.steps)
+and its curves (r1mega.trainer.panels). The run directory it shares with the other jobs lives in
+r1mega.run."""

@@ -127,25 +127,14 @@ class RunLog:
             self.wb.finish()
 
 
-def _sft_panels() -> tuple:
-    from r1mega.sft.loop import SFT_PANELS
-
-    return SFT_PANELS
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] if Path(path).is_file() else []
 
 
-GRPO_PANELS = (("reward_mean", "reward"), ("accuracy", "train accuracy"), ("format_rate", "format rate"),
-               ("response_length_mean", "response length"), ("kl_mean", "KL to reference"),
-               ("mismatch_abs_mean", "rollout vs trainer |dlogp|"))
-
-
-def plot_run(run_dir: str | Path, out: Optional[str | Path] = None, *, panels: Optional[tuple] = None) -> Path:
-    """A PNG of the main curves of a run directory: `panels` ((metric, title) pairs; default the
-    GRPO ones: reward, accuracy, format, length, KL, mismatch; an SFT run's config picks the SFT
-    ones), then held-out pass@1 and the gradient norm."""
+def plot_run(run_dir: str | Path, out: Optional[str | Path] = None, *, panels: tuple[tuple[str, str], ...]) -> Path:
+    """A PNG of the main curves of a run directory: `panels`, (metric, title) pairs of the job that
+    wrote it (at most 6: r1mega.trainer.panels.GRPO_PANELS, r1mega.sft.loop.SFT_PANELS), then
+    held-out pass@1 and the gradient norm; written to `out` (default run_dir/curves.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,8 +146,6 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None, *, panels: O
     if not metrics:
         raise FileNotFoundError(f"{run_dir}: no {METRICS} (is it a run directory?)")
     steps = [m["step"] for m in metrics]
-    if panels is None:
-        panels = GRPO_PANELS if any("reward_mean" in m for m in metrics) else _sft_panels()
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, (key, title) in zip(axes.flat, panels):
         ys = [m.get(key) for m in metrics]

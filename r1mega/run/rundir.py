@@ -23,7 +23,7 @@ def resolve_model(model: Optional[str], *, chat: bool = False) -> tuple[Path, Pa
     the embedded base model when None (built once; `chat`: with the R1 chat template), else a
     Hugging Face directory or an r1mega checkpoint."""
     if model is None:
-        from r1mega.trainer.pretrain import ensure_base_model
+        from r1mega.run.base_model import ensure_base_model
 
         model_dir = ensure_base_model(chat=chat)
     else:
@@ -64,7 +64,7 @@ def resume_source(run_dir: Path, *, resuming: bool) -> Optional[Path]:
     checkpoint). ValueError (one line) for a resume of a directory that is no run, or a new run
     where one already is."""
     from r1mega.models.checkpoint import list_checkpoints
-    from r1mega.trainer.logs import METRICS
+    from r1mega.run.logs import METRICS
 
     checkpoints = run_dir / "checkpoints"
     if resuming:
