@@ -5,12 +5,21 @@ libraries' own vectorised formulas as they write them); none calls r1mega.algo. 
 gradients w.r.t. logp are compared.
 """
 
+import dataclasses
+import inspect
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from r1mega.algo import AGG_MODES, KL_ESTIMATORS, local_denominators, policy_loss
+from r1mega.algo import AGG_MODES, KL_ESTIMATORS, LossSpec, LossSpecError, local_denominators, policy_loss
+from tests.loss_cases import SPEC_FIELDS, split_options, with_spec
+
+# The cases below write loss options and tensors/denominators in one dict: opts_loss makes the
+# options a LossSpec (validated at its construction) and passes the rest as policy_loss's arguments.
+opts_loss = with_spec(policy_loss)
 
 S, T = 7, 13
 BOUND = 20.0  # log-ratio clamp of the spec
@@ -155,7 +164,7 @@ def build_case(case, seed=None):
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case, agg):
     batch, opts = build_case(case)
-    assert_same_loss_and_grad(batch, policy_loss, dict(opts, agg=agg), reference_loss, dict(opts, agg=agg))
+    assert_same_loss_and_grad(batch, opts_loss, dict(opts, agg=agg), reference_loss, dict(opts, agg=agg))
 
 
 @pytest.mark.parametrize(
@@ -172,7 +181,7 @@ def test_explicit_denominators_match_reference(agg, denominators):
     batch, opts = build_case("everything", seed=5)
     ref_denominators = {k: float(v) for k, v in denominators.items()}
     assert_same_loss_and_grad(
-        batch, policy_loss, dict(opts, agg=agg, **denominators), reference_loss, dict(opts, agg=agg, **ref_denominators)
+        batch, opts_loss, dict(opts, agg=agg, **denominators), reference_loss, dict(opts, agg=agg, **ref_denominators)
     )
 
 
@@ -181,7 +190,7 @@ def test_cases_exercise_the_branches_they_name():
                       ("gspo-dual-clip", "dual_clip_frac"), ("defaults", "clip_frac_low"),
                       ("defaults", "clip_frac_high")]:
         batch, opts = build_case(case)
-        _, metrics = policy_loss(batch["logp"], batch["old_logp"], batch["advantages"], batch["mask"], **opts)
+        _, metrics = opts_loss(batch["logp"], batch["old_logp"], batch["advantages"], batch["mask"], **opts)
         assert metrics[key] > 0, (case, key)
     batch, _ = build_case("tis-cap")
     assert (torch.exp(batch["old_logp"] - batch["rollout_logp"])[batch["mask"]] > 1.1).any()
@@ -194,7 +203,7 @@ def test_gspo_gradient_is_the_sequence_level_gradient():
     batch = make_batch(11, spread=0.2)
     mask, adv = batch["mask"], batch["advantages"]
     loss, grad = loss_and_grad(
-        policy_loss, batch, ratio_level="sequence", agg="seq-mean-token-mean", eps_low=0.999, eps_high=1e6
+        opts_loss, batch, ratio_level="sequence", agg="seq-mean-token-mean", eps_low=0.999, eps_high=1e6
     )
     lengths = mask.sum(-1)
     seq_log_ratio = ((batch["logp"].detach() - batch["old_logp"]) * mask).sum(-1) / lengths.clamp(min=1)
@@ -214,12 +223,12 @@ def test_kl_per_token_equals_kl_after_aggregation(agg, estimator):
     coef = opts.pop("kl_coef")
 
     def pg_plus_aggregated_kl(logp, old, adv, mask):
-        pg, _ = policy_loss(logp, old, adv, mask, **dict(opts, ref_logp=None))
+        pg, _ = opts_loss(logp, old, adv, mask, **dict(opts, ref_logp=None))
         # With zero advantages the reference loss is the aggregated KL alone.
         kl = reference_loss(logp, old, torch.zeros_like(adv), mask, **dict(opts, kl_coef=1.0, rollout_logp=None))
         return pg + coef * kl
 
-    assert_same_loss_and_grad(batch, policy_loss, dict(opts, kl_coef=coef), pg_plus_aggregated_kl, {})
+    assert_same_loss_and_grad(batch, opts_loss, dict(opts, kl_coef=coef), pg_plus_aggregated_kl, {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,8 +356,8 @@ def test_reproduces_verl_vanilla_with_dual_clip_kl_loss_and_rollout_is(agg, verl
         **ours_agg,
     )
     # seq-mean-token-mean: verl divides by n + 1e-8, we by n: a relative 1e-8 / n difference.
-    assert_same_loss_and_grad(batch, policy_loss, ours, verl_actor_loss, {}, rtol=1e-7, atol=1e-10)
-    _, metrics = policy_loss(batch["logp"], batch["old_logp"], batch["advantages"], mask, **ours)
+    assert_same_loss_and_grad(batch, opts_loss, ours, verl_actor_loss, {}, rtol=1e-7, atol=1e-10)
+    _, metrics = opts_loss(batch["logp"], batch["old_logp"], batch["advantages"], mask, **ours)
     _, clipfrac, clipfrac_lower = verl_actor_loss(batch["logp"], batch["old_logp"], None, mask)
     torch.testing.assert_close(metrics["clip_frac_low"] + metrics["clip_frac_high"], clipfrac)
     torch.testing.assert_close(metrics["dual_clip_frac"], clipfrac_lower)
@@ -368,7 +377,7 @@ def test_reproduces_verl_legacy_seq_mean_token_sum_norm(ours):
         return verl_vanilla(old, logp, adv_ST, m.double(), 0.2, 0.2, 3.0, loss_agg_mode="seq-mean-token-sum-norm",
                             loss_scale_factor=T, legacy_norm=True)[0]
 
-    assert_same_loss_and_grad(batch, policy_loss, dict(ours, dual_clip=3.0), verl_loss, {})
+    assert_same_loss_and_grad(batch, opts_loss, dict(ours, dual_clip=3.0), verl_loss, {})
 
 
 @pytest.mark.parametrize("global_batch_size", [None, 9])
@@ -382,7 +391,7 @@ def test_reproduces_verl_gspo(global_batch_size):
     ours = dict(ratio_level="sequence", agg="seq-mean-token-mean", eps_low=3e-4, eps_high=4e-4)
     if global_batch_size is not None:
         ours["global_sequences"] = global_batch_size
-    assert_same_loss_and_grad(batch, policy_loss, ours, verl_loss, {}, rtol=1e-7, atol=1e-10)
+    assert_same_loss_and_grad(batch, opts_loss, ours, verl_loss, {}, rtol=1e-7, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +452,7 @@ def test_reproduces_trl(loss_type, beta, level):
         TRL_LOSS_TYPES[loss_type], eps_low=0.2, eps_high=0.28, ratio_level=level,
         ref_logp=batch["ref_logp"], kl_coef=beta, kl_estimator="k3", kl_clamp=None,
     )
-    assert_same_loss_and_grad(batch, policy_loss, ours, trl_loss, trl_kwargs)
+    assert_same_loss_and_grad(batch, opts_loss, ours, trl_loss, trl_kwargs)
 
 
 def test_reproduces_trl_dapo_across_processes():
@@ -459,7 +468,7 @@ def test_reproduces_trl_dapo_across_processes():
         trl = trl_loss(logp[rows], part["old_logp"], part["advantages"], part["mask"], loss_type="dapo",
                        num_items_in_batch=num_items, num_processes=2)
         trl_grad += torch.autograd.grad(trl, logp)[0] / 2  # DDP: mean over processes
-        ours, _ = policy_loss(logp[rows], part["old_logp"], part["advantages"], part["mask"],
+        ours, _ = opts_loss(logp[rows], part["old_logp"], part["advantages"], part["mask"],
                               eps_high=0.28, global_tokens=num_items)
         our_grad += torch.autograd.grad(ours, logp)[0]
     torch.testing.assert_close(our_grad, trl_grad, rtol=1e-12, atol=1e-14)
@@ -476,7 +485,7 @@ def test_first_inner_step_ratio_is_one_and_kl_is_zero_exactly(level, estimator):
     batch = make_batch(41)
     logp = batch["logp"]
     mask = batch["mask"]
-    loss, metrics = policy_loss(
+    loss, metrics = opts_loss(
         logp, logp.detach().clone(), batch["advantages"], mask, ratio_level=level, ref_logp=logp.detach().clone(),
         kl_coef=0.1, kl_estimator=estimator, kl_clamp=10.0, rollout_logp=logp.detach().clone(), tis_cap=1.5,
     )
@@ -501,7 +510,7 @@ def test_micro_batch_gradients_sum_to_the_full_batch_gradient(agg, level):
     opts.update(agg=agg, ratio_level=level)
     mask = batch["mask"]
     assert not mask[2].any()
-    full_loss, full_grad = loss_and_grad(policy_loss, batch, **opts)
+    full_loss, full_grad = loss_and_grad(opts_loss, batch, **opts)
     denominators = {}
     for rows in SPLITS:
         for name, count in local_denominators(mask[rows], agg).items():
@@ -509,7 +518,7 @@ def test_micro_batch_gradients_sum_to_the_full_batch_gradient(agg, level):
     micro_loss, micro_grad = 0.0, torch.zeros_like(full_grad)
     for rows in SPLITS:
         part = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
-        loss, _ = policy_loss(batch["logp"][rows], batch["old_logp"][rows], batch["advantages"][rows],
+        loss, _ = opts_loss(batch["logp"][rows], batch["old_logp"][rows], batch["advantages"][rows],
                               mask[rows], **part, **denominators)
         micro_loss = micro_loss + loss.detach()
         micro_grad += torch.autograd.grad(loss, batch["logp"])[0]
@@ -529,13 +538,13 @@ def test_clamped_k3_keeps_huge_reference_gaps_finite(estimator):
     """d = ref - logp = 100 overflows exp() in float32; clamping d to 20 first keeps grads finite."""
     batch = make_batch(63, dtype=torch.float32)
     batch["ref_logp"][0, 0] = batch["logp"][0, 0].detach() + 100.0
-    loss, grad = loss_and_grad(policy_loss, batch, ref_logp=batch["ref_logp"], kl_coef=1.0,
+    loss, grad = loss_and_grad(opts_loss, batch, ref_logp=batch["ref_logp"], kl_coef=1.0,
                                kl_estimator=estimator, kl_clamp=10.0)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     # k3: the value is clamped at 10, so that token gets no KL gradient; k3+ has k2's gradient -d.
     expected = 0.0 if estimator == "k3" else -100.0
     n = batch["mask"].sum()
-    _, grad_no_kl = loss_and_grad(policy_loss, batch)
+    _, grad_no_kl = loss_and_grad(opts_loss, batch)
     torch.testing.assert_close(grad[0, 0] - grad_no_kl[0, 0], (expected / n).to(grad.dtype), rtol=1e-5, atol=1e-6)
 
 
@@ -543,7 +552,7 @@ def test_clamped_k3_keeps_huge_reference_gaps_finite(estimator):
 def test_empty_sequences_and_garbage_padding_get_zero_gradient(agg):
     batch, opts = build_case("everything", seed=61)
     mask = batch["mask"]
-    clean_loss, clean_grad = loss_and_grad(policy_loss, batch, agg=agg, **opts)
+    clean_loss, clean_grad = loss_and_grad(opts_loss, batch, agg=agg, **opts)
     # Padding holds NaN / inf in every input: it must not reach the loss or the gradient.
     for key in ["old_logp", "advantages", "rollout_logp", "ref_logp"]:
         if batch[key].dim() == 2:
@@ -552,7 +561,7 @@ def test_empty_sequences_and_garbage_padding_get_zero_gradient(agg):
     with torch.no_grad():
         garbage = batch["logp"].masked_fill(~mask, float("inf"))
     logp = garbage.clone().requires_grad_()
-    loss, metrics = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, agg=agg, **opts)
+    loss, metrics = opts_loss(logp, batch["old_logp"], batch["advantages"], mask, agg=agg, **opts)
     (grad,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(loss, clean_loss)
     torch.testing.assert_close(grad, clean_grad)
@@ -565,7 +574,7 @@ def test_empty_sequences_and_garbage_padding_get_zero_gradient(agg):
 def test_all_masked_batch_gives_zero_loss_and_gradient(agg, level):
     batch, opts = build_case("everything", seed=62)
     mask = torch.zeros(S, T, dtype=torch.bool)
-    loss, metrics = policy_loss(batch["logp"], batch["old_logp"], batch["advantages"], mask, agg=agg,
+    loss, metrics = opts_loss(batch["logp"], batch["old_logp"], batch["advantages"], mask, agg=agg,
                                 ratio_level=level, **opts)
     (grad,) = torch.autograd.grad(loss, batch["logp"])
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
@@ -577,7 +586,7 @@ def test_bf16_inputs_are_upcast_to_float32():
     low = {k: v.detach().to(torch.bfloat16) for k, v in batch.items() if v.is_floating_point()}
     logp = low["logp"].requires_grad_()
     opts = dict(opts, ref_logp=low["ref_logp"], rollout_logp=low["rollout_logp"])
-    loss, metrics = policy_loss(logp, low["old_logp"], low["advantages"], batch["mask"], **opts)
+    loss, metrics = opts_loss(logp, low["old_logp"], low["advantages"], batch["mask"], **opts)
     assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in metrics.values())
     (grad,) = torch.autograd.grad(loss, logp)
     assert grad.dtype == torch.bfloat16
@@ -585,10 +594,10 @@ def test_bf16_inputs_are_upcast_to_float32():
     up = {k: v.float() for k, v in low.items()}
     logp32 = up["logp"].requires_grad_()
     opts32 = dict(opts, ref_logp=up["ref_logp"], rollout_logp=up["rollout_logp"])
-    loss32, _ = policy_loss(logp32, up["old_logp"], up["advantages"], batch["mask"], **opts32)
+    loss32, _ = opts_loss(logp32, up["old_logp"], up["advantages"], batch["mask"], **opts32)
     assert torch.equal(loss, loss32)
     torch.testing.assert_close(grad.float(), torch.autograd.grad(loss32, logp32)[0], rtol=1e-2, atol=1e-4)
-    float32_loss, _ = policy_loss(*(x.float() for x in (batch["logp"], batch["old_logp"], batch["advantages"])),
+    float32_loss, _ = opts_loss(*(x.float() for x in (batch["logp"], batch["old_logp"], batch["advantages"])),
                                   batch["mask"])
     assert float32_loss.dtype == torch.float32
 
@@ -596,7 +605,7 @@ def test_bf16_inputs_are_upcast_to_float32():
 def test_metrics_match_their_definitions():
     batch, opts = build_case("everything", seed=81)
     logp, old, adv, mask = batch["logp"].detach(), batch["old_logp"], batch["advantages"], batch["mask"]
-    _, metrics = policy_loss(batch["logp"], old, adv, mask, **opts)
+    _, metrics = opts_loss(batch["logp"], old, adv, mask, **opts)
     n = mask.sum().double()
     ratio = torch.exp(logp - old)
     low = (ratio < 1 - opts["eps_low"]) & (adv < 0)
@@ -620,10 +629,12 @@ def test_metrics_match_their_definitions():
         torch.testing.assert_close(metrics[key], value.double(), rtol=1e-12, atol=1e-14, msg=key)
         assert not metrics[key].requires_grad and metrics[key].dim() == 0
     assert expected["dual_clip_frac"] > 0 and expected["clip_frac_low"] > 0 and expected["clip_frac_high"] > 0
-    _, plain = policy_loss(batch["logp"], old, adv, mask)
+    _, plain = opts_loss(batch["logp"], old, adv, mask)
     assert "kl_mean" not in plain and "tis_weight_mean" not in plain
 
 
+# Refused by policy_loss at the call: the tensors, the optional tensors a valid spec needs, and
+# the denominators (the options themselves are refused by LossSpec: BAD_SPECS below).
 BAD = [
     (dict(old_logp=torch.zeros(S, T + 1)), "old_logp has shape"),
     (dict(mask=torch.ones(S + 1, T)), "mask has shape"),
@@ -633,25 +644,13 @@ BAD = [
     (dict(rollout_logp=torch.zeros(2, T)), "rollout_logp has shape"),
     (dict(logp=torch.zeros(S)), "logp must be a 2-D floating tensor"),
     (dict(old_logp=torch.zeros(S, T, dtype=torch.long)), "old_logp must be a floating tensor"),
-    (dict(agg="mean"), r"agg must be one of \('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum', "
-                       r"'seq-mean-token-sum-norm'\), got 'mean'"),
-    (dict(kl_estimator="low_var_kl"), r"kl_estimator must be one of \('k1', 'k2', 'k3', 'k1\+', 'k3\+'\)"),
-    (dict(ratio_level="seq"), r"ratio_level must be one of \('token', 'sequence'\)"),
-    (dict(eps_low=-0.1), "eps_low"),
-    (dict(eps_high=-0.1), "eps_high"),
-    (dict(eps_high="wide"), "eps_high"),
-    (dict(dual_clip=1.0), "dual_clip"),
-    (dict(tis_cap=0.0, rollout_logp=torch.zeros(S, T)), "tis_cap"),
     (dict(tis_cap=2.0), "tis_cap needs rollout_logp"),
     (dict(kl_coef=0.1), "kl_coef=0.1 needs ref_logp"),
-    (dict(kl_clamp=-1.0), "kl_clamp"),
     (dict(global_tokens=0), "global_tokens must be > 0"),
     (dict(global_tokens=float("nan")), "global_tokens"),
     (dict(global_sequences=4), "global_sequences is only used by agg in"),
     (dict(agg="seq-mean-token-sum", global_tokens=4), "global_tokens is only used by agg in"),
-    (dict(agg="seq-mean-token-sum", norm_length=4), "norm_length is only used by agg in"),
     (dict(agg="seq-mean-token-mean", global_sequences=-2), "global_sequences must be > 0"),
-    (dict(agg="seq-mean-token-sum-norm", norm_length=0), "norm_length must be > 0"),
 ]
 
 
@@ -659,8 +658,40 @@ BAD = [
 def test_bad_inputs_raise_value_error_naming_the_argument(overrides, match):
     args = dict(logp=torch.zeros(S, T), old_logp=torch.zeros(S, T), advantages=torch.zeros(S),
                 mask=torch.ones(S, T)) | overrides
+    spec, rest = split_options(args)  # a valid spec: the call refuses
     with pytest.raises(ValueError, match=match):
-        policy_loss(args.pop("logp"), args.pop("old_logp"), args.pop("advantages"), args.pop("mask"), **args)
+        policy_loss(rest.pop("logp"), rest.pop("old_logp"), rest.pop("advantages"), rest.pop("mask"), spec, **rest)
+
+
+# (options, the field LossSpecError names, message): refused at LossSpec(...), before any call.
+BAD_SPECS = [
+    (dict(agg="mean"), "agg", r"agg must be one of \('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum', "
+                              r"'seq-mean-token-sum-norm'\), got 'mean'"),
+    (dict(kl_estimator="low_var_kl"), "kl_estimator", r"kl_estimator must be one of \('k1', 'k2', 'k3', 'k1\+', 'k3\+'\)"),
+    (dict(ratio_level="seq"), "ratio_level", r"ratio_level must be one of \('token', 'sequence'\)"),
+    (dict(eps_low=-0.1), "eps_low", r"eps_low must be >= 0, got -0\.1"),
+    (dict(eps_low=-1), "eps_low", r"^eps_low must be >= 0, got -1\.0$"),
+    (dict(eps_high=-0.1), "eps_high", "eps_high"),
+    (dict(eps_high="wide"), "eps_high", "eps_high must be a real number"),
+    (dict(dual_clip=1.0), "dual_clip", r"dual_clip must be > 1 \(or None\), got 1\.0"),
+    (dict(tis_cap=0.0), "tis_cap", "tis_cap must be > 0"),
+    (dict(kl_clamp=-1.0), "kl_clamp", "kl_clamp must be > 0"),
+    (dict(agg="seq-mean-token-sum", norm_length=4), "norm_length", "norm_length is only used by agg in"),
+    (dict(norm_length=512), "norm_length", r"^norm_length is only used by agg in \('seq-mean-token-sum-norm',\), "
+                                          r"not by agg='token-mean'$"),
+    (dict(agg="seq-mean-token-sum-norm", norm_length=0), "norm_length", "norm_length must be > 0"),
+]
+
+
+@pytest.mark.parametrize("options, field, match", BAD_SPECS)
+def test_bad_options_are_refused_by_loss_spec(options, field, match):
+    with pytest.raises(LossSpecError, match=match) as err:
+        LossSpec(**options)
+    assert err.value.field == field and isinstance(err.value, ValueError)
+    # The old way of passing them (with the tensors) is refused identically: the spec is built first.
+    args = (torch.zeros(S, T), torch.zeros(S, T), torch.zeros(S), torch.ones(S, T))
+    with pytest.raises(LossSpecError, match=match):
+        opts_loss(*args, rollout_logp=torch.zeros(S, T), **options)
 
 
 def test_clip_ratio_above_one_means_no_lower_clip():
@@ -669,8 +700,139 @@ def test_clip_ratio_above_one_means_no_lower_clip():
     logp = (torch.randn(5, 9, generator=gen, dtype=torch.float64) * 2).requires_grad_()
     old, adv = torch.randn(5, 9, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
     mask = torch.rand(5, 9, generator=gen) > 0.3
-    loss, metrics = policy_loss(logp, old, adv, mask, eps_low=10.0, eps_high=1e9)
+    loss, metrics = opts_loss(logp, old, adv, mask, eps_low=10.0, eps_high=1e9)
     ratio = torch.exp(logp - old)
     expected = (-adv[:, None] * ratio * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     assert metrics["clip_frac_low"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# LossSpec itself: one typed value, validated once at construction.
+# ---------------------------------------------------------------------------------------------
+
+# One refused value per field (every field of LossSpec), with the other fields at their defaults
+# unless given.
+BAD_FIELD_VALUES = {
+    "ratio_level": dict(ratio_level="gspo"),
+    "eps_low": dict(eps_low=-0.5),
+    "eps_high": dict(eps_high=float("nan")),
+    "dual_clip": dict(dual_clip=0.5),
+    "kl_coef": dict(kl_coef=float("inf")),
+    "kl_estimator": dict(kl_estimator="k4"),
+    "kl_clamp": dict(kl_clamp=0),
+    "tis_cap": dict(tis_cap=-2.0),
+    "agg": dict(agg="sum"),
+    "norm_length": dict(agg="seq-mean-token-sum-norm", norm_length=-1),
+}
+
+
+def test_bad_field_values_cover_every_field():
+    assert set(BAD_FIELD_VALUES) == set(SPEC_FIELDS) == {f.name for f in dataclasses.fields(LossSpec)}
+
+
+@pytest.mark.parametrize("field", list(BAD_FIELD_VALUES))
+def test_every_field_is_refused_with_a_one_line_message_naming_it(field):
+    with pytest.raises(LossSpecError) as err:
+        LossSpec(**BAD_FIELD_VALUES[field])
+    message = str(err.value)
+    assert err.value.field == field
+    assert message.startswith(field) and "\n" not in message, message
+    for flag in (True, False):  # a bool is no number, for any numeric field
+        if field in ("eps_low", "eps_high", "dual_clip", "kl_coef", "kl_clamp", "tis_cap"):
+            with pytest.raises(LossSpecError, match=field) as err:
+                LossSpec(**{field: flag})
+            assert err.value.field == field
+
+
+def test_numbers_are_made_floats():
+    spec = LossSpec(eps_low=1, eps_high=torch.tensor(0.28), dual_clip=3, kl_coef=0, kl_clamp=10, tis_cap=2,
+                    agg="seq-mean-token-sum-norm", norm_length=512)
+    values = {name: getattr(spec, name) for name in SPEC_FIELDS if name not in ("ratio_level", "kl_estimator", "agg")}
+    assert all(type(v) is float for v in values.values()), values
+    assert values == dict(eps_low=1.0, eps_high=pytest.approx(0.28), dual_clip=3.0, kl_coef=0.0, kl_clamp=10.0,
+                          tis_cap=2.0, norm_length=512.0)
+    assert all(type(v) is float for v in LossSpec().token_terms().values() if not isinstance(v, (str, type(None))))
+    assert LossSpec(dual_clip=None, kl_clamp=None, tis_cap=None).dual_clip is None
+    assert LossSpec(eps_low=1) == LossSpec(eps_low=1.0)  # equal values, so equal (and equally hashed) specs
+    assert hash(LossSpec(eps_low=1)) == hash(LossSpec(eps_low=1.0))
+
+
+def test_is_frozen_and_replace_validates():
+    spec = LossSpec(eps_high=0.28)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.eps_high = 0.3
+    wider = spec.replace(eps_high=1, agg="seq-mean-token-sum-norm", norm_length=64)
+    assert wider.eps_high == 1.0 and type(wider.eps_high) is float and wider.norm_length == 64.0
+    assert spec.eps_high == 0.28 and spec.agg == "token-mean"  # the original is unchanged
+    with pytest.raises(LossSpecError, match="eps_low must be >= 0") as err:
+        spec.replace(eps_low=-1)
+    assert err.value.field == "eps_low"
+    with pytest.raises(LossSpecError, match="norm_length is only used by agg in") as err:
+        wider.replace(agg="token-mean")
+    assert err.value.field == "norm_length"
+    with pytest.raises(TypeError):
+        spec.replace(global_tokens=4)  # a denominator is the call's, never the spec's
+
+
+def test_token_terms_are_the_kernel_epilogue_keywords():
+    from r1mega_kernels.grpo_loss import grpo_forward, grpo_token_terms
+
+    not_options = {"temperature", "log_ratio_bound", "rows_per_program", "block_v", "block", "seq_log_ratio",
+                   "ref_logp", "rollout_logp"}
+    for kernel in (grpo_forward, grpo_token_terms):
+        keywords = {name: p.default for name, p in inspect.signature(kernel).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in not_options}
+        assert LossSpec().token_terms() == keywords, kernel.__name__  # same names, same defaults
+    spec = LossSpec(ratio_level="sequence", eps_low=0.1, eps_high=0.3, dual_clip=2, kl_coef=0.1, kl_estimator="k1+",
+                    kl_clamp=5, tis_cap=1.5, agg="seq-mean-token-sum-norm", norm_length=8)
+    assert spec.token_terms() == dict(eps_low=0.1, eps_high=0.3, dual_clip=2.0, kl_estimator="k1+", kl_coef=0.1,
+                                      kl_clamp=5.0, tis_cap=1.5)
+
+
+def test_every_implementation_takes_the_same_loss_spec():
+    """One value, after the positional tensors, defaulting to LossSpec(); no loss option is a keyword."""
+    from r1mega.models.policy import Policy
+    from r1mega.ops import grpo_loss, linear_grpo_loss, reference_grpo_loss, vocab_parallel_grpo_loss
+
+    for fn, position in [(policy_loss, 4), (grpo_loss, 5), (reference_grpo_loss, 5), (linear_grpo_loss, 6),
+                         (vocab_parallel_grpo_loss, 5), (Policy.train_step, 2)]:
+        params = inspect.signature(fn).parameters
+        name = fn.__qualname__
+        assert list(params)[position] == "spec", name
+        assert params["spec"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, name
+        if fn is not Policy.train_step:
+            assert params["spec"].default == LossSpec(), name
+        assert not set(params) & set(SPEC_FIELDS), name
+
+
+def test_importing_loss_spec_does_not_import_torch():
+    code = ("import sys; import r1mega.algo.loss_spec as m; m.LossSpec(eps_high=0.28); "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_grpo_config_loss_spec_maps_the_config():
+    from r1mega.config import GRPOConfig
+
+    grpo = GRPOConfig(eps_low=0.1, eps_high=0.28, dual_clip=3.0, ratio_level="sequence", kl_coef=0.05,
+                      kl_estimator="k3+", kl_clamp=10.0, tis=True, tis_cap=1.5, agg="seq-mean-token-mean")
+    expected = LossSpec(ratio_level="sequence", eps_low=0.1, eps_high=0.28, dual_clip=3.0, kl_coef=0.05,
+                        kl_estimator="k3+", kl_clamp=10.0, tis_cap=1.5, agg="seq-mean-token-mean")
+    assert grpo.loss_spec(max_new_tokens=256, has_reference=True) == expected
+    # No reference policy: no KL term.
+    assert grpo.loss_spec(max_new_tokens=256, has_reference=False) == expected.replace(kl_coef=0.0)
+    # grpo.tis false: no TIS cap (and none may be set).
+    no_tis = GRPOConfig(tis=False, tis_cap=None)
+    assert no_tis.loss_spec(max_new_tokens=256, has_reference=True).tis_cap is None
+    assert GRPOConfig().loss_spec(max_new_tokens=256, has_reference=True).tis_cap == 2.0
+    # Dr. GRPO: norm_length defaults to the completion budget; a set one is kept.
+    dr = GRPOConfig(agg="seq-mean-token-sum-norm", adv_scale="none")
+    spec = dr.loss_spec(max_new_tokens=256, has_reference=True)
+    assert spec.agg == "seq-mean-token-sum-norm" and spec.norm_length == 256.0
+    fixed = GRPOConfig(agg="seq-mean-token-sum-norm", norm_length=1024)
+    assert fixed.loss_spec(max_new_tokens=256, has_reference=True).norm_length == 1024.0
+    # Another aggregation has no norm_length.
+    assert GRPOConfig().loss_spec(max_new_tokens=256, has_reference=True).norm_length is None
