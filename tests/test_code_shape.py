@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = (ROOT / "r1mega", ROOT / "kernels" / "r1mega_kernels")
 
 # Only this repository's names count: a third-party module's privates (``os._exit``, megatron's
-# that r1mega.parallel.cpu_shim patches) are that project's contract with its users, not ours.
+# that r1mega.megatron_compat patches) are that project's contract with its users, not ours.
 FIRST_PARTY = ("r1mega", "r1mega_kernels")
 # (importing module, private module or name): the compiled extension r1mega._batching belongs to
 # its one wrapper, r1mega.batching.balance.

@@ -170,7 +170,7 @@ def test_parallel_config_checks_world_size_and_model_fit():
 
 # ---- the command ----------------------------------------------------------------------------
 def test_convert_refuses_a_broken_directory_with_one_line_naming_the_tensor(tiny_models, tmp_path, capsys):
-    from r1mega.parallel import cpu_shim
+    from r1mega import megatron_compat
 
     broken = _copy(tiny_models / "deepseek_v3", tmp_path / "broken")
     _rewrite(broken, lambda t: t.pop("model.layers.2.mlp.experts.5.down_proj.weight"))
@@ -178,7 +178,7 @@ def test_convert_refuses_a_broken_directory_with_one_line_naming_the_tensor(tiny
     err = capsys.readouterr().err.strip()
     assert err.startswith("r1mega: error:") and "\n" not in err
     assert "missing tensor 'model.layers.2.mlp.experts.5.down_proj.weight'" in err
-    assert not (tmp_path / "out").exists() and cpu_shim.applied_patches() == []  # refused before any work
+    assert not (tmp_path / "out").exists() and megatron_compat.applied_patches() == []  # refused before any work
     (broken / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     assert main(["convert", "--hf", str(broken), "--to-megatron", str(tmp_path / "out")]) == 2
     assert "model_type 'gpt2', architectures ['GPT2LMHeadModel'] is not supported" in capsys.readouterr().err
@@ -201,13 +201,13 @@ def test_convert_round_trips_bit_for_bit_across_layouts(tiny_models, tmp_path):
 
 # ---- the megatron shim's version guard ------------------------------------------------------
 def test_shim_refuses_another_megatron_version_unless_allowed(monkeypatch):
-    from r1mega.parallel import cpu_shim
+    from r1mega import megatron_compat
 
-    cpu_shim.check_megatron_version(cpu_shim.MEGATRON_VERSION)
-    assert cpu_shim.installed_megatron_version() == cpu_shim.MEGATRON_VERSION
+    megatron_compat.check_megatron_version(megatron_compat.MEGATRON_VERSION)
+    assert megatron_compat.installed_megatron_version() == megatron_compat.MEGATRON_VERSION
     monkeypatch.delenv("R1MEGA_ALLOW_MEGATRON_VERSION", raising=False)
-    with pytest.raises(cpu_shim.ShimVersionError, match=r"megatron-core==0\.16\.1, found 0\.17\.0"):
-        cpu_shim.check_megatron_version("0.17.0")
+    with pytest.raises(megatron_compat.ShimVersionError, match=r"megatron-core==0\.16\.1, found 0\.17\.0"):
+        megatron_compat.check_megatron_version("0.17.0")
     monkeypatch.setenv("R1MEGA_ALLOW_MEGATRON_VERSION", "1")
     with pytest.warns(RuntimeWarning, match="found 0.17.0; applying them anyway"):
-        cpu_shim.check_megatron_version("0.17.0")
+        megatron_compat.check_megatron_version("0.17.0")

@@ -55,7 +55,8 @@ def test_packed_sft_in_thd_format_matches_transformers(tiny_models, world, layou
 
 
 def test_thd_batch_against_brute_force():
-    from r1mega.models.packing import ThdBatch, thd_causal_mask
+    from r1mega.megatron_compat import thd_causal_mask
+    from r1mega.models.packing import ThdBatch
 
     ids = torch.arange(1, 25).reshape(3, 8)
     seg = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0, 0, 0]])

@@ -50,7 +50,7 @@ def check_segment_ids(segment_ids: torch.Tensor, am: torch.Tensor, *, packed_for
     """`segment_ids` of packed rows (r1mega.models.packing) as int64, checked against the mask;
     NotImplementedError for the "mask" format under Transformer Engine, whose fused attention
     ignores the block mask (the "thd" format is what TE computes packed rows with)."""
-    from r1mega.parallel.cpu_shim import megatron_has_te
+    from r1mega.megatron_compat import megatron_has_te
 
     check_integer("segment_ids", segment_ids)
     check_segments(segment_ids, am)

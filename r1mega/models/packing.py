@@ -171,12 +171,3 @@ class ThdBatch:
         real = out_1N[0, : self.index.numel()]
         full = out_1N.new_zeros((B * T,) + rest).index_copy(0, self.index, real)
         return full.reshape((B, T) + rest)
-
-
-def thd_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[1, 1, N, N] bool, True where attention is NOT allowed, for the sequences of `cu_seqlens`
-    (attention within a sequence, causal): what THD attention computes, as a dense mask."""
-    t = torch.arange(total, device=cu_seqlens.device)
-    seq = torch.bucketize(t, cu_seqlens[1:].long(), right=True)
-    allowed = (seq[:, None] == seq[None, :]) & (t[None, :] <= t[:, None])
-    return ~allowed[None, None]

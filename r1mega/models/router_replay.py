@@ -43,7 +43,7 @@ class RouterReplay:
     def __init__(self, model, moe_layers: tuple[int, ...], top_k: int):
         from megatron.core.transformer.moe.router import TopKRouter
 
-        from r1mega.parallel.cpu_shim import MEGATRON_VERSION, installed_megatron_version
+        from r1mega.megatron_compat import MEGATRON_VERSION, installed_megatron_version
 
         if installed_megatron_version() != MEGATRON_VERSION:
             raise RuntimeError(f"router replay is written for megatron-core {MEGATRON_VERSION}, found "

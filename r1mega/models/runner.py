@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from r1mega.megatron_compat import fix_expert_bias_padding
 from r1mega.models.build import unwrap_model
 from r1mega.models.hf_config import ModelDesc
 from r1mega.models.packing import PackedRope, ThdBatch, block_causal_mask, segment_positions
@@ -34,30 +35,6 @@ MEAN_METRICS = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean
 def grpo_metric_keys(has_ref: bool, has_rollout: bool) -> tuple[str, ...]:
     """The policy-loss metrics a GRPO step reports as token-weighted means."""
     return MEAN_METRICS + (("kl_mean",) if has_ref else ()) + (("tis_weight_mean",) if has_rollout else ())
-
-
-def _fix_expert_bias_padding(model) -> None:
-    # megatron-core 0.16.1 bug (any device): TopKRouter._apply_expert_bias masks the [N, E]
-    # routing map with the flattened [N] padding mask, `routing_map & (~padding_mask)`, which
-    # fails unless N == E: "RuntimeError: The size of tensor a (8) must match the size of tensor b
-    # (24) at non-singleton dimension 1" (router.py:542). Fix, on this model's routers only: the
-    # same update with the mask broadcast over experts. Written for 0.16.1 (the shim's version).
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    from r1mega.parallel.cpu_shim import MEGATRON_VERSION, installed_megatron_version
-
-    if installed_megatron_version() != MEGATRON_VERSION:
-        return
-    for module in model.modules():
-        if isinstance(module, TopKRouter) and module.enable_expert_bias:
-            def apply_expert_bias(routing_map, padding_mask=None, router=module):
-                if router.enable_expert_bias and torch.is_grad_enabled():
-                    with torch.no_grad():
-                        if padding_mask is not None:
-                            routing_map = routing_map & ~padding_mask.reshape(-1, 1)
-                        router.local_tokens_per_expert += routing_map.sum(dim=0)
-
-            module._apply_expert_bias = apply_expert_bias
 
 
 class _HiddenStatesOut:
@@ -113,7 +90,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.chunk = model
         self.router_replay = None  # r1mega.models.router_replay.RouterReplay once enabled
-        _fix_expert_bias_padding(model)
+        fix_expert_bias_padding(model)  # megatron-core 0.16.1's expert-bias update under padding
 
     @property
     def sequence_parallel(self) -> bool:

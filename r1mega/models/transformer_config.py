@@ -45,7 +45,7 @@ def transformer_engine_available() -> bool:
     """True when megatron can build Transformer Engine layers here (a CUDA device and TE)."""
     if not torch.cuda.is_available():
         return False
-    from r1mega.parallel.cpu_shim import megatron_has_te
+    from r1mega.megatron_compat import megatron_has_te
 
     return megatron_has_te()
 

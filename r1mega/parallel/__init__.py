@@ -1,10 +1,9 @@
-"""Parallel layouts (TP, PP, EP, DP) over megatron-core's process groups, and the megatron shim.
+"""Parallel layouts (TP, PP, EP, DP) over megatron-core's process groups.
 
 :class:`ParallelConfig` is the layout; :func:`init_parallel` checks the world size against it and
-sets up megatron's groups (applying :mod:`r1mega.parallel.cpu_shim` where the machine needs it).
+sets up megatron's groups (applying :mod:`r1mega.megatron_compat` where the machine needs it).
 """
 
-from r1mega.parallel.cpu_shim import prepare_megatron
 from r1mega.parallel.state import (
     Layout,
     ParallelConfig,
@@ -14,5 +13,4 @@ from r1mega.parallel.state import (
     init_parallel,
 )
 
-__all__ = ["Layout", "ParallelConfig", "current_layout", "destroy_parallel", "init_distributed", "init_parallel",
-           "prepare_megatron"]
+__all__ = ["Layout", "ParallelConfig", "current_layout", "destroy_parallel", "init_distributed", "init_parallel"]

@@ -4,7 +4,7 @@
 (sequence parallelism, the MoE token dispatcher, uneven pipeline stages); the data-parallel size
 is derived from the world size. :func:`init_parallel` checks the world size against the config
 *before any work*, applies the megatron workarounds this machine needs
-(:mod:`r1mega.parallel.cpu_shim`), initialises ``torch.distributed`` when the caller has not, and
+(:mod:`r1mega.megatron_compat`), initialises ``torch.distributed`` when the caller has not, and
 calls ``megatron.core.parallel_state.initialize_model_parallel``. It returns a :class:`Layout`:
 this rank's coordinates in every group.
 
@@ -89,7 +89,7 @@ def init_parallel(config: ParallelConfig, *, seed: int = 0, backend: Optional[st
         config.check_world(dist.get_world_size())  # before any work
     else:  # before touching any process group: torchrun's world, or the single process we will start
         config.check_world(int(world_env) if world_env and world_env.isdigit() else 1)
-    from r1mega.parallel.cpu_shim import prepare_megatron
+    from r1mega.megatron_compat import prepare_megatron
 
     prepare_megatron()
     _, world = init_distributed(backend)

@@ -24,7 +24,7 @@ def main() -> None:
         load_hf_weights,
     )
     from r1mega.parallel import ParallelConfig, destroy_parallel, init_parallel
-    from r1mega.parallel.cpu_shim import applied_patches
+    from r1mega.megatron_compat import applied_patches
 
     root, bf16, names = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     parallel = ParallelConfig()
