@@ -23,8 +23,9 @@ import pytest
 import torch
 from r1mega_kernels.grpo_loss import grpo_forward, grpo_token_terms  # after conftest set TRITON_INTERPRET
 
-from r1mega.algo import AGG_MODES, KL_ESTIMATORS, local_denominators, policy_loss
+from r1mega.algo import AGG_MODES, KL_ESTIMATORS, LossSpec, LossSpecError, local_denominators, policy_loss
 from r1mega.ops import grpo_loss, reference_grpo_loss, reference_token_logprobs
+from tests.loss_cases import split_options
 from tests.test_kernels_logprob import (
     BACKENDS,
     DEVICES,
@@ -98,12 +99,14 @@ def reference_token_logprobs_f32(logits, tokens, temperature):
 
 
 def evaluate(fn, batch, opts, *, cast=None, **kwargs):
-    """(loss, metrics, d loss / d logits) of fn; ``cast`` converts every float input first."""
+    """(loss, metrics, d loss / d logits) of fn; ``cast`` converts every float input first. The
+    loss options of ``opts`` are fn's LossSpec, the rest (tensors, denominators) its arguments."""
     cast = cast or (lambda x: x)
     logits = cast(batch["logits"]).detach().clone().requires_grad_()
     floats = {k: cast(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in opts.items()}
+    spec, rest = split_options(floats)
     loss, metrics = fn(logits, batch["tokens"], cast(batch["old_logp"]), cast(batch["advantages"]), batch["mask"],
-                       **floats, **kwargs)
+                       spec, **rest, **kwargs)
     (grad,) = torch.autograd.grad(loss, logits)
     return loss.detach(), metrics, grad
 
@@ -111,13 +114,14 @@ def evaluate(fn, batch, opts, *, cast=None, **kwargs):
 def logp_rounding_floors(batch, opts, temperature, ulps=2.0):
     """How far the float64 loss, metrics and d loss / d logits move when each log-prob moves by
     ``ulps`` float32 ulps: the rounding any float32 log-prob carries (about 1e-6 near -8)."""
-    double = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in opts.items()}
+    spec, double = split_options(opts)
+    double = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in double.items()}
     args = (batch["old_logp"].double(), batch["advantages"].double(), batch["mask"])
     logits = batch["logits"].double().requires_grad_()
     logp = reference_token_logprobs(logits, batch["tokens"], temperature=temperature)
 
     def loss_metrics_grad(shift):
-        loss, metrics = policy_loss(logp + shift, *args, **double)
+        loss, metrics = policy_loss(logp + shift, *args, spec, **double)
         (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
         return loss, metrics, grad
 
@@ -128,7 +132,7 @@ def logp_rounding_floors(batch, opts, temperature, ulps=2.0):
     # Two implementations round each log-prob independently, so their losses differ by about
     # sum_t dloss/dlogp_t * delta_t with delta_t of random sign: four standard deviations of that
     # sum bound it (the sampled directions below can cancel when advantages have mixed signs).
-    (dloss_dlogp,) = torch.autograd.grad(policy_loss(logp, *args, **double)[0], logp, retain_graph=True)
+    (dloss_dlogp,) = torch.autograd.grad(policy_loss(logp, *args, spec, **double)[0], logp, retain_graph=True)
     floors["loss"] = 4.0 * (dloss_dlogp * step).square().sum().sqrt().item()
     for signs in (1.0, -1.0, random_signs):
         moved_loss, moved_metrics, moved_grad = loss_metrics_grad(signs * step)
@@ -258,13 +262,14 @@ def test_micro_batches_with_global_denominators_sum_to_the_full_batch(agg, level
 def test_inplace_backward_gives_the_same_gradients(level, backend, gen):
     """lm_head pattern: logits = h @ W; d logits may overwrite the logits buffer."""
     batch, opts = make_batch(gen, "everything", V=301)
+    spec, tensors = split_options(dict(opts, ratio_level=level))
     h = torch.randn(7, 13, 24, generator=gen)
     W = torch.randn(24, 301, generator=gen) / 3
     grads = {}
     for inplace in (False, True):
         hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
-        loss, _ = grpo_loss(hh @ WW, batch["tokens"], batch["old_logp"], batch["advantages"], batch["mask"],
-                            ratio_level=level, backend=backend, inplace_backward=inplace, **opts)
+        loss, _ = grpo_loss(hh @ WW, batch["tokens"], batch["old_logp"], batch["advantages"], batch["mask"], spec,
+                            backend=backend, inplace_backward=inplace, **tensors)
         loss.backward()
         grads[inplace] = (hh.grad, WW.grad)
     torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=0)
@@ -282,7 +287,10 @@ def test_kernel_terms_match_the_reference_per_token(gen):
     logp = out.logp.clone().requires_grad_()
     # Summed (not averaged) per-token losses: the gradient w.r.t. logp is dL_t/dlogp_t itself.
     n = int(mask.sum())
-    loss, metrics = policy_loss(logp, batch["old_logp"], adv, mask, **dict(opts, global_tokens=1.0))
+    spec, tensors = split_options(dict(opts, global_tokens=1.0))
+    assert spec.token_terms() == dict(eps_low=0.15, eps_high=0.3, dual_clip=2.0, kl_estimator="k3+", kl_coef=0.05,
+                                      kl_clamp=10.0, tis_cap=1.5)  # the kernel's keywords above
+    loss, metrics = policy_loss(logp, batch["old_logp"], adv, mask, spec, **tensors)
     (dloss,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(out.loss.sum(), loss.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.dloss, dloss, rtol=1e-5, atol=1e-6)
@@ -292,6 +300,8 @@ def test_kernel_terms_match_the_reference_per_token(gen):
     assert (out.loss[~mask] == 0).all() and (out.dloss[~mask] == 0).all() and (out.clip_flags[~mask] == 0).all()
 
 
+# Options LossSpec refuses at construction: no implementation ever sees them, and none takes
+# them as keywords any more.
 BAD_OPTIONS = [
     dict(agg="mean"),
     dict(kl_estimator="low_var_kl"),
@@ -299,28 +309,47 @@ BAD_OPTIONS = [
     dict(eps_low=-0.1),
     dict(eps_high="wide"),
     dict(dual_clip=1.0),
-    dict(tis_cap=0.0, rollout_logp=torch.zeros(3, 4)),
+    dict(tis_cap=0.0),
+    dict(kl_clamp=-1.0),
+    dict(agg="seq-mean-token-sum", norm_length=4),
+]
+
+# Valid specs refused at the call (the optional tensors they need, the denominators): every
+# implementation takes the same LossSpec and refuses it with policy_loss's message.
+BAD_CALLS = [
+    dict(tis_cap=0.5, rollout_logp=torch.zeros(3, 4), global_tokens=0),
     dict(tis_cap=2.0),
     dict(kl_coef=0.1),
-    dict(kl_clamp=-1.0),
     dict(global_tokens=0),
     dict(global_tokens=float("nan")),
     dict(global_sequences=4),
     dict(agg="seq-mean-token-sum", global_tokens=4),
-    dict(agg="seq-mean-token-sum", norm_length=4),
     dict(agg="seq-mean-token-mean", global_sequences=-2),
 ]
 
 
 @pytest.mark.parametrize("overrides", BAD_OPTIONS, ids=[",".join(d) for d in BAD_OPTIONS])
-def test_bad_options_raise_the_same_error_as_policy_loss(overrides):
+def test_bad_options_are_refused_by_loss_spec(overrides):
     S, T = 3, 4
     args = (torch.zeros(S, T), torch.zeros(S), torch.ones(S, T))
-    with pytest.raises(ValueError) as expected:
-        policy_loss(torch.zeros(S, T), *args, **overrides)
-    with pytest.raises(ValueError) as ours:
+    with pytest.raises(LossSpecError) as refused:
+        LossSpec(**overrides)
+    assert refused.value.field in overrides and refused.value.field in str(refused.value)
+    with pytest.raises(TypeError):  # the old keywords are gone
         grpo_loss(torch.zeros(S, T, 5), torch.zeros(S, T, dtype=torch.long), *args, **overrides)
-    assert str(ours.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("overrides", BAD_CALLS, ids=[",".join(d) for d in BAD_CALLS])
+def test_bad_calls_raise_the_same_error_as_policy_loss(overrides):
+    S, T = 3, 4
+    args = (torch.zeros(S, T), torch.zeros(S), torch.ones(S, T))
+    spec, rest = split_options(overrides)
+    with pytest.raises(ValueError) as expected:
+        policy_loss(torch.zeros(S, T), *args, spec, **rest)
+    for backend in ("torch", None):
+        with pytest.raises(ValueError) as ours:
+            grpo_loss(torch.zeros(S, T, 5), torch.zeros(S, T, dtype=torch.long), *args, spec, backend=backend, **rest)
+        assert str(ours.value) == str(expected.value)
 
 
 @pytest.mark.parametrize(
@@ -368,6 +397,7 @@ def test_kernel_launcher_errors_name_the_argument():
 _MEMORY_PROBE = textwrap.dedent(
     """
     import json, re, sys, torch
+    from r1mega.algo import LossSpec
     from r1mega.ops import grpo_loss, reference_grpo_loss
     torch.set_num_threads(1)
     which, S, T, V = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -381,14 +411,14 @@ _MEMORY_PROBE = textwrap.dedent(
         shape = logits.shape[:2]
         args = (torch.randint(0, V, shape, generator=gen), torch.randn(shape, generator=gen) - 5,
                 torch.randn(shape[0], generator=gen), torch.ones(shape, dtype=torch.bool))
-        kw = dict(dual_clip=3.0, temperature=0.9)
+        spec, kw = LossSpec(dual_clip=3.0), dict(temperature=0.9)
         before = kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak to the current resident size
         if which == "reference":
-            loss, _ = reference_grpo_loss(logits, *args, **kw)
+            loss, _ = reference_grpo_loss(logits, *args, spec, **kw)
         else:
-            loss, _ = grpo_loss(logits, *args, backend="torch", **kw)
+            loss, _ = grpo_loss(logits, *args, spec, backend="torch", **kw)
         loss.backward()
         return (kib("VmHWM") - before) * 1024, logits.numel() * logits.element_size()
 
