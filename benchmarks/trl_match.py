@@ -175,10 +175,10 @@ def trl_reward_functions(cfg: Config, records: Sequence[PromptRecord]) -> tuple[
     """TRL reward functions (and their weights) that score with r1mega's registered rewards, with
     the options and weights r1mega's reward pool gets from `cfg`: a skipped reward is None (TRL's
     "not applicable", NaN in its nansum), as it adds nothing to r1mega's weighted total."""
-    from r1mega.rewards import get_reward
+    from r1mega.rewards import get_reward, pool_kwargs
 
     by_id = {r.id: r for r in records}
-    pool = cfg.rewards.pool_kwargs()
+    pool = pool_kwargs(cfg.rewards)
     options = pool["options"] or {}
     funcs, weights = [], []
     for name, weight in pool["weights"].items():

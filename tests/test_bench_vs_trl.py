@@ -82,8 +82,7 @@ def test_trl_rewards_equal_the_reward_pools(tmp_path):
     per_func = [f(prompts=[x["prompt"] for x in trl_rows(rows)], completions=completions,
                   completion_ids=[[0]] * len(rows), record_id=[r.id for r in rows], trainer_state=None)
                 for f in funcs]
-    kwargs = cfg.rewards.pool_kwargs()
-    with RewardPool(kwargs.pop("weights"), **{**kwargs, "workers": 1}) as pool:
+    with RewardPool.from_config(cfg.rewards, workers=1) as pool:
         scored = pool.score(rows, completions)
     for i, s in enumerate(scored):
         assert not s.errors

@@ -44,13 +44,13 @@ def test_every_field_is_read_by_some_code():
 
 
 def test_custom_reward_is_imported_by_name():
-    from r1mega.rewards import format_reward
+    from r1mega.rewards import format_reward, pool_kwargs
 
     cfg = Config().with_overrides(["rewards.custom=r1mega.rewards:format_reward", "rewards.custom_weight=0.5"])
-    kwargs = cfg.rewards.pool_kwargs()
+    kwargs = pool_kwargs(cfg.rewards)
     assert kwargs["weights"]["custom"] == 0.5 and kwargs["rewards"] == {"custom": format_reward}
     with pytest.raises(ConfigError, match="rewards.custom: 'r1mega.rewards:nope': module 'r1mega.rewards' has no"):
-        Config().with_overrides(["rewards.custom=r1mega.rewards:nope"]).rewards.pool_kwargs()
+        pool_kwargs(Config().with_overrides(["rewards.custom=r1mega.rewards:nope"]).rewards)
     with pytest.raises(ConfigError, match="rewards.custom: 'x' is not"):
         Config().with_overrides(["rewards.custom=x"])
 

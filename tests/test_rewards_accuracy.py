@@ -7,10 +7,8 @@ mathematical truth the row says so in a comment (we do not second-guess math-ver
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-import types
 
 import pytest
 
@@ -303,14 +301,16 @@ def test_accuracy_dispatch_math_and_countdown():
 
 
 def test_accuracy_dispatch_code(monkeypatch):
-    # r1mega.rewards.code is written separately; a stand-in checks the call it receives.
+    # a stand-in for the sandboxed code reward checks the call it receives
+    from r1mega.rewards import registry
+
     calls = []
 
     def code_reward(completion, tests, *, timeout_s, memory_mb):
         calls.append((completion, tests, timeout_s, memory_mb))
         return 0.5
 
-    monkeypatch.setitem(sys.modules, "r1mega.rewards.code", types.SimpleNamespace(code_reward=code_reward))
+    monkeypatch.setattr(registry, "code_reward", code_reward)
     tests = ({"input": "1\n", "output": "2\n"},)
     record = PromptRecord(id="c", prompt="add one", task="code", tests=tests)
     out = get_reward("accuracy")(record, "```python\nprint(int(input())+1)\n```",

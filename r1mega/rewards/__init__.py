@@ -16,26 +16,20 @@ from r1mega.rewards.accuracy import (
     math_accuracy_detailed,
     parse_gold,
 )
-from r1mega.rewards.base import (
-    REWARDS,
-    RewardFn,
-    RewardOutput,
-    get_reward,
-    load_reward,
-    register_reward,
-)
+from r1mega.rewards.base import RewardFn, RewardOutput
 from r1mega.rewards.composite import CompositeReward, ScoredSample, weighted_total
 from r1mega.rewards.countdown import countdown_reward, countdown_reward_detailed, evaluate_expression
 from r1mega.rewards.format import format_reward, format_reward_detailed
 from r1mega.rewards.language import language_consistency, language_consistency_detailed
-from r1mega.rewards.pool import RewardPool
+from r1mega.rewards.pool import RewardPool, pool_kwargs
+from r1mega.rewards.registry import REWARDS, get_reward, load_reward, register_reward
 
 __all__ = [
     "REWARDS", "CompositeReward", "GoldAnswerError", "RewardFn", "RewardModel", "RewardOutput",
     "RewardPool", "ScoredSample", "countdown_reward", "countdown_reward_detailed", "equivalent_answers",
     "evaluate_expression", "extract_final_answer", "format_reward", "format_reward_detailed",
     "get_reward", "language_consistency", "language_consistency_detailed", "last_boxed", "load_reward",
-    "math_accuracy", "math_accuracy_detailed", "parse_gold", "register_reward", "weighted_total",
+    "math_accuracy", "math_accuracy_detailed", "parse_gold", "pool_kwargs", "register_reward", "weighted_total",
 ]
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r1mega.data.records import PromptRecord
-from r1mega.rewards.base import RewardFn, RewardOutput, check_weights, get_reward
+from r1mega.rewards.base import RewardFn, RewardOutput
+from r1mega.rewards.registry import check_weights, get_reward
 
 
 @dataclass
@@ -84,7 +85,7 @@ class CompositeReward:
     """The weighted sum of named rewards, computed in this process.
 
     Args:
-        weights: {reward name: weight}; names from the registry (r1mega.rewards.base.REWARDS)
+        weights: {reward name: weight}; names from the registry (r1mega.rewards.registry.REWARDS)
             or ``rewards``. Weight 0 computes and reports a reward without adding it.
         rewards: extra {name: fn} rewards, looked up before the registry.
         options: {reward name: keyword arguments passed to that reward}, e.g.

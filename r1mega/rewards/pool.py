@@ -42,8 +42,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from r1mega.config import ConfigError, RewardsConfig
 from r1mega.data.records import PromptRecord
-from r1mega.rewards.base import RewardFn, check_completion, check_record, check_weights, get_reward
+from r1mega.rewards.base import RewardFn, check_completion, check_record
 from r1mega.rewards.composite import (
     ScoredSample,
     call_reward,
@@ -51,10 +52,26 @@ from r1mega.rewards.composite import (
     error_message,
     weighted_total,
 )
+from r1mega.rewards.registry import check_weights, get_reward, load_reward
 
 CONTEXTS = ("forkserver", "spawn")
 DEATH_RETRIES = 1  # a task whose worker died is run again this many times, on fresh workers
 _MAX_START_FAILURES = 3  # consecutive workers dying before they are ready: a broken setup
+
+
+def pool_kwargs(rewards: RewardsConfig) -> dict:
+    """RewardPool's keyword arguments (``weights`` among them) for a config's rewards section; imports
+    rewards.custom (ConfigError naming it when that fails)."""
+    weights = rewards.weights()
+    options = {"accuracy": {"math_timeout_s": rewards.math_timeout_s, "code_timeout_s": rewards.code_timeout_s,
+                            "code_memory_mb": rewards.code_memory_mb,
+                            "skip_general": rewards.reward_model is not None}} if "accuracy" in weights else None
+    try:
+        extra = {"custom": load_reward(rewards.custom)} if "custom" in weights else None
+    except ValueError as err:
+        raise ConfigError(f"rewards.custom: {err}") from None
+    return {"weights": weights, "workers": rewards.workers or None, "timeout_s": rewards.timeout_s,
+            "options": options, "rewards": extra}
 
 
 def default_workers() -> int:
@@ -322,6 +339,13 @@ class RewardPool:
     def close(self) -> None:
         """Stop the workers (killing any running task). The pool cannot be used afterwards."""
         self._finalizer()
+
+    @classmethod
+    def from_config(cls, rewards: RewardsConfig, **overrides: Any) -> RewardPool:
+        """The pool a config's rewards section describes (:func:`pool_kwargs`); `overrides` replace
+        keyword arguments (e.g. workers=1)."""
+        kwargs = {**pool_kwargs(rewards), **overrides}
+        return cls(kwargs.pop("weights"), **kwargs)
 
     def __enter__(self) -> RewardPool:
         return self
