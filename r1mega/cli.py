@@ -271,7 +271,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     warnings.filterwarnings("ignore", module=r"megatron\.")  # its import-time notes about TE/Apex
     from r1mega.parallel import ParallelConfig
-    from r1mega.parallel.plan import describe_run_model, make_plan, write_plan_json
+    from r1mega.launch_plan import describe_run_model, make_plan, write_plan_json
 
     argv = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
     inner = _parser().parse_args(argv)  # bad arguments exit 2 with usage, as the command itself would

@@ -1,4 +1,4 @@
-"""Worker: the dry-run plan (r1mega.parallel.plan) equals what the real run builds, on every rank.
+"""Worker: the dry-run plan (r1mega.launch_plan) equals what the real run builds, on every rank.
 
 For each layout, on the world torchrun gave: init_parallel (megatron's initialize_model_parallel),
 then this rank's coordinates (current_layout), the ranks of each of its process groups, the engine
@@ -41,7 +41,7 @@ def main() -> None:
 
     from r1mega.models import build_model, describe_hf_model
     from r1mega.parallel import ParallelConfig, current_layout, destroy_parallel, init_parallel
-    from r1mega.parallel.plan import make_plan
+    from r1mega.launch_plan import make_plan
     from r1mega.trainer.loop import engine_ranks
 
     dist.init_process_group("gloo")
