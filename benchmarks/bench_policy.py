@@ -90,6 +90,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from r1mega.algo import LossSpec
     from r1mega.config import OptimConfig
     from r1mega.models import load_policy
     from r1mega.parallel import ParallelConfig, destroy_parallel
@@ -117,12 +118,12 @@ def worker(args) -> None:
             times.append(time.perf_counter() - t0)
         row["logprobs_s"] = statistics.median(times[1:])
         batch = dict(input_ids=ids, attention_mask=am, completion_mask=cm, old_logp=logp, advantages=adv,
-                     ref_logp=logp, kl_coef=0.01)
+                     ref_logp=logp)
         times = []
         for _ in range(args.repeats + 1):
             dist.barrier()
             t0 = time.perf_counter()
-            policy.train_step(batch)
+            policy.train_step(batch, LossSpec(kl_coef=0.01))
             times.append(time.perf_counter() - t0)
         row["train_step_s"] = statistics.median(times[1:])
         del policy
@@ -199,6 +200,7 @@ def head_worker(args) -> None:
     warnings.filterwarnings("ignore")
     import torch
 
+    from r1mega.algo import LossSpec
     from r1mega.config import OptimConfig
     from r1mega.models import load_policy
     from r1mega.parallel import ParallelConfig, destroy_parallel
@@ -213,13 +215,14 @@ def head_worker(args) -> None:
     cm[:, : seq // 4] = False
     logp = policy.logprobs(ids, am, micro_batch_tokens=args.head_budget)
     batch = dict(input_ids=ids, attention_mask=am, completion_mask=cm, old_logp=logp,
-                 advantages=torch.randn(rows, generator=g), ref_logp=logp, kl_coef=0.01)
+                 advantages=torch.randn(rows, generator=g), ref_logp=logp)
     heads = ("fused", "logits")
     samples = {h: [] for h in heads}
     for repeat in range(args.repeats + 1):  # the first round warms up (optimizer state, allocator)
         for head in heads:
             seconds, peak = step_peak_bytes(
-                lambda: policy.train_step(batch, micro_batch_tokens=args.head_budget, loss_head=head))
+                lambda: policy.train_step(batch, LossSpec(kl_coef=0.01), micro_batch_tokens=args.head_budget,
+                                          loss_head=head))
             if repeat:
                 samples[head].append((seconds, peak))
     out = [{"head": h, "train_step_s": statistics.median(s for s, _ in samples[h]),

@@ -81,7 +81,8 @@ def test_overrides_apply_in_order_and_validate_the_whole():
     ("grpo.agg=mean", r"grpo\.agg: 'mean' is not one of 'token-mean'"),
     ("grpo.kl_estimator=k4", r"grpo\.kl_estimator: 'k4' is not one of"),
     ("grpo.tis=maybe", r"grpo\.tis: 'maybe' is not a bool"),
-    ("grpo.norm_length=512", r"grpo\.norm_length: 512 is only used by agg='seq-mean-token-sum-norm'"),
+    ("grpo.norm_length=512", r"grpo\.norm_length: norm_length is only used by agg in \('seq-mean-token-sum-norm',\), "
+                             r"not by agg='token-mean'$"),
     ("rollout.top_p=1.5", r"rollout\.top_p: 1\.5 must be <= 1\.0"),
     ("run.name=a/b", r"run\.name: 'a/b' must be a non-empty name"),
     ("grpo.eps_low", r"expected section\.field=value"),

@@ -21,6 +21,7 @@ import torch
 
 from r1mega.algo import AGG_MODES, local_denominators, policy_loss
 from r1mega.ops import linear_grpo_loss, reference_grpo_loss, reference_token_logprobs
+from tests.loss_cases import split_options
 from tests.test_kernels_grpo_loss import (
     SPLITS,
     make_batch,
@@ -65,14 +66,16 @@ def eager_linear_grpo_loss(hidden, weight, *args, **kwargs):
 
 
 def evaluate_linear(fn, hidden, weight, batch, opts, *, cast=None, **kwargs):
-    """(loss, metrics, d loss / d hidden, d loss / d weight); ``cast`` converts every float input."""
+    """(loss, metrics, d loss / d hidden, d loss / d weight); ``cast`` converts every float input.
+    The loss options of ``opts`` are fn's LossSpec, the rest (tensors, denominators) its arguments."""
     cast = cast or (lambda x: x)
     kwargs.setdefault("temperature", TEMPERATURE)
     h = cast(hidden).detach().clone().requires_grad_()
     w = cast(weight).detach().clone().requires_grad_()
     floats = {k: cast(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in opts.items()}
+    spec, rest = split_options(floats)
     loss, metrics = fn(h, w, batch["tokens"], cast(batch["old_logp"]), cast(batch["advantages"]), batch["mask"],
-                       **floats, **kwargs)
+                       spec, **rest, **kwargs)
     grad_h, grad_w = torch.autograd.grad(loss, (h, w))
     return loss.detach(), metrics, grad_h, grad_w
 
@@ -103,10 +106,10 @@ def rounding_floors(hidden, weight, batch, opts, temperature, ref, ulps=2.0) -> 
     patterns += [(zero_logits, signs * logp_step) for signs in (1.0, -1.0, random_signs(logp.shape, 2))]
     floors = dict.fromkeys(["loss", "grad_hidden", "grad_weight", *ref[1]], 0.0)
     for logits_offset, logp_offset in patterns:
-        def moved(h, w, tokens, old_logp, advantages, mask, *, temperature, logits_offset=logits_offset,
+        def moved(h, w, tokens, old_logp, advantages, mask, spec, *, temperature, logits_offset=logits_offset,
                   logp_offset=logp_offset, **kwargs):
             moved_logp = reference_token_logprobs(h @ w.T + logits_offset, tokens, temperature=temperature)
-            return policy_loss(moved_logp + logp_offset, old_logp, advantages, mask, **kwargs)
+            return policy_loss(moved_logp + logp_offset, old_logp, advantages, mask, spec, **kwargs)
 
         out = evaluate_linear(moved, hidden, weight, batch, opts, cast=torch.Tensor.double, temperature=temperature)
         for key, a, b in [("loss", out[0], ref[0]), ("grad_hidden", out[2], ref[2]),
@@ -229,20 +232,21 @@ def test_micro_batches_with_global_denominators_sum_to_the_full_batch(agg, level
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_only_for_the_inputs_that_require_them(backend, gen):
     hidden, weight, batch, opts = make_linear_batch(gen, "defaults", S=2, T=5, H=8, V=33)
-    args = (batch["tokens"], batch["old_logp"], batch["advantages"], batch["mask"])
+    spec, tensors = split_options(opts)
+    args = (batch["tokens"], batch["old_logp"], batch["advantages"], batch["mask"], spec)
     both = evaluate_linear(linear_grpo_loss, hidden, weight, batch, opts, backend=backend)
     assert both[2].abs().sum() > 0 and both[3].abs().sum() > 0
     h = hidden.clone().requires_grad_()
-    loss, _ = linear_grpo_loss(h, weight, *args, backend=backend, temperature=TEMPERATURE, **opts)
+    loss, _ = linear_grpo_loss(h, weight, *args, backend=backend, temperature=TEMPERATURE, **tensors)
     (2.0 * loss).backward()  # the stored gradient is scaled by the incoming one
     torch.testing.assert_close(h.grad, 2.0 * both[2], rtol=1e-6, atol=0)
     w = weight.clone().requires_grad_()
-    loss, _ = linear_grpo_loss(hidden, w, *args, backend=backend, temperature=TEMPERATURE, **opts)
+    loss, _ = linear_grpo_loss(hidden, w, *args, backend=backend, temperature=TEMPERATURE, **tensors)
     loss.backward()
     torch.testing.assert_close(w.grad, both[3], rtol=0, atol=0)
     with torch.no_grad():  # leaves that require grad, but no graph: no gradient work either
         loss, _ = linear_grpo_loss(hidden.clone().requires_grad_(), weight, *args, backend=backend,
-                                   temperature=TEMPERATURE, **opts)
+                                   temperature=TEMPERATURE, **tensors)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, both[0], rtol=0, atol=0)
 
@@ -279,7 +283,7 @@ def test_float64_runs_on_the_torch_backend(gen):
         (dict(advantages=torch.zeros(4)), "advantages has shape"),
         (dict(chunk_tokens=0), "chunk_tokens must be an int >= 1"),
         (dict(temperature=0.0), "temperature"),
-        (dict(agg="mean"), "agg must be one of"),
+        (dict(agg="mean"), "agg must be one of"),  # refused by LossSpec(agg="mean"), before the call
         (dict(backend="cuda"), "backend must be one of"),
     ],
 )
@@ -288,7 +292,8 @@ def test_bad_inputs_name_the_argument(overrides, match):
                 old_logp=torch.zeros(3, 4), advantages=torch.zeros(3), mask=torch.ones(3, 4)) | overrides
     positional = [args.pop(k) for k in ("hidden", "weight", "tokens", "old_logp", "advantages", "mask")]
     with pytest.raises(ValueError, match=match):
-        linear_grpo_loss(*positional, **args)
+        spec, rest = split_options(args)
+        linear_grpo_loss(*positional, spec, **rest)
 
 
 # Peak memory, measured like test_kernels_grpo_loss.measure_peak_extra_memory: a fresh process,
@@ -296,6 +301,7 @@ def test_bad_inputs_name_the_argument(overrides, match):
 _LINEAR_MEMORY_PROBE = textwrap.dedent(
     """
     import json, re, sys, torch
+    from r1mega.algo import LossSpec
     from r1mega.ops import linear_grpo_loss, reference_grpo_loss
     torch.set_num_threads(1)
     which, S, T, H, V = sys.argv[1], *map(int, sys.argv[2:])
@@ -310,14 +316,14 @@ _LINEAR_MEMORY_PROBE = textwrap.dedent(
         weight = (torch.randn(V, H, generator=gen) * 3 / H**0.5).requires_grad_()
         args = (torch.randint(0, V, (s, t), generator=gen), torch.randn(s, t, generator=gen) - 10,
                 torch.randn(s, generator=gen), torch.ones(s, t, dtype=torch.bool))
-        kw = dict(dual_clip=3.0, temperature=0.9)
+        spec, kw = LossSpec(dual_clip=3.0), dict(temperature=0.9)
         before = kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         if which == "reference":
-            loss, _ = reference_grpo_loss(hidden @ weight.T, *args, **kw)
+            loss, _ = reference_grpo_loss(hidden @ weight.T, *args, spec, **kw)
         else:
-            loss, _ = linear_grpo_loss(hidden, weight, *args, backend="torch", **kw)
+            loss, _ = linear_grpo_loss(hidden, weight, *args, spec, backend="torch", **kw)
         loss.backward()
         return (kib("VmHWM") - before) * 1024, s * t * V * 4
 

@@ -190,8 +190,11 @@ def build_provider(provider: str, case: Case):
     """(step, leaves): step(backward: bool) -> the loss (detached); leaves get .grad = None between runs."""
     from r1mega.ops import grpo_loss, linear_grpo_loss, reference_grpo_loss
 
-    kl = dict(ref_logp=None, kl_coef=LOSS_OPTIONS["kl_coef"], kl_estimator="k3")
-    options = {k: v for k, v in LOSS_OPTIONS.items() if k not in kl}
+    from r1mega.algo import LossSpec
+
+    spec = LossSpec(**{k: v for k, v in LOSS_OPTIONS.items() if k != "temperature"})  # the loss options
+    kl = dict(ref_logp=None)  # the reference log-probs of the KL term, set per provider below
+    options = dict(temperature=LOSS_OPTIONS["temperature"])
     if provider in LOGIT_PROVIDERS:
         inputs = logits_inputs(case, extra_position=provider == "liger-triton")
         x, tokens, mask = inputs["logits"], inputs["tokens"], inputs["mask"]
@@ -201,13 +204,13 @@ def build_provider(provider: str, case: Case):
             backend = provider.split("-")[1]
 
             def loss_fn():
-                return grpo_loss(x, *args, backend=backend, inplace_backward=True, **options, **kl)[0]
+                return grpo_loss(x, *args, spec, backend=backend, inplace_backward=True, **options, **kl)[0]
         elif provider in ("torch-eager", "torch-compile"):
             torch._dynamo.reset()  # a fresh compile per case: no recompile limit, no dynamic-shape fallback
             fn = reference_grpo_loss if provider == "torch-eager" else torch.compile(reference_grpo_loss)
 
             def loss_fn():
-                return fn(x, *args, **options, **kl)[0]
+                return fn(x, *args, spec, **options, **kl)[0]
         else:  # liger-triton: [S, T + 1, V] logits; the last position is not scored
             from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
@@ -231,7 +234,7 @@ def build_provider(provider: str, case: Case):
             backend = provider.rsplit("-", 1)[1]
 
             def loss_fn():
-                return linear_grpo_loss(h, w, *args, backend=backend, **options, **kl)[0]
+                return linear_grpo_loss(h, w, *args, spec, backend=backend, **options, **kl)[0]
         elif provider in ("linear-torch-eager", "linear-torch-compile"):
             def eager(h, w, *args, **kwargs):
                 return reference_grpo_loss(h @ w.T, *args, **kwargs)[0]
@@ -240,7 +243,7 @@ def build_provider(provider: str, case: Case):
             fn = eager if provider == "linear-torch-eager" else torch.compile(eager)
 
             def loss_fn():
-                return fn(h, w, *args, **options, **kl)
+                return fn(h, w, *args, spec, **options, **kl)
         else:  # liger-fused-linear
             from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
