@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from r1mega.algo.loss_spec import LossSpec, LossSpecError
 from r1mega.utils.io import atomic_write_text
 
 
@@ -156,7 +157,7 @@ class RunConfig(_Section):
 
 @dataclass(frozen=True)
 class GRPOConfig(_Section):
-    """Advantage and policy-loss settings; names mirror `r1mega.algo.policy_loss` keywords."""
+    """Advantage and policy-loss settings; the loss options become an `r1mega.algo.LossSpec` (loss_spec)."""
 
     section_name: typing.ClassVar[str] = "grpo"
 
@@ -198,13 +199,26 @@ class GRPOConfig(_Section):
     overlong_buffer: int = knob(16, "Tokens before rollout.max_new_tokens where the soft penalty grows to -1.", ge=1)
 
     def _check(self) -> None:
-        if self.norm_length is not None and self.agg != "seq-mean-token-sum-norm":
-            self._fail("norm_length", f"is only used by agg='seq-mean-token-sum-norm', not {self.agg!r}")
+        try:  # the loss options' own rules (r1mega.algo.LossSpec), checked here so a config cannot hold a bad loss
+            self.loss_spec(max_new_tokens=1, has_reference=True)
+        except LossSpecError as err:
+            raise ConfigError(f"grpo.{err.field}: {err}") from None
         if self.tis_cap is not None and not self.tis:
             self._fail("tis_cap", "is set but grpo.tis is false")
         if self.tis and self.old_logp == "rollout":
             self._fail("tis", "with grpo.old_logp=rollout weights nothing (the old log-probs are the rollout's, the "
                        "weight is always 1): set grpo.tis=false (and grpo.tis_cap=none)")
+
+    def loss_spec(self, *, max_new_tokens: int, has_reference: bool) -> LossSpec:
+        """The policy loss these settings describe, for completions of at most `max_new_tokens`: no KL
+        term without a reference policy (kl_coef 0 builds none), a TIS cap only with grpo.tis, and
+        Dr. GRPO's constant length defaulting to the completion budget."""
+        norm = self.agg == "seq-mean-token-sum-norm"
+        return LossSpec(ratio_level=self.ratio_level, eps_low=self.eps_low, eps_high=self.eps_high,
+                        dual_clip=self.dual_clip, kl_coef=self.kl_coef if has_reference else 0.0,
+                        kl_estimator=self.kl_estimator, kl_clamp=self.kl_clamp,
+                        tis_cap=self.tis_cap if self.tis else None, agg=self.agg,
+                        norm_length=(self.norm_length or max_new_tokens) if norm else self.norm_length)
 
 
 @dataclass(frozen=True)
@@ -250,7 +264,8 @@ class RolloutConfig(_Section):
 
 @dataclass(frozen=True)
 class RewardsConfig(_Section):
-    """Rule rewards and how they are scored; the total is the weighted sum (R1: accuracy + format)."""
+    """Rule rewards and how they are scored; the total is the weighted sum (R1: accuracy + format).
+    r1mega.rewards.RewardPool.from_config builds the pool this section describes."""
 
     section_name: typing.ClassVar[str] = "rewards"
 
@@ -282,22 +297,6 @@ class RewardsConfig(_Section):
             self._fail("accuracy_weight", "leaves every reward weight at 0")
         if self.custom is not None and self.custom.count(":") != 1:
             self._fail("custom", "is not 'package.module:function'")
-
-    def pool_kwargs(self) -> dict:
-        """Keyword arguments of r1mega.rewards.RewardPool for this section (imports rewards.custom;
-        ConfigError naming it when that fails)."""
-        weights = self.weights()
-        options = {"accuracy": {"math_timeout_s": self.math_timeout_s, "code_timeout_s": self.code_timeout_s,
-                                "code_memory_mb": self.code_memory_mb,
-                                "skip_general": self.reward_model is not None}} if "accuracy" in weights else None
-        from r1mega.rewards import load_reward
-
-        try:
-            extra = {"custom": load_reward(self.custom)} if "custom" in weights else None
-        except ValueError as err:
-            raise ConfigError(f"rewards.custom: {err}") from None
-        return {"weights": weights, "workers": self.workers or None, "timeout_s": self.timeout_s, "options": options,
-                "rewards": extra}
 
     def weights(self) -> dict[str, float]:
         """The reward names with a nonzero weight: registered ones (r1mega.rewards.REWARDS) and "custom"."""

@@ -27,7 +27,7 @@ def test_require_backend_returns_a_working_one():
 
 def test_a_run_with_code_records_refuses_to_start_without_a_sandbox(tmp_path, monkeypatch, small_base_model):
     from r1mega.config import Config
-    from r1mega.trainer.loop import TrainError, resolve_inputs
+    from r1mega.trainer.inputs import TrainError, resolve_inputs
 
     data = tmp_path / "code.jsonl"
     data.write_text(json.dumps({"id": "c1", "prompt": "Print 1.", "task": "code",

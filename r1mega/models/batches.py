@@ -17,8 +17,6 @@ import torch
 from r1mega.algo.checks import check_integer, check_shape
 from r1mega.models.packing import check_segments
 
-LOSS_OPTIONS = ("eps_low", "eps_high", "dual_clip", "ratio_level", "kl_coef", "kl_estimator", "kl_clamp", "tis_cap",
-                "agg", "norm_length")
 REQUIRED_TENSORS = ("input_ids", "attention_mask", "completion_mask", "old_logp", "advantages")
 OPTIONAL_TENSORS = ("ref_logp", "rollout_logp")
 SFT_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
@@ -61,33 +59,21 @@ def check_segment_ids(segment_ids: torch.Tensor, am: torch.Tensor, *, packed_for
     return segment_ids.long()
 
 
-def parse_grpo_batch(batch: Mapping[str, Any], vocab_size: int) -> tuple[dict[str, torch.Tensor], dict, str]:
-    """(tensors, loss options, agg) of a GRPO batch (see Policy.train_step), all keys checked.
+def parse_grpo_batch(batch: Mapping[str, Any], vocab_size: int) -> dict[str, torch.Tensor]:
+    """The tensors of a GRPO batch (see Policy.train_step), all keys checked.
 
     The tensors are ``input_ids``, ``attention_mask`` and ``completion_mask`` (bool), ``old_logp``,
     ``advantages`` and the optional ``ref_logp`` / ``rollout_logp`` (float32); ``routes`` is left
     to the caller, which knows whether router replay is on.
     """
-    from r1mega.algo.policy_loss import check_loss_options
-
-    unknown = sorted(set(batch) - set(REQUIRED_TENSORS) - set(OPTIONAL_TENSORS) - {"routes"} - set(LOSS_OPTIONS))
+    unknown = sorted(set(batch) - set(REQUIRED_TENSORS) - set(OPTIONAL_TENSORS) - {"routes"})
     if unknown:
         raise ValueError(f"train_step: unknown batch key {unknown[0]!r}; tensors: "
-                         f"{', '.join(REQUIRED_TENSORS + OPTIONAL_TENSORS + ('routes',))}; "
-                         f"loss options: {', '.join(LOSS_OPTIONS)}")
+                         f"{', '.join(REQUIRED_TENSORS + OPTIONAL_TENSORS + ('routes',))} (the loss options are "
+                         "the LossSpec argument)")
     missing = [k for k in REQUIRED_TENSORS if batch.get(k) is None]
     if missing:
         raise ValueError(f"train_step: batch has no {missing[0]!r}")
-    options = {k: batch[k] for k in LOSS_OPTIONS if k in batch}
-    agg = options.get("agg", "token-mean")
-    if agg == "seq-mean-token-sum-norm" and options.get("norm_length") is None:
-        raise ValueError("train_step: agg='seq-mean-token-sum-norm' needs norm_length (the [S, T] rows hold "
-                         "prompts too, so T is no completion length)")
-    check_loss_options(**{**{k: None for k in ("dual_clip", "kl_clamp", "tis_cap", "norm_length")},
-                          "eps_low": 0.2, "eps_high": 0.2, "ratio_level": "token", "kl_coef": 0.0,
-                          "kl_estimator": "k3", "agg": "token-mean", **options},
-                       has_ref=batch.get("ref_logp") is not None, has_rollout=batch.get("rollout_logp") is not None,
-                       global_tokens=None, global_sequences=None)
     input_ids, am = check_input_ids(batch["input_ids"], batch["attention_mask"], vocab_size)
     shape = input_ids.shape
     tensors = {"input_ids": input_ids, "attention_mask": am}
@@ -108,7 +94,7 @@ def parse_grpo_batch(batch: Mapping[str, Any], vocab_size: int) -> tuple[dict[st
         raise ValueError(f"advantages must be a float tensor of shape [S] {tuple(shape[:1])} or [S, T] "
                          f"{tuple(shape)}, got {adv!r:.80}")
     tensors["advantages"] = adv.float()
-    return tensors, options, agg
+    return tensors
 
 
 def parse_sft_batch(batch: Mapping[str, Any], vocab_size: int, *, packed_format: str = "mask") -> dict[str, torch.Tensor]:

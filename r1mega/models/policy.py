@@ -67,6 +67,7 @@ from typing import Any, Optional
 
 import torch
 
+from r1mega.algo.loss_spec import LossSpec
 from r1mega.config import ConfigError, OptimConfig, ParallelConfig, PolicyConfig
 from r1mega.models.batches import (
     build_micro_batches,
@@ -285,16 +286,17 @@ class Policy:
         return full.masked_fill(~am.to(full.device), 0.0).to(input_ids.device)
 
     # ---- training --------------------------------------------------------------------------
-    def train_step(self, batch: Mapping[str, Any], *, split_dp: bool = True, micro_batch_size: Optional[int] = None,
+    def train_step(self, batch: Mapping[str, torch.Tensor], spec: LossSpec, *, split_dp: bool = True,
+                   micro_batch_size: Optional[int] = None,
                    micro_batch_tokens: Optional[int] = None, balance: str = "karmarkar-karp",
                    loss_head: str = "fused") -> dict[str, float]:
-        """One optimizer step on the GRPO loss of `batch`; returns metrics (the same on every rank).
+        """One optimizer step on the GRPO loss `spec` of `batch`; returns metrics (the same on every rank).
 
-        batch: ``input_ids``, ``attention_mask``, ``completion_mask``, ``old_logp`` (all [S, T],
-        aligned as in the module docstring), ``advantages`` ([S] or [S, T]), optionally
-        ``ref_logp`` and ``rollout_logp`` ([S, T]), and any r1mega.algo.policy_loss keyword
-        (eps_low, eps_high, dual_clip, ratio_level, kl_coef, kl_estimator, kl_clamp, tis_cap, agg,
-        norm_length). The denominators are global (never pass global_tokens/global_sequences).
+        batch (tensors only): ``input_ids``, ``attention_mask``, ``completion_mask``, ``old_logp``
+        (all [S, T], aligned as in the module docstring), ``advantages`` ([S] or [S, T]), optionally
+        ``ref_logp`` and ``rollout_logp`` ([S, T]) and ``routes``. spec: the
+        :class:`~r1mega.algo.LossSpec`; ``seq-mean-token-sum-norm`` needs its ``norm_length`` (the rows
+        hold prompts too, so T is no completion length). The denominators are global.
 
         The loss comes from the last stage's final hidden states and the output-layer weight
         through r1mega.ops.linear_grpo_loss, on completion tokens only: no [rows, T, V] logits
@@ -313,7 +315,11 @@ class Policy:
         if loss_head not in ("fused", "logits"):
             raise ValueError(f"train_step: loss_head must be 'fused' or 'logits', got {loss_head!r}")
         state = self._trainable_state("train_step")
-        tensors, options, agg = parse_grpo_batch(batch, self.desc.vocab_size)
+        if spec.agg == "seq-mean-token-sum-norm" and spec.norm_length is None:
+            raise ValueError("train_step: agg='seq-mean-token-sum-norm' needs norm_length (the [S, T] rows hold "
+                             "prompts too, so T is no completion length)")
+        spec.check_inputs(has_ref=batch.get("ref_logp") is not None, has_rollout=batch.get("rollout_logp") is not None)
+        tensors = parse_grpo_batch(batch, self.desc.vocab_size)
         if batch.get("routes") is not None:
             tensors["routes"] = self.runner.check_routes(batch["routes"], tensors["input_ids"].shape)
         lengths = tensors["attention_mask"].sum(1).tolist()
@@ -321,13 +327,13 @@ class Policy:
         micro_batches = self._micro_batches(tensors, plan, lengths)
         # Global denominators: counts of every micro-batch of every data-parallel rank.
         tokens, sequences = self.runner.global_counts(tensors["completion_mask"], plan_rows(plan))
-        denominators = ({"global_tokens": max(tokens, 1.0)} if agg == "token-mean"
+        denominators = ({"global_tokens": max(tokens, 1.0)} if spec.agg == "token-mean"
                         else {"global_sequences": max(sequences, 1.0)})
         metric_keys = grpo_metric_keys("ref_logp" in tensors, "rollout_logp" in tensors)
 
         lr = state.lr
         state.zero_grad()
-        results = self.runner.grpo_backward(micro_batches, options=options, denominators=denominators,
+        results = self.runner.grpo_backward(micro_batches, spec=spec, denominators=denominators,
                                             metric_keys=metric_keys, loss_head=loss_head)
         ok, grad_norm = state.step()
         if ok:

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from r1mega.algo.loss_spec import LossSpec
 from r1mega.megatron_compat import fix_expert_bias_padding
 from r1mega.models.build import unwrap_model
 from r1mega.models.hf_config import ModelDesc
@@ -261,7 +262,7 @@ class ModelRunner:
     def global_counts(self, mask: torch.Tensor, rows: torch.Tensor) -> tuple[float, float]:
         """(completion tokens, sequences with any) of the rows `rows` of the [S, T] `mask` on every
         data-parallel rank together: the GRPO loss's global denominators."""
-        from r1mega.algo.policy_loss import local_denominators
+        from r1mega.algo.clipped_loss import local_denominators
 
         local_mask = mask[rows][:, 1:]
         counts = torch.stack([
@@ -271,7 +272,7 @@ class ModelRunner:
         self._reduce_over_dp(counts)
         return float(counts[0]), float(counts[1])
 
-    def grpo_backward(self, micro_batches: list[dict], *, options: dict, denominators: dict[str, float],
+    def grpo_backward(self, micro_batches: list[dict], *, spec: LossSpec, denominators: dict[str, float],
                       metric_keys: tuple[str, ...], loss_head: str) -> list[dict]:
         """Forward and backward of the GRPO loss over `micro_batches` (gradients accumulate in the
         model's buffers); returns the last stage's per-micro-batch results (loss, tokens,
@@ -285,10 +286,10 @@ class ModelRunner:
 
         def loss_func(mb, output):  # output: final hidden states (fused head) or logits
             adv = mb["advantages"] if mb["advantages"].dim() == 1 else mb["advantages"][:, 1:]
-            inputs = (mb["input_ids"][:, 1:], mb["old_logp"][:, 1:], adv, mb["completion_mask"][:, 1:])
+            inputs = (mb["input_ids"][:, 1:], mb["old_logp"][:, 1:], adv, mb["completion_mask"][:, 1:], spec)
             common = dict(temperature=self.temperature, backend=self.backend, group=tp_group,
                           ref_logp=mb["ref_logp"][:, 1:] if has_ref else None,
-                          rollout_logp=mb["rollout_logp"][:, 1:] if has_rollout else None, **options, **denominators)
+                          rollout_logp=mb["rollout_logp"][:, 1:] if has_rollout else None, **denominators)
             if loss_head == "fused":
                 weight = head.weight
                 loss, metrics = linear_grpo_loss(output[:, :-1].to(weight.dtype), weight, *inputs,

@@ -30,7 +30,8 @@ import torch
 from r1mega.algo import policy_loss
 from r1mega.algo import token_logprobs as _algo_token_logprobs
 from r1mega.algo.checks import check_floating, check_shape
-from r1mega.algo.policy_loss import LOG_RATIO_BOUND, aggregate, check_loss_options, loss_metrics
+from r1mega.algo.loss_spec import LossSpec
+from r1mega.algo.clipped_loss import LOG_RATIO_BOUND, aggregate, loss_metrics
 from r1mega.ops.backend import resolve_backend
 from r1mega.ops.logprob import as_rows, logits_grad, logprob_fwd, token_logprobs
 
@@ -45,13 +46,15 @@ def reference_grpo_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    spec: LossSpec = LossSpec(),
     *,
     temperature: float = 1.0,
-    **policy_loss_kwargs,
+    **tensors,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The one torch reference: policy_loss on r1mega.algo.token_logprobs of the full logits."""
+    """The one torch reference: policy_loss on r1mega.algo.token_logprobs of the full logits
+    (`tensors`: policy_loss's ref_logp, rollout_logp and global denominators)."""
     logp = _algo_token_logprobs(logits, tokens, temperature=temperature)
-    return policy_loss(logp, old_logp, advantages, mask, **policy_loss_kwargs)
+    return policy_loss(logp, old_logp, advantages, mask, spec, **tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,21 +177,12 @@ def grpo_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    spec: LossSpec = LossSpec(),
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-    ratio_level: str = "token",
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    kl_clamp: float | None = None,
     rollout_logp: torch.Tensor | None = None,
-    tis_cap: float | None = None,
-    agg: str = "token-mean",
     global_tokens: float | torch.Tensor | None = None,
     global_sequences: float | torch.Tensor | None = None,
-    norm_length: float | None = None,
     temperature: float = 1.0,
     backend: str | None = None,
     inplace_backward: bool = False,
@@ -201,9 +195,9 @@ def grpo_loss(
             output is read in place); the vocabulary dimension must be contiguous for "triton".
         tokens: [S, T] integer ids of the sampled tokens. Ids at masked positions are never used
             (padding such as -100 is fine); an unmasked id outside [0, V) has log-prob -inf.
-        old_logp, advantages, mask, and every keyword up to norm_length: exactly as in
-            r1mega.algo.policy_loss (same defaults, checks, aggregation and global denominators,
-            so gradient accumulation and data parallelism stay exact).
+        old_logp, advantages, mask, spec, ref_logp, rollout_logp, global_tokens,
+            global_sequences: exactly as in r1mega.algo.policy_loss (same checks, aggregation and
+            global denominators, so gradient accumulation and data parallelism stay exact).
         temperature: > 0, the sampling temperature (logits are divided by it inside).
         backend: None (auto), "triton" or "torch".
         inplace_backward: write d(loss)/d(logits) into the logits buffer.
@@ -226,12 +220,8 @@ def grpo_loss(
             f"advantages has shape {tuple(advantages.shape)} but must be [S] {tuple(shape_ST[:1])} "
             f"or [S, T] {tuple(shape_ST)} like tokens"
         )
-    options = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_level=ratio_level,
-                   kl_estimator=kl_estimator, kl_clamp=kl_clamp, kl_coef=kl_coef, tis_cap=tis_cap)
-    denominators = check_loss_options(
-        **options, has_ref=ref_logp is not None, has_rollout=rollout_logp is not None, agg=agg,
-        global_tokens=global_tokens, global_sequences=global_sequences, norm_length=norm_length,
-    )
+    spec.check_inputs(has_ref=ref_logp is not None, has_rollout=rollout_logp is not None)
+    denominators = spec.denominators(global_tokens, global_sequences)
     backend = resolve_backend(backend, logits)
     valid_ST = mask != 0
 
@@ -239,8 +229,8 @@ def grpo_loss(
         safe_tokens = torch.where(valid_ST, tokens2, 0)  # padding ids (e.g. -100) are never looked up
         logp = token_logprobs(logits3, safe_tokens, temperature=temperature, backend="torch",
                               inplace_backward=inplace_backward)
-        return policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp, agg=agg,
-                           **options, **denominators)
+        return policy_loss(logp, old_logp, advantages, mask, spec, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                           global_tokens=global_tokens, global_sequences=global_sequences)
 
     inputs = (old_logp, advantages, ref_logp, rollout_logp)
     dtype = reduce(torch.promote_types, (t.dtype for t in inputs if t is not None), torch.float32)
@@ -249,11 +239,10 @@ def grpo_loss(
     adv_ST = (adv_ST if adv_ST.dim() == 2 else adv_ST[:, None].expand(shape_ST)).contiguous()
     old_ST = old_logp.detach().contiguous()
     ref_ST, rollout_ST = (None if x is None else x.detach().contiguous() for x in (ref_logp, rollout_logp))
-    loss_options = (float(eps_low), float(eps_high), None if dual_clip is None else float(dual_clip), kl_estimator,
-                    float(kl_coef), None if kl_clamp is None else float(kl_clamp),
-                    None if tis_cap is None else float(tis_cap), LOG_RATIO_BOUND)
+    loss_options = (spec.eps_low, spec.eps_high, spec.dual_clip, spec.kl_estimator, spec.kl_coef, spec.kl_clamp,
+                    spec.tis_cap, LOG_RATIO_BOUND)
     valid_u8 = valid_ST.contiguous().view(torch.uint8)  # bytes, not i1 pointers, for the kernels
-    if ratio_level == "token":
+    if spec.ratio_level == "token":
         loss_ST, _, ratio_ST, kl_ST, tis_ST, flags_ST, logp_ST, _, _ = _grpo_fwd(
             logits3, tokens2, valid_u8, old_ST, adv_ST, ref_ST, rollout_ST, float(temperature), *loss_options,
             bool(inplace_backward),
@@ -269,7 +258,7 @@ def grpo_loss(
         loss_ST, _, ratio_ST, kl_ST, tis_ST, flags_ST = _grpo_terms(
             logp_ST, valid_u8, old_ST, adv_ST, seq_ST, ref_ST, rollout_ST, *loss_options
         )
-    loss = aggregate(loss_ST.to(dtype), valid_ST, mask_ST, agg, **denominators)
+    loss = aggregate(loss_ST.to(dtype), valid_ST, mask_ST, spec.agg, **denominators)
     optional_ST = {}
     if tis_ST is not None and rollout_logp is not None:
         optional_ST["tis_weight_mean"] = tis_ST.to(dtype)

@@ -56,7 +56,8 @@ import torch.distributed as dist
 
 from r1mega.algo import policy_loss
 from r1mega.algo.checks import check_floating, check_integer, describe, positive
-from r1mega.algo.policy_loss import LOG_RATIO_BOUND, aggregate, check_loss_options
+from r1mega.algo.loss_spec import LossSpec
+from r1mega.algo.clipped_loss import LOG_RATIO_BOUND, aggregate
 from r1mega.ops.backend import resolve_backend
 from r1mega.ops.logprob import logits_grad
 from r1mega.ops.vocab_parallel import VocabShard, check_token_inputs, sharded_logprob_stats, vocab_shard
@@ -141,7 +142,7 @@ def _aggregation_weights(valid_ST: torch.Tensor, agg: str, denominators: dict, d
     return weights
 
 
-def _token_dloss_torch(logp, inputs: _Inputs, sl: slice, loss_options: dict) -> torch.Tensor:
+def _token_dloss_torch(logp, inputs: _Inputs, sl: slice, spec: LossSpec) -> torch.Tensor:
     """dL_t/dlogp_t of the chunk's tokens by autograd of policy_loss (token-level ratio).
 
     With agg="token-mean" and global_tokens=1 the loss is sum_t L_t, whose gradient is dL_t/dlogp_t.
@@ -152,8 +153,8 @@ def _token_dloss_torch(logp, inputs: _Inputs, sl: slice, loss_options: dict) -> 
     with torch.enable_grad():
         x = logp.detach()[None].requires_grad_()
         loss, _ = policy_loss(x, row(inputs.old), row(inputs.adv), torch.ones_like(x, dtype=torch.bool),
-                              ref_logp=row(inputs.ref), rollout_logp=row(inputs.rollout), agg="token-mean",
-                              global_tokens=1.0, **loss_options)
+                              spec.replace(agg="token-mean", norm_length=None), ref_logp=row(inputs.ref),
+                              rollout_logp=row(inputs.rollout), global_tokens=1.0)
         (dloss,) = torch.autograd.grad(loss, x)
     return dloss[0]
 
@@ -165,7 +166,7 @@ class _Result(NamedTuple):
     grad_weight: torch.Tensor | None
 
 
-def _forward(hidden, weight, tokens, old_logp, advantages, mask, ref_logp, rollout_logp, *, options, agg,
+def _forward(hidden, weight, tokens, old_logp, advantages, mask, ref_logp, rollout_logp, *, spec: LossSpec,
              denominators, temperature, chunk, backend, shard: VocabShard | None, hidden_grad_all_reduce,
              need_grad_h: bool, need_grad_w: bool) -> _Result:
     S, T, _ = hidden.shape
@@ -174,7 +175,7 @@ def _forward(hidden, weight, tokens, old_logp, advantages, mask, ref_logp, rollo
     # policy_loss's compute dtype (that of its logp and per-token inputs): the aggregation weights'.
     dtype = reduce(torch.promote_types, (t.dtype for t in (old_logp, advantages, ref_logp, rollout_logp)
                                          if t is not None), logp_dtype)
-    token_level = options["ratio_level"] == "token"
+    token_level = spec.ratio_level == "token"
     need_grads = need_grad_h or need_grad_w
 
     s_idx, t_idx = valid_ST.nonzero(as_tuple=True)
@@ -186,11 +187,10 @@ def _forward(hidden, weight, tokens, old_logp, advantages, mask, ref_logp, rollo
         (adv_ST[s_idx] if adv_ST.dim() == 1 else adv_ST[s_idx, t_idx]).contiguous(),
         None if ref_logp is None else ref_logp.detach()[s_idx, t_idx].contiguous(),
         None if rollout_logp is None else rollout_logp.detach()[s_idx, t_idx].contiguous(),
-        _aggregation_weights(valid_ST, agg, denominators, dtype)[s_idx, t_idx].contiguous()
+        _aggregation_weights(valid_ST, spec.agg, denominators, dtype)[s_idx, t_idx].contiguous()
         if token_level and need_grads else None,
     )
-    loss_options = {k: v for k, v in options.items() if k != "ratio_level"}
-    kernel_options = dict(loss_options, log_ratio_bound=LOG_RATIO_BOUND)
+    kernel_options = dict(spec.token_terms(), log_ratio_bound=LOG_RATIO_BOUND)
     ones_u8 = torch.ones(min(chunk, n_valid), dtype=torch.uint8, device=hidden.device)
 
     logp_v = torch.zeros(n_valid, dtype=logp_dtype, device=hidden.device)
@@ -257,7 +257,7 @@ def _forward(hidden, weight, tokens, old_logp, advantages, mask, ref_logp, rollo
                                              rollout_logp=None if inputs.rollout is None else inputs.rollout[sl],
                                              **kernel_options).dloss
                 else:
-                    dloss = _token_dloss_torch(logp_c, inputs, sl, loss_options)
+                    dloss = _token_dloss_torch(logp_c, inputs, sl, spec)
         logp_v[sl] = logp_c
         if token_level and need_grads:
             backprop(sl, h, logits, local_tokens, row_max, row_logsum, inputs.weight[sl] * dloss)
@@ -267,13 +267,14 @@ def _forward(hidden, weight, tokens, old_logp, advantages, mask, ref_logp, rollo
 
     logp_ST = torch.zeros(S, T, dtype=logp_dtype, device=hidden.device)
     logp_ST[s_idx, t_idx] = logp_v
-    reference_kwargs = dict(ref_logp=ref_logp, rollout_logp=rollout_logp, agg=agg, **options, **denominators)
+    denominator_kwargs = {k: v for k, v in denominators.items() if k != "norm_length"}
+    reference_kwargs = dict(ref_logp=ref_logp, rollout_logp=rollout_logp, **denominator_kwargs)
     if token_level or not need_grads:
-        loss, metrics = policy_loss(logp_ST, old_logp, advantages, mask, **reference_kwargs)
+        loss, metrics = policy_loss(logp_ST, old_logp, advantages, mask, spec, **reference_kwargs)
     else:  # GSPO: d loss / d logp from the whole sequences, then pass 2 over the chunks
         with torch.enable_grad():
             x = logp_ST.requires_grad_()
-            loss, metrics = policy_loss(x, old_logp, advantages, mask, **reference_kwargs)
+            loss, metrics = policy_loss(x, old_logp, advantages, mask, spec, **reference_kwargs)
             (grad_logp_ST,) = torch.autograd.grad(loss, x)
         grad_logp_v = grad_logp_ST[s_idx, t_idx]
         local_v = inputs.tokens if shard is None else inputs.tokens - shard.vocab_start
@@ -301,21 +302,12 @@ def linear_grpo_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    spec: LossSpec = LossSpec(),
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-    ratio_level: str = "token",
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    kl_clamp: float | None = None,
     rollout_logp: torch.Tensor | None = None,
-    tis_cap: float | None = None,
-    agg: str = "token-mean",
     global_tokens: float | torch.Tensor | None = None,
     global_sequences: float | torch.Tensor | None = None,
-    norm_length: float | None = None,
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
     group: dist.ProcessGroup | None = None,
@@ -332,8 +324,8 @@ def linear_grpo_loss(
             rank's vocabulary shard [V/tp, H]).
         tokens: [S, T] integer ids (global ids with ``group``); ids at masked positions are
             never used. An unmasked id outside [0, V) has log-prob -inf.
-        old_logp, advantages, mask, and every keyword up to norm_length: exactly as in
-            r1mega.algo.policy_loss.
+        old_logp, advantages, mask, spec, ref_logp, rollout_logp, global_tokens,
+            global_sequences: exactly as in r1mega.algo.policy_loss.
         temperature: > 0, the sampling temperature (logits are divided by it).
         chunk_tokens: unmasked tokens per chunk (default: :data:`CHUNK_LOGIT_BYTES` of logits).
         group: tensor-parallel group over which the vocabulary is sharded, or None (tp = 1).
@@ -362,21 +354,14 @@ def linear_grpo_loss(
         chunk_tokens = default_chunk_tokens(weight.shape[0], weight.dtype, weight.device)
     elif isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be an int >= 1, got {describe(chunk_tokens)}")
-    options = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_level=ratio_level,
-                   kl_estimator=kl_estimator, kl_clamp=kl_clamp, kl_coef=kl_coef, tis_cap=tis_cap)
-    denominators = check_loss_options(
-        **options, has_ref=ref_logp is not None, has_rollout=rollout_logp is not None, agg=agg,
-        global_tokens=global_tokens, global_sequences=global_sequences, norm_length=norm_length,
-    )
-    # Validated: now plain Python floats, which the kernel launchers require.
-    options.update({k: None if options[k] is None else float(options[k])
-                    for k in ("eps_low", "eps_high", "dual_clip", "kl_clamp", "kl_coef", "tis_cap")})
+    spec.check_inputs(has_ref=ref_logp is not None, has_rollout=rollout_logp is not None)
+    denominators = spec.denominators(global_tokens, global_sequences)
     backend = resolve_backend(backend, hidden)
     shard = vocab_shard(group, weight.shape[0])
     grad_enabled = torch.is_grad_enabled()  # under no_grad: the loss only, no gradient work
     with torch.no_grad():
         result = _forward(hidden, weight, tokens, old_logp, advantages, mask, ref_logp, rollout_logp,
-                          options=options, agg=agg, denominators=denominators, temperature=temperature,
+                          spec=spec, denominators=denominators, temperature=temperature,
                           chunk=chunk_tokens, backend=backend, shard=shard,
                           hidden_grad_all_reduce=bool(hidden_grad_all_reduce),
                           need_grad_h=grad_enabled and hidden.requires_grad,

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from r1mega.algo import policy_loss
 from r1mega.algo.checks import check_floating, check_shape
-from r1mega.algo.policy_loss import check_loss_options
+from r1mega.algo.loss_spec import LossSpec
 from r1mega.ops.backend import resolve_backend
 from r1mega.ops.logprob import (
     as_rows,
@@ -297,22 +297,13 @@ def vocab_parallel_grpo_loss(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    spec: LossSpec = LossSpec(),
     *,
     group: dist.ProcessGroup | None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-    ratio_level: str = "token",
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    kl_clamp: float | None = None,
     rollout_logp: torch.Tensor | None = None,
-    tis_cap: float | None = None,
-    agg: str = "token-mean",
     global_tokens: float | torch.Tensor | None = None,
     global_sequences: float | torch.Tensor | None = None,
-    norm_length: float | None = None,
     temperature: float = 1.0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -321,7 +312,8 @@ def vocab_parallel_grpo_loss(
     Args:
         logits_shard: [S, T, V/tp] this rank's shard (see :func:`vocab_parallel_token_logprobs`).
         tokens: [S, T] GLOBAL ids; ids at masked positions are never used (-100 is fine).
-        old_logp, advantages, mask and every keyword up to norm_length: as r1mega.algo.policy_loss.
+        old_logp, advantages, mask, spec, ref_logp, rollout_logp, global_tokens, global_sequences:
+            as r1mega.algo.policy_loss.
         group: the tensor-parallel group, or None for tp = 1.
         temperature, backend: as r1mega.ops.grpo_loss.
 
@@ -334,13 +326,9 @@ def vocab_parallel_grpo_loss(
     check_floating("logits_shard", logits_shard, ndim=3)
     shape_ST = logits_shard.shape[:2]
     check_token_inputs(tokens, old_logp, advantages, mask, ref_logp, rollout_logp, shape_ST)
-    options = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_level=ratio_level,
-                   kl_estimator=kl_estimator, kl_clamp=kl_clamp, kl_coef=kl_coef, tis_cap=tis_cap)
-    denominators = check_loss_options(
-        **options, has_ref=ref_logp is not None, has_rollout=rollout_logp is not None, agg=agg,
-        global_tokens=global_tokens, global_sequences=global_sequences, norm_length=norm_length,
-    )
+    spec.check_inputs(has_ref=ref_logp is not None, has_rollout=rollout_logp is not None)
+    spec.denominators(global_tokens, global_sequences)  # refused here, before the all-reduces
     valid_u8 = (mask != 0).contiguous().view(torch.uint8)  # masked rows are never read
     logp, _ = _logprobs(logits_shard, tokens, group, temperature, backend, with_entropy=False, valid=valid_u8)
-    return policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp, agg=agg,
-                       **options, **denominators)
+    return policy_loss(logp, old_logp, advantages, mask, spec, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                       global_tokens=global_tokens, global_sequences=global_sequences)

@@ -33,6 +33,7 @@ _LAZY = {
     "VLLMEngine": "r1mega.rollout.vllm_engine",
     "verify_refit": "r1mega.rollout.refit",
     "Colocation": "r1mega.rollout.refit",
+    "build_colocation": "r1mega.rollout.refit",
     "wake_and_refit": "r1mega.rollout.refit",
     "sleep_for_training": "r1mega.rollout.refit",
     "engine_from_config": "r1mega.rollout.refit",

@@ -120,3 +120,18 @@ class Colocation:
     def release(self) -> None:
         """The engine sleeps at ``rollout.sleep_level``; the training state comes back."""
         sleep_for_training(self.policy, self.engine, self.rollout.sleep_level)
+
+
+def build_colocation(policy, rollout: RolloutConfig, *, engine_ranks: Sequence[int], hf_dir: Any,
+                     seed: int = 0) -> Colocation:
+    """The engine `rollout.engine` names on the ranks `engine_ranks` (None elsewhere), colocated
+    with `policy`; collective. The engines differ in what they load and who receives weights: the
+    hf engine builds from the policy's model config and gets the weights point to point on its
+    ranks; vLLM loads the model directory `hf_dir` and every rank takes part in its refit."""
+    import torch.distributed as dist
+
+    vllm = rollout.engine == "vllm"
+    engine = None
+    if dist.get_rank() in engine_ranks:
+        engine = engine_from_config(rollout, hf_dir if vllm else policy.desc.config, seed=seed, tokenizer=hf_dir)
+    return Colocation(policy, engine, rollout, dst_ranks=None if vllm else list(engine_ranks))

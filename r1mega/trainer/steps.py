@@ -10,35 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from r1mega.config import GRPOConfig
 from r1mega.data.records import PromptRecord
 from r1mega.rollout import Completion
-
-
-# ---- prompts ------------------------------------------------------------------------------------
-def render_prompts(records: Sequence[PromptRecord], tokenizer, template: str, max_prompt_tokens: int) -> list[list[int]]:
-    """Token ids of each record's prompt under `template` (r1mega.templates); a prompt longer
-    than `max_prompt_tokens` raises naming the record."""
-    from r1mega.templates import chat_prompt, r1_zero_prompt
-
-    out = []
-    for r in records:
-        if template == "r1_zero":
-            ids = tokenizer(r1_zero_prompt(r.prompt), add_special_tokens=False)["input_ids"]
-        elif template == "chat":
-            ids = tokenizer(chat_prompt(tokenizer, r.prompt), add_special_tokens=False)["input_ids"]
-        elif template == "raw":
-            ids = tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
-        else:
-            raise ValueError(f"unknown template {template!r}")
-        if len(ids) > max_prompt_tokens:
-            raise ValueError(f"prompt {r.id!r}: {len(ids)} tokens > rollout.max_prompt_tokens {max_prompt_tokens}")
-        out.append(ids)
-    return out
+from r1mega.templates import render_prompts  # noqa: F401 (the loop calls S.render_prompts)
 
 
 # ---- rollouts -----------------------------------------------------------------------------------
@@ -91,6 +70,20 @@ class Rewards:
     total: torch.Tensor
     values: dict[str, torch.Tensor]
     errors: dict[str, int] = field(default_factory=dict)
+
+    def select(self, rows: Sequence[int]) -> "Rewards":
+        """The rows `rows` (the failure counts stay the whole batch's)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return Rewards(self.total[idx], {k: v[idx] for k, v in self.values.items()}, dict(self.errors))
+
+    @staticmethod
+    def concat(parts: Sequence["Rewards"]) -> "Rewards":
+        errors: dict[str, int] = {}
+        for p in parts:
+            for k, v in p.errors.items():
+                errors[k] = errors.get(k, 0) + v
+        return Rewards(torch.cat([p.total for p in parts]), {k: torch.cat([p.values[k] for p in parts])
+                                                            for k in parts[0].values}, errors)
 
 
 def score(pool, rollout: Rollout) -> Rewards:
@@ -163,6 +156,19 @@ class TrainBatch:
     def lengths(self) -> list[int]:
         return self.attention_mask.sum(1).tolist()
 
+    def train_tensors(self, *, tis: bool, replay: bool) -> dict[str, torch.Tensor]:
+        """Policy.train_step's batch (tensors only): the engine's log-probs with TIS, the recorded
+        routes with router replay, the reference's log-probs when there is a reference."""
+        out = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, completion_mask=self.completion_mask,
+                   old_logp=self.old_logp, advantages=self.advantages)
+        if self.ref_logp is not None:
+            out["ref_logp"] = self.ref_logp
+        if tis:
+            out["rollout_logp"] = self.rollout_logp
+        if replay:
+            out["routes"] = self.routes
+        return out
+
 
 def build_batch(rollout: Rollout, adv: torch.Tensor, *, loss_mask: Optional[torch.Tensor] = None,
                 pad_id: int = 0) -> TrainBatch:
@@ -198,13 +204,3 @@ def minibatches(batch: TrainBatch, count: int) -> list[TrainBatch]:
     bounds = [round(i * n / count) for i in range(count + 1)]
     return [batch.rows(list(range(a, b))) for a, b in zip(bounds, bounds[1:])]
 
-
-def loss_options(grpo: GRPOConfig, max_new_tokens: int, has_ref: bool) -> dict[str, Any]:
-    """Policy.train_step's loss keywords from the config's grpo section."""
-    options = dict(eps_low=grpo.eps_low, eps_high=grpo.eps_high, dual_clip=grpo.dual_clip,
-                   ratio_level=grpo.ratio_level, agg=grpo.agg, kl_coef=grpo.kl_coef if has_ref else 0.0,
-                   kl_estimator=grpo.kl_estimator, kl_clamp=grpo.kl_clamp,
-                   tis_cap=grpo.tis_cap if grpo.tis else None)
-    if grpo.agg == "seq-mean-token-sum-norm":
-        options["norm_length"] = grpo.norm_length or max_new_tokens
-    return options

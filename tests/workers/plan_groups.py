@@ -2,7 +2,7 @@
 
 For each layout, on the world torchrun gave: init_parallel (megatron's initialize_model_parallel),
 then this rank's coordinates (current_layout), the ranks of each of its process groups, the engine
-ranks the trainer chooses (r1mega.trainer.loop.engine_ranks) and, where a model is named, the
+ranks the trainer chooses (r1mega.parallel.collectives.engine_ranks) and, where a model is named, the
 global layer numbers and the expert indices of the GPTModel build_model makes on this rank, each
 compared with the plan's entry for this rank. Rank 0 prints "ok <layout>" per layout.
 
@@ -42,7 +42,7 @@ def main() -> None:
     from r1mega.models import build_model, describe_hf_model
     from r1mega.parallel import ParallelConfig, current_layout, destroy_parallel, init_parallel
     from r1mega.launch_plan import make_plan
-    from r1mega.trainer.loop import engine_ranks
+    from r1mega.parallel.collectives import engine_ranks
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -48,18 +48,8 @@ from functools import reduce
 import torch
 import torch.nn.functional as F
 
-from r1mega.algo.checks import (
-    check_choice,
-    check_floating,
-    check_shape,
-    describe,
-    positive,
-    real,
-)
-
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3", "k1+", "k3+")
-RATIO_LEVELS = ("token", "sequence")
+from r1mega.algo.checks import check_choice, check_floating, check_shape, describe
+from r1mega.algo.loss_spec import AGG_MODES, LossSpec
 
 # Log-ratios are clamped to +-20 before exp() (verl's bound) so ratios and gradients stay finite.
 LOG_RATIO_BOUND = 20.0
@@ -89,69 +79,21 @@ def local_denominators(mask: torch.Tensor, agg: str) -> dict[str, torch.Tensor]:
     return {"global_sequences": valid_ST.any(dim=-1).sum()}
 
 
-def check_loss_options(
-    *, eps_low, eps_high, dual_clip, ratio_level, kl_coef, kl_estimator, kl_clamp, tis_cap, agg,
-    has_ref: bool, has_rollout: bool, global_tokens, global_sequences, norm_length,
-) -> dict[str, float]:
-    """Validate policy_loss's options (ValueError naming the argument); return the denominators given.
-
-    Shared by every implementation of the loss (r1mega.ops' fused kernels included), so they
-    accept and refuse exactly the same options with the same messages.
-    """
-    eps_low, eps_high = real("eps_low", eps_low), real("eps_high", eps_high)
-    # eps_low >= 1 is allowed: ratios are positive, so it means "no lower clip" (R1-Zero's eps 10).
-    if eps_low < 0.0:
-        raise ValueError(f"eps_low must be >= 0, got {eps_low!r}")
-    if eps_high < 0.0:
-        raise ValueError(f"eps_high must be >= 0, got {eps_high!r}")
-    if dual_clip is not None and real("dual_clip", dual_clip) <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
-    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
-    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    kl_clamp = None if kl_clamp is None else positive("kl_clamp", kl_clamp)
-    kl_coef = real("kl_coef", kl_coef)
-    if kl_coef != 0.0 and not has_ref:
-        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp")
-    tis_cap = None if tis_cap is None else positive("tis_cap", tis_cap)
-    if tis_cap is not None and not has_rollout:
-        raise ValueError("tis_cap needs rollout_logp")
-    check_choice("agg", agg, AGG_MODES)
-    denominators: dict[str, float] = {}
-    for name, value, users in (
-        ("global_tokens", global_tokens, ("token-mean",)),
-        ("global_sequences", global_sequences, AGG_MODES[1:]),
-        ("norm_length", norm_length, ("seq-mean-token-sum-norm",)),
-    ):
-        if value is not None:
-            if agg not in users:
-                raise ValueError(f"{name} is only used by agg in {users}, not by agg={agg!r}")
-            denominators[name] = positive(name, value)
-    return denominators
-
-
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    spec: LossSpec = LossSpec(),
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-    ratio_level: str = "token",
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    kl_clamp: float | None = None,
     rollout_logp: torch.Tensor | None = None,
-    tis_cap: float | None = None,
-    agg: str = "token-mean",
     global_tokens: float | torch.Tensor | None = None,
     global_sequences: float | torch.Tensor | None = None,
-    norm_length: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss (to minimise) of one micro-batch, with optional KL penalty and TIS.
 
+    ``spec`` (a validated :class:`~r1mega.algo.loss_spec.LossSpec`) names the options below.
     Per token (A the advantage, sg the stop-gradient):
       ratio r = exp(clamp(logp - old_logp, -20, 20)) for ratio_level="token". For "sequence"
         (GSPO) the log-ratio is logp - sg(logp) + sg(s), s = the sequence's masked mean of
@@ -175,9 +117,9 @@ def policy_loss(
       "seq-mean-token-sum":      sum(L*M) / global_sequences
       "seq-mean-token-sum-norm": sum(L*M) / (global_sequences * norm_length)
     Defaults: global_tokens = max(sum(M), 1); global_sequences = max(number of sequences with
-    n_s > 0, 1); norm_length = T. global_tokens, global_sequences and norm_length must be > 0 and
-    may only be passed to the aggregations that use them (ValueError otherwise), so a
-    denominator is never silently ignored. See the module docstring for the verl / TRL mapping.
+    n_s > 0, 1); norm_length = T. global_tokens and global_sequences must be > 0 and may only be
+    passed to the aggregations that use them (ValueError otherwise), so a denominator is never
+    silently ignored. See the module docstring for the verl / TRL mapping.
 
     Args:
         logp: [S, T] log-probs of the sampled tokens under the policy being trained (the only
@@ -187,19 +129,13 @@ def policy_loss(
         mask: [S, T] bool or 0/1 completion mask; nonzero marks a token that counts. Values of
             the other inputs at masked positions are ignored (they may be NaN or inf) and get
             zero gradient; fully masked sequences contribute nothing.
-        eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high]; both >= 0 (eps_low >= 1: no lower clip).
-        dual_clip: None, or c > 1 for dual-clip PPO.
-        ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO).
+        spec: the loss options (eps_low, eps_high, dual_clip, ratio_level, kl_coef, kl_estimator,
+            kl_clamp, tis_cap, agg, norm_length); spec.kl_coef != 0 needs ref_logp and
+            spec.tis_cap needs rollout_logp.
         ref_logp: [S, T] reference-model log-probs; enables the KL term and the "kl_mean" metric.
-        kl_coef: KL coefficient (beta); nonzero needs ref_logp.
-        kl_estimator: one of KL_ESTIMATORS.
-        kl_clamp: None or c > 0, see above.
         rollout_logp: [S, T] log-probs reported by the rollout engine; enables TIS.
-        tis_cap: None (no truncation) or C > 0; needs rollout_logp.
-        agg: one of AGG_MODES.
         global_tokens, global_sequences: mini-batch denominators, Python numbers or one-element
             tensors (e.g. all-reduced sums of :func:`local_denominators`).
-        norm_length: constant length of "seq-mean-token-sum-norm" (e.g. max completion length).
 
     Returns:
         (loss, metrics). loss: 0-dim tensor, float32 (float64 when an input is float64; bf16 and
@@ -224,14 +160,9 @@ def policy_loss(
             f"advantages has shape {tuple(advantages.shape)} but must be [S] {tuple(shape_ST[:1])} "
             f"or [S, T] {tuple(shape_ST)} like logp"
         )
-    denominators = check_loss_options(
-        eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_level=ratio_level,
-        kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp, tis_cap=tis_cap, agg=agg,
-        has_ref=ref_logp is not None, has_rollout=rollout_logp is not None,
-        global_tokens=global_tokens, global_sequences=global_sequences, norm_length=norm_length,
-    )
-    eps_low, eps_high, kl_coef = float(eps_low), float(eps_high), float(kl_coef)
-    dual_clip, kl_clamp, tis_cap = (None if x is None else float(x) for x in (dual_clip, kl_clamp, tis_cap))
+    spec.check_inputs(has_ref=ref_logp is not None, has_rollout=rollout_logp is not None)
+    denominators = spec.denominators(global_tokens, global_sequences)
+    eps_low, eps_high, dual_clip = spec.eps_low, spec.eps_high, spec.dual_clip
 
     inputs = (logp, old_logp, advantages, ref_logp, rollout_logp)
     dtype = reduce(torch.promote_types, (t.dtype for t in inputs if t is not None), torch.float32)
@@ -246,7 +177,7 @@ def policy_loss(
     old_ST = masked(old_logp.detach())
     adv_ST = masked(advantages.detach() if advantages.dim() == 2 else advantages.detach()[:, None])
     log_ratio_ST = logp_ST - old_ST
-    if ratio_level == "token":
+    if spec.ratio_level == "token":
         is_log_ratio_ST = log_ratio_ST
     else:
         seq_log_ratio_S = (log_ratio_ST * mask_ST).sum(-1) / mask_ST.sum(-1).clamp(min=1)
@@ -265,17 +196,17 @@ def policy_loss(
     if rollout_logp is not None:
         tis_log_w_ST = (old_ST - masked(rollout_logp.detach())).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         tis_w_ST = torch.exp(tis_log_w_ST)
-        if tis_cap is not None:
-            tis_w_ST = tis_w_ST.clamp(max=tis_cap)
+        if spec.tis_cap is not None:
+            tis_w_ST = tis_w_ST.clamp(max=spec.tis_cap)
         loss_ST = tis_w_ST * pg_ST
         optional_metrics_ST["tis_weight_mean"] = tis_w_ST
     if ref_logp is not None:
-        kl_ST = _kl_penalty(logp_ST, masked(ref_logp.detach()), kl_estimator, kl_clamp)
-        if kl_coef != 0.0:
-            loss_ST = loss_ST + kl_coef * kl_ST
+        kl_ST = _kl_penalty(logp_ST, masked(ref_logp.detach()), spec.kl_estimator, spec.kl_clamp)
+        if spec.kl_coef != 0.0:
+            loss_ST = loss_ST + spec.kl_coef * kl_ST
         optional_metrics_ST["kl_mean"] = kl_ST.detach()
 
-    loss = aggregate(loss_ST, valid_ST, mask_ST, agg, **denominators)
+    loss = aggregate(loss_ST, valid_ST, mask_ST, spec.agg, **denominators)
     metrics = loss_metrics(
         valid_ST, mask_ST, log_ratio_ST, ratio_ST,
         clip_low_ST=(ratio_ST < 1.0 - eps_low) & (adv_ST < 0),
