@@ -15,6 +15,7 @@ import pytest
 import torch
 from r1mega_kernels.vocab_parallel import logprob_partials  # after conftest set TRITON_INTERPRET
 
+from r1mega.algo import LossSpec
 from r1mega.ops import (
     grpo_loss,
     token_logprobs,
@@ -131,8 +132,15 @@ def test_out_of_vocabulary_token_has_log_prob_minus_inf(backend):
                                           torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3), group=None),
          "old_logp has shape"),
         (lambda: vocab_parallel_grpo_loss(torch.zeros(2, 3, 9), torch.zeros(2, 3, dtype=torch.long),
-                                          torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3), group=None,
-                                          agg="mean"), "agg must be one of"),
+                                          torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3),
+                                          LossSpec(agg="mean"), group=None), "agg must be one of"),  # LossSpec refuses
+        (lambda: vocab_parallel_grpo_loss(torch.zeros(2, 3, 9), torch.zeros(2, 3, dtype=torch.long),
+                                          torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3),
+                                          LossSpec(agg="seq-mean-token-sum"), group=None, global_tokens=4),
+         "global_tokens is only used by agg in"),
+        (lambda: vocab_parallel_grpo_loss(torch.zeros(2, 3, 9), torch.zeros(2, 3, dtype=torch.long),
+                                          torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3),
+                                          LossSpec(kl_coef=0.1), group=None), "kl_coef=0.1 needs ref_logp"),
     ],
 )
 def test_errors_name_the_argument(call, match):

@@ -46,6 +46,7 @@ from r1mega.ops import (
     vocab_parallel_token_logprobs,
     vocab_parallel_token_logprobs_and_entropy,
 )
+from tests.loss_cases import split_options
 from tests.test_kernels_grpo_loss import SPLITS, evaluate, logp_rounding_floors, make_batch
 from tests.test_kernels_logprob import assert_within_torch_error, random_logits
 from tests.test_ops_linear import (
@@ -232,12 +233,14 @@ def check_partial_hidden_gradients(gen) -> None:
     """hidden_grad_all_reduce=False leaves each rank's partial; their sum is the all-reduced gradient."""
     hidden, weight, batch, opts = make_linear_batch(gen, "defaults", S=2, T=5, H=8, V=WORLD * 33, device=DEVICE)
     width = weight.shape[0] // WORLD
+    spec, tensors = split_options(opts)
     grads = {}
     for all_reduce in (True, False):
         h = hidden.clone().requires_grad_()
         loss, _ = linear_grpo_loss(h, weight[RANK * width:(RANK + 1) * width], batch["tokens"], batch["old_logp"],
-                                   batch["advantages"], batch["mask"], group=GROUP, hidden_grad_all_reduce=all_reduce,
-                                   chunk_tokens=3, temperature=TEMPERATURE, **opts)
+                                   batch["advantages"], batch["mask"], spec, group=GROUP,
+                                   hidden_grad_all_reduce=all_reduce, chunk_tokens=3, temperature=TEMPERATURE,
+                                   **tensors)
         loss.backward()
         grads[all_reduce] = h.grad
     partial = grads[False].clone()
