@@ -128,18 +128,12 @@ class RunConfig(_Section):
         None, "Training prompts (.jsonl/.json/.parquet, r1mega.data rows); None: the embedded task "
         "(two-digit addition, train split).")
     heldout: Optional[str] = knob(
-        None, "Held-out prompts evaluated before training, every run.eval_every steps and at the end; "
+        None, "Held-out prompts evaluated before training, every eval.every steps and at the end; "
         "None: the embedded task's test split (with run.data None) or no evaluation.")
     template: Literal["r1_zero", "chat", "raw"] = knob(
         "r1_zero", "How a question becomes the prompt: the R1-Zero template, the tokenizer's chat template, "
         "or the question alone.")
     steps: int = knob(100, "RL steps (each: one rollout batch, batch.minibatches_per_step optimizer steps).", ge=1)
-    eval_every: int = knob(25, "Evaluate the held-out prompts every N steps (and before and after); 0: only "
-                           "before and after.", ge=0)
-    eval_samples: int = knob(4, "k: samples per held-out prompt; pass@1 is their mean accuracy (R1: 4-64).", ge=1)
-    eval_temperature: float = knob(0.6, "Evaluation sampling temperature (R1's protocol: 0.6).", ge=0.0)
-    eval_top_p: float = knob(0.95, "Evaluation nucleus mass (R1's protocol: 0.95).", gt=0.0, le=1.0)
-    eval_max_prompts: int = knob(200, "Most held-out prompts evaluated (the first N of the file).", ge=1)
     save_every: int = knob(50, "Save a checkpoint every N steps (and at the end); 0: only at the end.", ge=0)
     keep_checkpoints: int = knob(2, "Checkpoints kept (older ones are removed).", ge=1)
     samples_per_step: int = knob(2, "Completions written to samples.jsonl each step.", ge=0)
@@ -219,6 +213,30 @@ class GRPOConfig(_Section):
                         kl_estimator=self.kl_estimator, kl_clamp=self.kl_clamp,
                         tis_cap=self.tis_cap if self.tis else None, agg=self.agg,
                         norm_length=(self.norm_length or max_new_tokens) if norm else self.norm_length)
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Section):
+    """R1's evaluation protocol, its one home: k samples per problem at temperature 0.6 and top-p
+    0.95, pass@1 their mean accuracy, cons@k their majority answer's, plus one greedy completion.
+    Read by ``r1mega eval`` and by the trainer's held-out evaluation (the same evaluator,
+    r1mega.evaluation), and by the pipeline's and distillation's evaluations."""
+
+    section_name: typing.ClassVar[str] = "eval"
+
+    samples: int = knob(4, "k: samples per problem; pass@1 is their mean accuracy (R1: 4-64).", ge=1)
+    temperature: float = knob(0.6, "Sampling temperature of the k samples (R1's protocol: 0.6).", gt=0.0)
+    top_p: float = knob(0.95, "Nucleus mass of the k samples (R1's protocol: 0.95).", gt=0.0, le=1.0)
+    max_new_tokens: Optional[int] = knob(
+        None, "Longest completion; None: rollout.max_new_tokens (the budget the policy trains with).", ge=1)
+    greedy: bool = knob(True, "Also one greedy completion per problem (greedy accuracy).")
+    max_prompts: Optional[int] = knob(None, "Evaluate the first N problems of the file only; None: all.", ge=1)
+    every: int = knob(25, "The trainer evaluates the held-out prompts every N steps (and before and after); 0: "
+                      "only before and after.", ge=0)
+
+    def new_tokens(self, rollout: "RolloutConfig") -> int:
+        """The completion budget: eval.max_new_tokens, else the rollout's."""
+        return self.max_new_tokens or rollout.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -465,6 +483,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- introspection -------------------------------------------------------------------
     @classmethod
@@ -491,6 +510,8 @@ class Config:
         by_section: dict[str, dict[str, Any]] = {}
         for key, value in values.items():
             section, name = _split_key(key)
+            if name in by_section.get(section, {}):
+                raise ConfigError(f"{key}: set twice (once as {canonical_key(key)!r})")
             by_section.setdefault(section, {})[name] = value
         return dataclasses.replace(self, **{
             section: dataclasses.replace(getattr(self, section), **changes)
@@ -556,7 +577,19 @@ def did_you_mean(word: str, candidates: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+# Keys that moved, still accepted (in --set, --config files and the config.json of older runs).
+KEY_ALIASES = {"run.eval_every": "eval.every", "run.eval_samples": "eval.samples",
+               "run.eval_temperature": "eval.temperature", "run.eval_top_p": "eval.top_p",
+               "run.eval_max_prompts": "eval.max_prompts"}
+
+
+def canonical_key(key: str) -> str:
+    """`key`, or the key it is an alias of (KEY_ALIASES)."""
+    return KEY_ALIASES.get(key, key)
+
+
 def _split_key(key: str) -> tuple[str, str]:
+    key = canonical_key(key)
     if key not in Config.keys():
         raise ConfigError(f"unknown key {key!r}{did_you_mean(key, Config.keys())}")
     section, name = key.split(".", 1)

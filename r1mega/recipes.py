@@ -58,8 +58,8 @@ def tiny() -> Config:
     problems (4 samples at T 0.6, top-p 0.95) before, every 20 steps and after.
     """
     return Config().with_values({
-        "run.name": "tiny", "run.steps": 60, "run.eval_every": 20, "run.save_every": 20,
-        "run.eval_samples": 4, "run.eval_max_prompts": 200,
+        "run.name": "tiny", "run.steps": 60, "eval.every": 20, "run.save_every": 20,
+        "eval.samples": 4, "eval.max_prompts": 200,
         "grpo.group_size": 8, "grpo.agg": "seq-mean-token-mean", "grpo.kl_coef": 0.001,
         "batch.prompts_per_step": 8, "batch.micro_batch_tokens": 4096,
         "rollout.max_new_tokens": 48, "rollout.max_prompt_tokens": 128, "rollout.refit_bucket_mb": 64,
@@ -95,7 +95,7 @@ def tiny_reasoning_rl() -> Config:
     80 tokens; pass@1 of 100 held-out problems before and after.
     """
     return tiny().with_values({
-        "run.name": "tiny-reasoning-rl", "run.steps": 40, "run.eval_every": 0, "run.eval_max_prompts": 100,
+        "run.name": "tiny-reasoning-rl", "run.steps": 40, "eval.every": 0, "eval.max_prompts": 100,
         "rewards.format_style": "summary", "rewards.language_weight": 1.0, "rollout.max_new_tokens": 80,
     })
 

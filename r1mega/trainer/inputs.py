@@ -76,7 +76,7 @@ def resolve_inputs(cfg: Config) -> Inputs:
         raise TrainError(f"run.data: {len(train)} prompts, fewer than batch.prompts_per_step "
                          f"{cfg.batch.prompts_per_step}")
     model_dir, hf_dir = resolve_model(run.model)
-    return Inputs(model_dir, hf_dir, train, heldout[:run.eval_max_prompts], run.model is None, reward_kwargs)
+    return Inputs(model_dir, hf_dir, train, heldout[:cfg.eval.max_prompts], run.model is None, reward_kwargs)
 
 
 __all__ = ["Inputs", "TrainError", "resolve_inputs"]

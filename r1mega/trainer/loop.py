@@ -67,7 +67,7 @@ def train(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = 
             timer = PhaseTimer()
             run.colocation.refit()
             timer.lap("refit")
-            if step == 0 or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+            if step == 0 or (cfg.eval.every and step % cfg.eval.every == 0):
                 run_heldout_eval(run, step)
                 timer.lap("eval")
             scored = collect_groups(run, step, timer)

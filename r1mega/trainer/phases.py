@@ -145,8 +145,8 @@ def evaluate_heldout(run: GRPORun, step: int) -> dict[str, float]:
     """pass@1 over k samples per held-out prompt at the evaluation temperature and top-p (R1's
     protocol), with the format rate and the mean response length; the same dict on every rank."""
     cfg = run.cfg
-    params = SamplingParams(n=cfg.run.eval_samples, temperature=cfg.run.eval_temperature, top_p=cfg.run.eval_top_p,
-                            max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.run.seed + 7 * SEED_STRIDE)
+    params = SamplingParams(n=cfg.eval.samples, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                            max_new_tokens=cfg.eval.new_tokens(cfg.rollout), seed=cfg.run.seed + 7 * SEED_STRIDE)
     records = run.inputs.heldout
     prompt_ids = render_prompts(records, run.tokenizer, cfg.run.template, cfg.rollout.max_prompt_tokens)
     start = time.perf_counter()
@@ -156,7 +156,7 @@ def evaluate_heldout(run: GRPORun, step: int) -> dict[str, float]:
         rewards = S.score(run.scorer, rollout)
         fmt = next((v for k, v in rewards.values.items() if k.startswith("format")), None)
         result = {"pass_at_1": nanmean(rewards.values.get("accuracy")), "format_rate": nanmean(fmt),
-                  "prompts": len(records), "samples_per_prompt": cfg.run.eval_samples,
+                  "prompts": len(records), "samples_per_prompt": cfg.eval.samples,
                   "response_length_mean": sum(len(c) for c in rollout.completions) / max(len(rollout), 1),
                   "seconds": time.perf_counter() - start}
     return from_rank0(result)
@@ -169,7 +169,7 @@ def run_heldout_eval(run: GRPORun, step: int) -> None:
         run.evals[str(step)] = result
         run.log.evaluation(step, result)
         run.log.note(f"held-out pass@1 at step {step}: {result['pass_at_1']:.3f} (format "
-                     f"{result['format_rate']:.3f}, {len(run.inputs.heldout)} prompts x {run.cfg.run.eval_samples})")
+                     f"{result['format_rate']:.3f}, {len(run.inputs.heldout)} prompts x {run.cfg.eval.samples})")
 
 
 def save(run: GRPORun, step: int) -> None:
