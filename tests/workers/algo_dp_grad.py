@@ -10,7 +10,7 @@ process: the gradient of the full batch must be the sum of the ranks' gradients.
 import torch
 import torch.distributed as dist
 
-from r1mega.algo import AGG_MODES, local_denominators, policy_loss
+from r1mega.algo import AGG_MODES, LossSpec, local_denominators, policy_loss
 
 S, T = 11, 9
 # Uneven slices of the S sequences, per world size; sequence 3 is empty (it lands on rank 0 or 1).
@@ -29,11 +29,11 @@ adv = torch.randn(S, generator=gen, dtype=torch.float64)
 lengths = torch.randint(1, T + 1, (S,), generator=gen)
 lengths[3] = 0
 mask = torch.arange(T)[None, :] < lengths[:, None]
-options = dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_estimator="k3", kl_clamp=10.0, tis_cap=2.0)
+options = LossSpec(eps_low=0.2, eps_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_estimator="k3", kl_clamp=10.0, tis_cap=2.0)
 
 for ratio_level in ("token", "sequence"):
     for agg in AGG_MODES:
-        kwargs = dict(options, ratio_level=ratio_level, agg=agg)
+        spec = options.replace(ratio_level=ratio_level, agg=agg)
         # The trainer's job, not algo's: turn local counts into mini-batch denominators.
         denominators = local_denominators(mask[rows], agg)
         for count in denominators.values():
@@ -41,8 +41,8 @@ for ratio_level in ("token", "sequence"):
 
         logp = logp_full.clone().requires_grad_()
         loss, _ = policy_loss(
-            logp[rows], old[rows], adv[rows], mask[rows], ref_logp=ref[rows], rollout_logp=rollout[rows],
-            **kwargs, **denominators,
+            logp[rows], old[rows], adv[rows], mask[rows], spec, ref_logp=ref[rows], rollout_logp=rollout[rows],
+            **denominators,
         )
         (grad,) = torch.autograd.grad(loss, logp)  # zero outside this rank's rows
         summed_loss = loss.detach().clone()
@@ -50,7 +50,7 @@ for ratio_level in ("token", "sequence"):
         dist.all_reduce(summed_loss)
 
         full = logp_full.clone().requires_grad_()
-        full_loss, _ = policy_loss(full, old, adv, mask, ref_logp=ref, rollout_logp=rollout, **kwargs)
+        full_loss, _ = policy_loss(full, old, adv, mask, spec, ref_logp=ref, rollout_logp=rollout)
         (full_grad,) = torch.autograd.grad(full_loss, full)
         torch.testing.assert_close(summed_loss, full_loss.detach(), rtol=1e-12, atol=1e-14, msg=f"{agg} loss")
         torch.testing.assert_close(grad, full_grad, rtol=1e-12, atol=1e-14, msg=f"{agg} {ratio_level} grad")
