@@ -76,6 +76,7 @@ def test_fp8_train_step_follows_bf16(tiny_models, recipe):
     """One GRPO step of the tiny Qwen3-MoE in FP8 (TE layers, grouped experts, THD) has the bf16
     step's loss within FP8's error and updates the weights."""
     _te_or_skip()
+    from r1mega.algo import LossSpec
     from r1mega.models import load_policy
 
     path = tiny_models / "qwen3_moe"
@@ -91,7 +92,7 @@ def test_fp8_train_step_follows_bf16(tiny_models, recipe):
         logp = policy.logprobs(ids)
         batch = dict(input_ids=ids, attention_mask=torch.ones_like(cm), completion_mask=cm, old_logp=logp,
                      advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]))
-        results[name] = policy.train_step(batch)
+        results[name] = policy.train_step(batch, LossSpec())
         assert results[name]["update_successful"] == 1.0
         del policy
     assert abs(results["fp8"]["loss"] - results["bf16"]["loss"]) <= 0.05 * abs(results["bf16"]["loss"]) + 1e-3
