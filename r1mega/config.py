@@ -470,6 +470,158 @@ class PolicyConfig(_Section):
                     self._fail(name, f"is for policy.fp8_recipe=delayed, not {self.fp8_recipe}")
 
 
+# ---- command sections: the settings of one command each (r1mega sample, rm, distill, ...) --------------
+@dataclass(frozen=True)
+class SampleConfig(_Section):
+    """Rejection sampling (``r1mega sample``, R1's stage 3): k completions per prompt at a sampling
+    temperature (not the evaluation protocol's: eval.*), kept when verified and readable. The prompt
+    template is run.template, the output format rewards.format_style, the prompts run.data (None: the
+    embedded task's train split) and the model run.model; the seed is run.seed."""
+
+    section_name: typing.ClassVar[str] = "sample"
+
+    samples: int = knob(8, "k: completions sampled per prompt.", ge=1)
+    max_per_prompt: int = knob(4, "Most completions kept per prompt.", ge=1)
+    temperature: float = knob(0.7, "Sampling temperature.", gt=0.0)
+    top_p: float = knob(0.95, "Nucleus mass.", gt=0.0, le=1.0)
+    max_new_tokens: int = knob(1024, "Longest completion sampled.", ge=1)
+    max_tokens: Optional[int] = knob(None, "Longest completion kept; None: no bound but sample.max_new_tokens.", ge=1)
+    min_language: float = knob(
+        0.95, "Language consistency a kept completion needs where its prompt names a language.", ge=0.0, le=1.0)
+    max_repeats: int = knob(4, "Copies in a row of one span of words that count as runaway repetition.", ge=2)
+    judge: Optional[str] = knob(
+        None, "'package.module:function', judge(record, completion) -> bool, for prompts no rule verifies "
+        "(task 'general'); None: such prompts are refused.")
+    max_prompts: Optional[int] = knob(None, "Sample the first N prompts only; None: all.", ge=1)
+
+    def _check(self) -> None:
+        if self.judge is not None and self.judge.count(":") != 1:
+            self._fail("judge", "is not 'package.module:function'")
+
+
+@dataclass(frozen=True)
+class RMConfig(_Section):
+    """Reward-model training (``r1mega rm``): Bradley-Terry on preference pairs. The backbone is
+    run.model (None: the embedded base model); the score head and the shuffles are drawn from run.seed."""
+
+    section_name: typing.ClassVar[str] = "rm"
+
+    data: Optional[str] = knob(
+        None, "Train pairs: prompt, chosen, rejected (.jsonl/.json/.parquet); None: the embedded general prompts' "
+        "train pairs.")
+    heldout: Optional[str] = knob(
+        None, "Held-out pairs to measure pair accuracy on; None: the embedded test pairs without rm.data, none "
+        "with it.")
+    epochs: int = knob(4, "Passes over the train pairs.", ge=1)
+    lr: float = knob(5e-4, "AdamW learning rate.", gt=0.0)
+    batch_size: int = knob(8, "Pairs per step.", ge=1)
+    max_length: int = knob(
+        4096, "Tokens kept per prompt + completion, the last ones (RewardModel's default, so its scores of long "
+        "pairs match the training's).", ge=2)
+
+
+@dataclass(frozen=True)
+class DistillConfig(_Section):
+    """Distillation (``r1mega distill``): how the teacher is sampled and its traces filtered. The
+    student's SFT is the rest of the config (recipe tiny-cold-start by default); the held-out
+    evaluation is eval.* (samples, temperature, top_p, greedy; eval.max_new_tokens, None: distill's
+    max_new_tokens); the prompt template run.template, the seed run.seed."""
+
+    section_name: typing.ClassVar[str] = "distill"
+
+    samples: int = knob(4, "Teacher completions sampled per training prompt.", ge=1)
+    max_per_prompt: int = knob(2, "Most traces kept per prompt.", ge=1)
+    temperature: float = knob(0.7, "Teacher sampling temperature (the evaluation keeps eval.temperature).", gt=0.0)
+    top_p: float = knob(0.95, "Teacher nucleus mass.", gt=0.0, le=1.0)
+    max_new_tokens: int = knob(
+        96, "Longest teacher completion, and the evaluation's where eval.max_new_tokens is None.", ge=1)
+    min_language: float = knob(
+        0.95, "Language consistency a kept trace needs where its prompt names one.", ge=0.0, le=1.0)
+    format_style: Literal["answer-tags", "summary"] = knob(
+        "summary", "The output format the traces are checked and the models evaluated in: summary (R1's, the "
+        "default here, unlike rewards.format_style's) or answer-tags (R1-Zero's).")
+    max_prompts: Optional[int] = knob(
+        None, "First N training prompts; None: all (the embedded R1 corpus's whole train split).", ge=1)
+    max_heldout: Optional[int] = knob(
+        None, "First N held-out problems; None: all of a file, 100 of the embedded test split.", ge=1)
+
+
+@dataclass(frozen=True)
+class PipelineConfig(_Section):
+    """``r1mega pipeline``: every R1 stage on the embedded default. Each stage runs a named recipe
+    (r1mega.pipeline.STAGE_RECIPES; ``r1mega recipes``), not settings of its own."""
+
+    section_name: typing.ClassVar[str] = "pipeline"
+
+    out: str = knob("runs/r1-pipeline", "Where every stage writes; run again to resume.")
+    heldout_problems: int = knob(100, "Held-out problems every model is evaluated on.", ge=1)
+    sample_prompts: int = knob(1200, "Stage-2 training prompts rejection-sampled for stage 3 (and the student).", ge=1)
+    mix_math_prompts: int = knob(600, "Additions in stage 4's prompt set, next to every general train prompt.", ge=1)
+
+
+@dataclass(frozen=True)
+class PretrainConfig(_Section):
+    """``r1mega pretrain``: the embedded base model (r1mega.run.base_model.PretrainSpec; the defaults
+    are the model every embedded run uses, cached under a hash of these values)."""
+
+    section_name: typing.ClassVar[str] = "pretrain"
+
+    out: Optional[str] = knob(None, "Write the model into this directory; None: the cache ($R1MEGA_CACHE).")
+    steps: int = knob(1400, "Pretraining steps.", ge=1)
+    batch_size: int = knob(16, "Sequences per step.", ge=1)
+    lr: float = knob(3e-3, "Peak AdamW learning rate (linear warm-up, then cosine decay).", gt=0.0)
+    warmup_steps: int = knob(30, "Linear warm-up steps.", ge=0)
+    noise: float = knob(0.5, "Share of corpus documents whose final answer is wrong.", ge=0.0, le=1.0)
+    train_problems: int = knob(5000, "Problems in the pretraining corpus.", ge=1)
+    vocab_size: int = knob(512, "BPE vocabulary size.", ge=1)
+    seed: int = knob(0, "Seed of the corpus, the tokenizer and the model (names the cache entry, so not run.seed).", ge=0)
+    arch: Literal["qwen3_moe", "llama", "qwen2"] = knob(
+        "qwen3_moe", "qwen3_moe (the tiny MoE base) or a dense student's architecture.")
+    num_layers: Optional[int] = knob(None, "Dense archs: layers; None: tiny_dense_config's.", ge=1)
+    hidden_size: Optional[int] = knob(None, "Dense archs: hidden size; None: tiny_dense_config's.", ge=1)
+    intermediate_size: Optional[int] = knob(None, "Dense archs: FFN size; None: tiny_dense_config's.", ge=1)
+
+    def _check(self) -> None:
+        if self.arch == "qwen3_moe":
+            for name in ("num_layers", "hidden_size", "intermediate_size"):
+                if getattr(self, name) is not None:
+                    self._fail(name, "applies to the dense archs only (pretrain.arch llama or qwen2)")
+
+
+@dataclass(frozen=True)
+class ConvertConfig(_Section):
+    """``r1mega convert``: Hugging Face safetensors <-> megatron checkpoint; the layout is parallel.*."""
+
+    section_name: typing.ClassVar[str] = "convert"
+
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = knob(
+        None, "The megatron parameters' dtype; None: the Hugging Face config's.")
+
+
+@dataclass(frozen=True)
+class SynthConfig(_Section):
+    """``r1mega synth``: a shipped synthetic task written as a prompt dataset; the seed is run.seed."""
+
+    section_name: typing.ClassVar[str] = "synth"
+
+    n: int = knob(100, "Number of problems written.", ge=1)
+    difficulty: int = knob(1, "Task difficulty.", ge=1)
+    split: Literal["train", "test"] = knob("train", "Which split's problems.")
+    style: Literal["r1-zero", "r1"] = knob(
+        "r1-zero", "Format of the reference solutions: r1-zero (<think> then <answer>) or r1 (think, then a summary).")
+
+
+@dataclass(frozen=True)
+class PlanConfig(_Section):
+    """``r1mega plan``: the per-rank plan of a launch (the command's layout is its own config's parallel.*)."""
+
+    section_name: typing.ClassVar[str] = "plan"
+
+    nnodes: int = knob(1, "Nodes of the launch.", ge=1)
+    nproc_per_node: int = knob(1, "Processes (ranks) per node.", ge=1)
+    full: bool = knob(False, "One row per rank even for a large world.")
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole r1mega run. Build one with a recipe, then `with_overrides`."""
@@ -484,6 +636,14 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     # ---- introspection -------------------------------------------------------------------
     @classmethod
@@ -594,6 +754,13 @@ def _split_key(key: str) -> tuple[str, str]:
         raise ConfigError(f"unknown key {key!r}{did_you_mean(key, Config.keys())}")
     section, name = key.split(".", 1)
     return section, name
+
+
+def key_type(key: str) -> type:
+    """The Python type a key's values have (Optional and Literal unwrapped to their base)."""
+    section, name = _split_key(key)
+    base, _ = _unwrap_optional(typing.get_type_hints(_section_type(section))[name])
+    return type(typing.get_args(base)[0]) if typing.get_origin(base) is Literal else base
 
 
 _TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"none", "null"}
