@@ -31,11 +31,27 @@ more in a new process and the run fails only when a phase fails both times (the 
 scores is judged), with one line per phase naming it, both scores and how to update the baseline.
 A score below FASTER_FACTOR (0.5) x the baseline's prints a note suggesting an update but passes.
 A phase missing on either side fails. Exit status: 1 on a regression, 2 on a bad baseline file
-(one line naming the file and the field) or a workload that is not the baseline's.
+(one line naming the file and the field) or a workload that is not the baseline's, 3 when the
+machine was too noisy to judge (below).
+
+Noise: the normalisation cancels a steady load, not one that changes from one moment to the next
+(on the 2-core machine, beside other test runs at load average 8-20, the rollout phase scored
+1.31-1.41x its baseline while train scored 0.84-0.87x, with no code change). Each process therefore
+measures how much the reference workload itself varies: its spread is the upper over the lower
+quartile of its 5 x --repeats timings (:func:`reference_spread`). A measurement whose spread is over
+NOISE_LIMIT (1.10x) judges nothing: the run stops there and exits 3 with one line giving the spread
+("too noisy to judge: ..."), which the test reports as a skip, not a pass. Only steady measurements
+are judged, so a regression fails on two steady ones (a noisy re-measurement also exits 3).
+
+A deliberate slowdown shows that a steady machine still fails a real regression:
+``R1MEGA_BENCH_SLOWDOWN=rollout=1.4 python benchmarks/bench_step_phases.py`` makes the named
+phase(s) that many times slower (busy-waiting after each call, in the measuring process); it is
+printed in the report and refused with --update-baseline.
 
 Updating the baseline is a deliberate act: ``--update-baseline --reason "why"`` measures in
 BASELINE_PROCESSES (3) processes, then rewrites the file (atomically) with the median of their
-per-phase scores, the workload, the environment, the date, the commit and the reason. Commit the
+per-phase scores, the workload, the environment, the date, the commit and the reason (none is
+written when one of the processes is too noisy: exit 3). Commit the
 file on its own, the reason in the message, so that the change is reviewed. The check runs in the
 test suite (tests/test_throughput_regression.py), also beside CPU-bound processes (.ci/under-load).
 Every run appends one JSON line per phase, with the environment, to --out (default
@@ -63,6 +79,9 @@ REGRESSION_FACTOR = 1.25  # a phase this much slower than the baseline fails the
 FASTER_FACTOR = 0.5  # a phase this much faster gets a note suggesting a baseline update
 BASELINE_PROCESSES = 3  # a baseline is the median of this many measuring processes
 UPDATE_COMMAND = 'python benchmarks/bench_step_phases.py --update-baseline --reason "..."'
+NOISE_LIMIT = 1.10  # the reference's spread (q3/q1 of its timings) above which a run judges nothing
+EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_TOO_NOISY = 1, 2, 3
+SLOWDOWN_ENV = "R1MEGA_BENCH_SLOWDOWN"  # "phase=factor[,phase=factor]": a deliberate slowdown, for proofs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +184,47 @@ def environment_notes(baseline_env: object, env: dict) -> list[str]:
             "not the code"] if differ else []
 
 
+def reference_spread(times: list[float]) -> float:
+    """How much the reference workload's own timings vary in one process: the ratio of their upper
+    to their lower quartile (1.0: every call took as long; 1.10: the middle half of the calls spans
+    10%). The phases are timed between these calls, so a machine whose speed moves this much from
+    one call to the next cannot tell a 1.25x slowdown of a phase from its own noise."""
+    if len(times) < 4 or any(not (math.isfinite(t) and t > 0) for t in times):
+        raise ValueError(f"reference_spread needs at least 4 positive timings, got {times!r}")
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q3 / q1
+
+
+def noise_line(spread: float, timings: int, *, limit: float = NOISE_LIMIT) -> str | None:
+    """None when a process's reference `spread` (over `timings` calls) is within `limit`, else the
+    one line that says the run is too noisy to judge."""
+    if spread <= limit:
+        return None
+    return (f"too noisy to judge: the reference workload's timings spread {spread:.2f}x (upper/lower "
+            f"quartile of {timings} calls in one process; limit {limit:.2f}x), too much to tell a "
+            f"{REGRESSION_FACTOR:.2f}x slowdown from the machine's noise; rerun on a quieter machine")
+
+
+def parse_slowdown(text: str | None) -> dict[str, float]:
+    """The deliberate slowdown of SLOWDOWN_ENV, e.g. "rollout=1.4": each named phase is made that
+    many times slower (busy-waiting after it), to show that the check fails a real slowdown."""
+    if not text or not text.strip():
+        return {}
+    out = {}
+    for item in text.split(","):
+        name, sep, factor = item.partition("=")
+        name = name.strip()
+        try:
+            value = float(factor) if sep else float("nan")
+        except ValueError:
+            value = float("nan")
+        if name not in PHASES or not (math.isfinite(value) and value >= 1):
+            raise ValueError(f"{SLOWDOWN_ENV}={text!r}: expected phase=factor[,...] with a phase in "
+                             f"{PHASES} and a factor >= 1, got {item!r}")
+        out[name] = value
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +318,7 @@ class StepPhases:
         self.prompt_ids = [torch.randint(10, workload.vocab, (workload.prompt_tokens,), generator=g).tolist()
                            for _ in range(workload.prompts)]
         self.rewards = torch.randint(0, 2, (workload.prompts * workload.group,), generator=g).double()
-        self.opts = S.loss_options(cfg.grpo, rollout_cfg.max_new_tokens, has_ref=True)
+        self.loss_spec = cfg.grpo.loss_spec(max_new_tokens=rollout_cfg.max_new_tokens, has_reference=True)
         self.completions = None
         self.batch = None
 
@@ -297,22 +357,26 @@ class StepPhases:
         for mb in self.S.minibatches(self.batch, batch_cfg.minibatches_per_step):
             step_batch = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                               completion_mask=mb.completion_mask, old_logp=mb.old_logp, advantages=mb.advantages,
-                              ref_logp=mb.ref_logp, **self.opts)
+                              ref_logp=mb.ref_logp)
             if self.cfg.grpo.tis:
                 step_batch["rollout_logp"] = mb.rollout_logp
-            self.policy.train_step(step_batch, micro_batch_tokens=batch_cfg.micro_batch_tokens,
+            self.policy.train_step(step_batch, self.loss_spec, micro_batch_tokens=batch_cfg.micro_batch_tokens,
                                    balance=batch_cfg.balance)
 
 
-def measure(steps: StepPhases, reference: ReferenceWorkload, repeats: int) -> dict[str, list[dict]]:
-    """Per phase, one sample per step after a warm-up step: the phase's seconds, the mean of the
-    reference's seconds just before and just after it, and their ratio."""
+def measure(steps: StepPhases, reference: ReferenceWorkload, repeats: int,
+            slowdown: dict[str, float] | None = None) -> dict:
+    """``phases``: per phase, one sample per step after a warm-up step: the phase's seconds, the mean
+    of the reference's seconds just before and just after it, and their ratio; ``reference_s``:
+    every timing of the reference after the warm-up step (for :func:`reference_spread`)."""
     import gc
 
     import torch
 
     torch.set_num_threads(1)
+    slowdown = slowdown or {}
     samples: dict[str, list[dict]] = {name: [] for name in PHASES}
+    references: list[float] = []
     for step in range(repeats + 1):
         # As timeit does: no garbage collection inside a step (a full collection of the step's
         # objects landed in one phase at random, 2x its time), one collection between steps.
@@ -320,28 +384,36 @@ def measure(steps: StepPhases, reference: ReferenceWorkload, repeats: int) -> di
         gc.disable()
         try:
             before = _timed(reference)
+            if step:
+                references.append(before)
             for name in PHASES:
-                seconds = _timed(getattr(steps, name))
+                seconds = _timed(getattr(steps, name), slowdown.get(name, 1.0))
                 if name == "rollout":
                     steps.prepare_batch()
                 after = _timed(reference)
                 if step:  # the first step warms up (allocator, optimizer state, stream plan)
+                    references.append(after)
                     ref = (before + after) / 2
                     samples[name].append({"seconds": seconds, "reference_s": ref, "ratio": seconds / ref})
                 before = after
         finally:
             gc.enable()
-    return samples
+    return {"phases": samples, "reference_s": references}
 
 
-def _timed(fn) -> float:
+def _timed(fn, factor: float = 1.0) -> float:
+    """Seconds of fn(); with factor > 1 (a deliberate slowdown), busy-wait until factor x as long."""
     t0 = time.perf_counter()
     fn()
+    if factor > 1:
+        end = t0 + factor * (time.perf_counter() - t0)
+        while time.perf_counter() < end:
+            pass
     return time.perf_counter() - t0
 
 
 def scores_of(samples: dict[str, list[dict]]) -> dict[str, float]:
-    """Each phase's score: the median of its per-step ratios."""
+    """Each phase's score: the median of its per-step ratios (`samples`: a measurement's ``phases``)."""
     return {name: statistics.median(s["ratio"] for s in rows) for name, rows in samples.items()}
 
 
@@ -351,11 +423,11 @@ def worker(args) -> None:
 
     warnings.filterwarnings("ignore")
     steps = StepPhases(Path(args.model), Workload())
-    samples = measure(steps, ReferenceWorkload(), args.repeats)
-    Path(args.result).write_text(json.dumps(samples))
+    measured = measure(steps, ReferenceWorkload(), args.repeats, parse_slowdown(os.environ.get(SLOWDOWN_ENV)))
+    Path(args.result).write_text(json.dumps(measured))
 
 
-def measure_in_process(model: Path, repeats: int, result: Path) -> dict[str, list[dict]]:
+def measure_in_process(model: Path, repeats: int, result: Path) -> dict:
     """Run :func:`worker` in a fresh process (one thread, no torch.compile, CPU only): each
     measurement gets its own process, so a process-wide accident (memory layout, the core it
     landed on) does not repeat in the re-measurement."""
@@ -398,6 +470,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.update_baseline and not (args.reason or "").strip():
         ap.error('--update-baseline needs --reason "why the baseline changes" (it is recorded in the file)')
+    try:
+        slowdown = parse_slowdown(os.environ.get(SLOWDOWN_ENV))
+    except ValueError as err:
+        print(f"bench_step_phases: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if slowdown and args.update_baseline:
+        print(f"bench_step_phases: {SLOWDOWN_ENV} is set: no baseline from a deliberately slowed step",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     workload = Workload()
     baseline = None
     if not args.update_baseline:
@@ -405,28 +486,40 @@ def main(argv: list[str] | None = None) -> int:
             baseline = load_baseline(args.baseline)
         except BaselineError as err:
             print(f"bench_step_phases: {err}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         if baseline["workload"] != workload.as_dict():
             print(f"bench_step_phases: {args.baseline}: field 'workload' {baseline['workload']} is not this "
                   f"script's {workload.as_dict()}, so the scores do not compare; {UPDATE_COMMAND}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
 
     import tempfile
 
     env = environment()
     start = time.perf_counter()
-    runs: list[dict[str, list[dict]]] = []
+    runs: list[dict] = []  # one measurement per process: {"phases": ..., "reference_s": [...]}
+    noisy: str | None = None  # the line saying why nothing was judged
     with tempfile.TemporaryDirectory(prefix="bench-step-phases-") as tmp:
         model = build_random_model(Path(tmp) / "model", workload.vocab)
 
         def run() -> dict[str, float]:
+            """Measure in a new process; its scores. Sets `noisy` when its reference varied too much."""
+            nonlocal noisy
             runs.append(measure_in_process(model, args.repeats, Path(tmp) / f"result-{len(runs)}.json"))
-            return scores_of(runs[-1])
+            refs = runs[-1]["reference_s"]
+            runs[-1]["spread"] = reference_spread(refs)
+            noisy = noisy or noise_line(runs[-1]["spread"], len(refs))
+            return scores_of(runs[-1]["phases"])
 
-        measured = [run() for _ in range(BASELINE_PROCESSES if args.update_baseline else 1)]
+        # A measurement is judged only when its process's reference workload was steady (NOISE_LIMIT):
+        # the first noisy one ends the run, judging nothing (exit EXIT_TOO_NOISY: the test skips).
+        measured = []
+        for _ in range(BASELINE_PROCESSES if args.update_baseline else 1):
+            measured.append(run())
+            if noisy:
+                break
         scores = {name: statistics.median(m[name] for m in measured) for name in PHASES}
         verdict, both = None, {}
-        if baseline is not None:
+        if baseline is not None and not noisy:
             verdict = compare(scores, baseline["phases"], source=args.baseline)
             if verdict.regressions:  # once more, in a fresh process; the lower score counts
                 print(f"over {REGRESSION_FACTOR}x the baseline: {', '.join(verdict.regressions)}; measuring again")
@@ -437,14 +530,20 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - start
 
     base = baseline["phases"] if baseline else {}
-    rows = [{"phase": name, "seconds": statistics.median(r["seconds"] for run_ in runs for r in run_[name]),
-             "reference_s": statistics.median(r["reference_s"] for run_ in runs for r in run_[name]),
+    rows = [{"phase": name,
+             "seconds": statistics.median(r["seconds"] for run_ in runs for r in run_["phases"][name]),
+             "reference_s": statistics.median(r["reference_s"] for run_ in runs for r in run_["phases"][name]),
              "score": scores[name], "baseline": base.get(name),
-             "process_scores": [statistics.median(r["ratio"] for r in run_[name]) for run_ in runs]}
+             "process_scores": [statistics.median(r["ratio"] for r in run_["phases"][name]) for run_ in runs]}
             for name in PHASES]
+    spreads = [run_["spread"] for run_ in runs]
     print(f"\nGRPO step phases, tiny default (Qwen3-MoE, random weights), world 1, 1 thread: {workload.prompts} "
           f"prompts x G={workload.group}, {workload.prompt_tokens} prompt + {workload.new_tokens} new tokens; "
-          f"score = phase s / reference s, median of {args.repeats} steps; {len(runs)} process(es), {total_s:.0f} s")
+          f"score = phase s / reference s, median of {args.repeats} steps; {len(runs)} process(es), {total_s:.0f} s; "
+          f"reference spread (q3/q1) per process {' '.join(f'{x:.3f}x' for x in spreads)} (limit {NOISE_LIMIT:.2f}x)")
+    if slowdown:
+        print(f"note: {SLOWDOWN_ENV} slows down, deliberately: "
+              + ", ".join(f"{name} {factor:g}x" for name, factor in slowdown.items()))
     print_table([("phase", -9, lambda r: r["phase"]), ("phase s", 9, lambda r: f"{r['seconds']:.4f}"),
                  ("ref s", 9, lambda r: f"{r['reference_s']:.4f}"), ("score", 8, lambda r: f"{r['score']:.3f}"),
                  ("baseline", 9, lambda r: "-" if r["baseline"] is None else f"{r['baseline']:.3f}"),
@@ -452,14 +551,18 @@ def main(argv: list[str] | None = None) -> int:
                  ("  per process", -1, lambda r: "  " + " ".join(f"{x:.3f}" for x in r["process_scores"]))],
                 rows)
     append_jsonl(args.out, [{"bench": "bench_step_phases", **r, "measured_twice": r["phase"] in both,
+                             "reference_spreads": spreads, "too_noisy": bool(noisy), "slowdown": slowdown,
                              "repeats": args.repeats, "workload": workload.as_dict(), **env} for r in rows])
+    if noisy:
+        print(("no baseline written: " if args.update_baseline else "throughput check skipped: ") + noisy)
+        return EXIT_TOO_NOISY
     if args.update_baseline:
         write_baseline(Path(args.baseline), scores, workload, args.repeats, len(runs), args.reason.strip(), env)
         return 0
     for line in [*environment_notes(baseline.get("environment"), env), *verdict.lines]:
         print(line)
     if not verdict.ok:
-        return 1
+        return EXIT_REGRESSION
     print(f"throughput check passed: every phase within {REGRESSION_FACTOR}x of its score in {args.baseline}")
     return 0
 
