@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repository root: tests.loss_cases
+
 from _models_common import (
     LOGIT_ATOL,
     log,
@@ -49,7 +51,16 @@ from _policy_common import (
     rel_params,
 )
 
+from tests.loss_cases import split_options  # noqa: E402
+
 FAMILIES = ("deepseek_v3", "qwen3_moe", "qwen2")
+
+
+def train(policy, batch, **kwargs):
+    """policy.train_step of a batch that carries the family's loss options (_policy_common.LOSS)
+    next to its tensors: the options become the LossSpec, the tensors the batch."""
+    spec, tensors = split_options(batch)
+    return policy.train_step(tensors, spec, **kwargs)
 
 
 def parity(policy, root: Path, family: str, device: str | None = None) -> float:
@@ -81,25 +92,21 @@ def transformers_step(root: Path, family: str, batch) -> tuple[float, float]:
     ids, am, cm = on_device["input_ids"], on_device["attention_mask"], on_device["completion_mask"]
     logits = model(input_ids=ids, attention_mask=am.long()).logits
     logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-    options = {k: v for k, v in batch.items() if k in LOSS_KEYS}
+    spec, _ = split_options(batch)
     mask = cm[:, 1:]
-    loss, _ = policy_loss(logp, on_device["old_logp"][:, 1:], on_device["advantages"], mask,
+    loss, _ = policy_loss(logp, on_device["old_logp"][:, 1:], on_device["advantages"], mask, spec,
                           ref_logp=on_device["ref_logp"][:, 1:],
                           rollout_logp=on_device["rollout_logp"][:, 1:] if "rollout_logp" in batch else None,
-                          **options, **local_denominators(mask, options.get("agg", "token-mean")))
+                          **local_denominators(mask, spec.agg))
     loss.backward()
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
     return float(loss), float(norm)
 
 
-LOSS_KEYS = ("eps_low", "eps_high", "dual_clip", "ratio_level", "kl_coef", "kl_estimator", "kl_clamp", "tis_cap",
-             "agg", "norm_length")
-
-
 def trajectory(policy, batch, steps, *, save_to=None):
     losses, norms = [], []
     for _ in range(steps):
-        metrics = policy.train_step(batch)
+        metrics = train(policy, batch)
         assert metrics["update_successful"] == 1.0, metrics
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
@@ -156,28 +163,39 @@ def check_refusals(policy, batch) -> None:
     bad_mask[0, 2] = False  # a hole: not right-padded
     early = batch["completion_mask"].clone()
     early[:, 0] = True
+    spec, tensors = split_options(batch)
+    assert spec.kl_coef != 0 and spec.tis_cap is not None, spec  # the KL and TIS refusals below need both
     cases = {
-        "left padding": (dict(batch, attention_mask=bad_mask), "right-padded"),
-        "t=0 in the loss": (dict(batch, completion_mask=early), "must be 0 at t = 0"),
-        "unknown key": (dict(batch, global_tokens=10), "unknown batch key 'global_tokens'"),
-        "missing key": ({k: v for k, v in batch.items() if k != "old_logp"}, "no 'old_logp'"),
-        "norm_length": (dict(batch, agg="seq-mean-token-sum-norm"), "needs norm_length"),
-        "shape": (dict(batch, old_logp=batch["old_logp"][:, 1:]), "old_logp has shape"),
+        "left padding": (dict(tensors, attention_mask=bad_mask), spec, "right-padded"),
+        "t=0 in the loss": (dict(tensors, completion_mask=early), spec, "must be 0 at t = 0"),
+        "unknown key": (dict(tensors, global_tokens=10), spec, "unknown batch key 'global_tokens'"),
+        "missing key": ({k: v for k, v in tensors.items() if k != "old_logp"}, spec, "no 'old_logp'"),
+        "norm_length": (tensors, spec.replace(agg="seq-mean-token-sum-norm"), "needs norm_length"),
+        "shape": (dict(tensors, old_logp=tensors["old_logp"][:, 1:]), spec, "old_logp has shape"),
     }
-    for what, (bad, message) in cases.items():
+    # The batch and the LossSpec must fit: no loss option among the tensors, the tensors the spec needs.
+    spec_cases = {
+        "loss option in the batch": (dict(tensors, eps_low=0.1), spec, "unknown batch key 'eps_low'"),
+        "kl without ref_logp": ({k: v for k, v in tensors.items() if k != "ref_logp"}, spec, "needs ref_logp"),
+        "tis without rollout_logp": ({k: v for k, v in tensors.items() if k != "rollout_logp"}, spec,
+                                     "tis_cap needs rollout_logp"),
+    }
+    for what, (bad, bad_spec, message) in {**cases, **spec_cases}.items():
         try:
-            policy.train_step(bad)
+            policy.train_step(bad, bad_spec)
         except ValueError as err:
             assert message in str(err), (what, err)
         else:
             raise AssertionError(f"{what} was accepted")
     log(f"refused bad batches: {', '.join(cases)}")
+    log(f"refused batches that do not fit the LossSpec: {', '.join(spec_cases)}")
 
 
 def check_bf16(root: Path) -> None:
     """bf16 parameters (fp32 Adam main weights): log-probs near fp32's, a finite step, source dtypes out."""
     import torch
 
+    from r1mega.algo import LossSpec
     from r1mega.models import load_policy
 
     ids = reference(root, "deepseek_v3")["ids"]
@@ -189,7 +207,7 @@ def check_bf16(root: Path) -> None:
     cm = torch.ones_like(ids, dtype=torch.bool)
     cm[:, 0] = False
     metrics = policy.train_step(dict(input_ids=ids, attention_mask=torch.ones_like(cm), completion_mask=cm,
-                                     old_logp=logp, advantages=torch.tensor([1.0, -1.0])))
+                                     old_logp=logp, advantages=torch.tensor([1.0, -1.0])), LossSpec())
     assert metrics["update_successful"] == 1.0 and torch.isfinite(torch.tensor(metrics["grad_norm"])), metrics
     dtypes = {str(t.dtype) for bucket in policy.hf_weight_buckets(1 << 20) for _, t in bucket}
     assert dtypes == {"torch.bfloat16", "torch.float32"}, dtypes  # bf16 weights, fp32 expert bias
@@ -257,14 +275,14 @@ def check_token_budget(root: Path, family: str, batch, logp0, hf_loss: float, hf
         diff = rel(policy.logprobs(batch["input_ids"], batch["attention_mask"], micro_batch_tokens=budget,
                                    balance=balance), logp0)
         assert diff <= 1e-6, (family, balance, diff)
-    metrics = policy.train_step(batch, micro_batch_tokens=budget)
+    metrics = train(policy, batch, micro_batch_tokens=budget)
     assert abs(metrics["loss"] - hf_loss) <= 1e-5 and abs(metrics["grad_norm"] - hf_norm) <= 1e-4 * hf_norm, (
         family, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
     log(f"token budget {budget} {family} logp {diff:.3g} loss {metrics['loss']:.8f} vs {hf_loss:.8f} "
         f"grad_norm {metrics['grad_norm']:.8f} vs {hf_norm:.8f}")
     # the full-logits head (what bench_policy compares the fused head with) is the same step
     del policy
-    metrics = load(root / family).train_step(batch, micro_batch_tokens=budget, loss_head="logits")
+    metrics = train(load(root / family), batch, micro_batch_tokens=budget, loss_head="logits")
     assert abs(metrics["loss"] - hf_loss) <= 1e-5 and abs(metrics["grad_norm"] - hf_norm) <= 1e-4 * hf_norm, (
         family, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
     log(f"logits head {family} loss {metrics['loss']:.8f} vs {hf_loss:.8f} "
@@ -284,7 +302,7 @@ def check_policy_variants(root: Path, family: str, batch, logp0, hf_loss: float,
     for name, policy_config in variants.items():
         policy = load(root / family, policy=policy_config)
         diff = rel(policy.logprobs(batch["input_ids"], batch["attention_mask"], micro_batch_tokens=budget), logp0)
-        metrics = policy.train_step(batch, micro_batch_tokens=budget)
+        metrics = train(policy, batch, micro_batch_tokens=budget)
         assert diff <= 1e-6, (family, name, diff)
         assert abs(metrics["loss"] - hf_loss) <= 1e-5 and abs(metrics["grad_norm"] - hf_norm) <= 1e-4 * hf_norm, (
             family, name, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
@@ -378,7 +396,7 @@ def run_kill(out: Path, family: str, marker: Path) -> None:
     policy = load(out / f"ckpt-{family}")
     assert policy.step == RESUME_AT
     log(f"resumed step {policy.step} rng {policy.load_report.rng}")  # same layout: restored
-    policy.train_step(ref["batch"])
+    train(policy, ref["batch"])
     original = dist_checkpointing.save
 
     def save_then_hang(*args, **kwargs):  # the weights are on disk; the checkpoint is not published yet
