@@ -107,6 +107,34 @@ class DistillSettings:
         return FilterSettings(min_language=self.min_language, max_per_prompt=self.max_per_prompt)
 
 
+def settings_from_config(cfg) -> DistillSettings:
+    """DistillSettings of a config: the teacher's sampling and the filters from cfg.distill, the
+    held-out evaluation from cfg.eval (its max_new_tokens, None: distill.max_new_tokens), the
+    prompt template run.template and the seed run.seed."""
+    d, e = cfg.distill, cfg.eval
+    return DistillSettings(samples=d.samples, max_per_prompt=d.max_per_prompt, temperature=d.temperature, top_p=d.top_p,
+                           max_new_tokens=d.max_new_tokens, template=cfg.run.template, format_style=d.format_style,
+                           min_language=d.min_language, eval_samples=e.samples, eval_temperature=e.temperature,
+                           eval_top_p=e.top_p, eval_max_new_tokens=e.max_new_tokens or d.max_new_tokens,
+                           eval_greedy=e.greedy, seed=cfg.run.seed)
+
+
+def distill_command(cfg, *, teacher: str | Path, out: str | Path, student: Optional[str | Path] = None,
+                    data: Optional[str | Path] = None, heldout: Optional[str | Path] = None,
+                    traces: Optional[str | Path] = None, progress: bool = True) -> int:
+    """``r1mega distill``: `cfg` is the student's SFT config and holds distill's settings
+    (:func:`settings_from_config`); the models and files are the command line's. Prints the table."""
+    for key, value in (("run.model", cfg.run.model), ("sft.data", cfg.sft.data)):
+        if value is not None:
+            raise DistillError(f"--set {key}: distill sets it itself (from --student, the traces and --out)")
+    doc = distill(teacher, out_dir=out, student_dir=student, data=data, heldout=heldout,
+                  max_prompts=cfg.distill.max_prompts, max_heldout=cfg.distill.max_heldout,
+                  settings=settings_from_config(cfg), sft_config=cfg, traces=traces, progress=progress)
+    print(result_table(doc))
+    print(f"wrote {Path(out) / RESULT}")
+    return 0
+
+
 def _load_problems(source: Problems, limit: Optional[int], split: str, default_n: int, flag: str):
     """(records, a description) of a problems file, a sequence of records, or (None) the embedded
     R1 corpus's `split`."""
@@ -436,4 +464,5 @@ def _fmt(x: Optional[float], digits: int) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-__all__ = ["DistillError", "DistillSettings", "distill", "result_table", "same_vocabulary"]
+__all__ = ["DistillError", "DistillSettings", "distill", "distill_command", "result_table", "same_vocabulary",
+           "settings_from_config"]

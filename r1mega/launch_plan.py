@@ -18,7 +18,7 @@ TransformerConfig the trainer builds; the experts from the MoE layer's rule (ep 
 experts per rank). torchrun's static rendezvous (what ``launchers/torchrun.sh`` uses on several
 nodes) and its standalone one number ranks node by node: rank = node_rank * nproc_per_node +
 local_rank. Rollout engines live on the first rank (tp rank 0, pp rank 0) of each data-parallel
-replica, as :func:`r1mega.trainer.loop.engine_ranks` chooses them.
+replica, as :func:`r1mega.parallel.collectives.engine_ranks` chooses them.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def make_plan(parallel: ParallelConfig, nnodes: int, nproc_per_node: int, *, des
             layers=None if stages is None else stages[coords["pp"]],
             experts=None if local_experts is None else (coords["ep"] * local_experts,
                                                          (coords["ep"] + 1) * local_experts),
-            # r1mega.trainer.loop.engine_ranks: tp rank 0 and pp rank 0, one per data-parallel replica
+            # r1mega.parallel.collectives.engine_ranks: tp rank 0 and pp rank 0, one per data-parallel replica
             engine=coords["tp"] == 0 and coords["pp"] == 0))
     sizes = {kind: len(groups[kind][0]) for kind in GROUPS}
     return Plan(nnodes=nnodes, nproc_per_node=nproc_per_node, parallel=parallel, order=order, sizes=sizes,
@@ -268,3 +268,29 @@ def _spans(values) -> str:
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     return ["  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]]
+
+
+def plan_command(cfg, *, command: Optional[str], command_cfg=None, hf: Optional[str] = None,
+                 megatron: Optional[str] = None, launch: tuple = (), plan_json: Optional[str] = None) -> int:
+    """``r1mega plan``: print (and with `plan_json` write) the plan of launching `command` on
+    cfg.plan.nnodes x cfg.plan.nproc_per_node ranks, in `command_cfg`'s layout (the config that
+    command resolves to); for convert the model is its --hf source."""
+    import sys
+
+    if command not in ("train", "sft", "convert"):
+        raise ValueError(f"plan: {command or 'no command'!r} is not a distributed command; "
+                         "train, sft and convert run under torchrun")
+    parallel = command_cfg.parallel
+    model = hf if command == "convert" else command_cfg.run.model
+    p = cfg.plan
+    parallel.check_world(p.nnodes * p.nproc_per_node)  # before reading any model
+    if command == "convert" and model is None:
+        desc, note = None, f"{megatron}: a megatron checkpoint, not read by the plan"
+    else:
+        desc, note = describe_run_model(model)
+    plan = make_plan(parallel, p.nnodes, p.nproc_per_node, desc=desc, model_note=note, launch=tuple(launch or ()))
+    sys.stdout.write(plan.render(full=p.full or None))
+    if plan_json:
+        write_plan_json(plan, plan_json)
+        print(f"wrote {plan_json}")
+    return 0

@@ -18,7 +18,11 @@ wall time):
    students: the stage-2 checkpoint's verified samples and the general answers).
 
 Every model is then evaluated on the same held-out problems (R1's protocol: 4 samples at T 0.6,
-top-p 0.95, and greedy), and one table compares base, each stage and the student.
+top-p 0.95, and greedy; recipe tiny-r1-eval), and one table compares base, each stage and the student.
+
+Each stage's settings are a named recipe (:data:`STAGE_RECIPES`, ``r1mega recipes``); the
+pipeline's own config (recipe ``r1``) is its ``pipeline`` section: the output directory and the
+data sizes.
 
 Resumable by stage: a stage recorded done in the manifest (and whose outputs exist) is not
 redone; a stage that was killed resumes from its run directory's last checkpoint.
@@ -26,6 +30,7 @@ redone; a stage that was killed resumes from its run directory's last checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,17 +38,31 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from r1mega.config import Config, PipelineConfig
+from r1mega.recipes import get_recipe
 from r1mega.utils.io import atomic_write_text
 
 MANIFEST = "manifest.json"
-HELDOUT_PROBLEMS = 100
-EVAL_MAX_NEW_TOKENS = 96
-SAMPLE_PROMPTS = 1200  # stage-2 training prompts rejection-sampled for stage 3 (and the student)
-MIX_MATH_PROMPTS = 600  # additions in stage 4's mixed prompt set, next to every general train prompt
+# the pipeline section's defaults (recipe r1)
+HELDOUT_PROBLEMS = PipelineConfig().heldout_problems
+SAMPLE_PROMPTS = PipelineConfig().sample_prompts  # stage-2 training prompts rejection-sampled for stage 3 (and the student)
+MIX_MATH_PROMPTS = PipelineConfig().mix_math_prompts  # additions in stage 4's mixed prompt set, next to every general prompt
+# Each stage's settings: a named recipe (r1mega.recipes). "eval" is every model's held-out evaluation.
+STAGE_RECIPES = {
+    "cold_start": "tiny-cold-start",
+    "reasoning_rl": "tiny-reasoning-rl",
+    "reasoning_rl_no_language": "tiny-reasoning-rl-no-language",
+    "rejection_sampling": "tiny-rejection-sampling",
+    "sft_general": "tiny-rejection-sft",
+    "reward_model": "tiny-reward-model",
+    "all_scenario_rl": "tiny-all-scenario-rl",
+    "distill": "tiny-distill",
+    "eval": "tiny-r1-eval",
+}
 
 
 class PipelineError(RuntimeError):
@@ -56,6 +75,7 @@ class Context:
     python: str
     progress: bool
     manifest: dict
+    cfg: Config = field(default_factory=lambda: get_recipe("r1"))  # the pipeline section: sizes
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
@@ -90,9 +110,14 @@ def _eval(ctx: Context, name: str, model: Path) -> dict:
     out = ctx.path("eval", name)
     summary = out / "summary.json"
     if not summary.is_file():
+        e = get_recipe(STAGE_RECIPES["eval"])
+        protocol = ["--samples", str(e.eval.samples), "--temperature", str(e.eval.temperature),
+                    "--top-p", str(e.eval.top_p), "--max-new-tokens", str(e.eval.new_tokens(e.rollout)),
+                    "--template", e.run.template, "--format-style", e.rewards.format_style,
+                    *([] if e.eval.greedy else ["--no-greedy"])]
         run_command(ctx, f"eval-{name}", r1mega_command(
             ctx, "eval", "--model", str(model), "--data", str(ctx.path("data", "heldout.jsonl")), "--out", str(out),
-            "--format-style", "summary", "--max-new-tokens", str(EVAL_MAX_NEW_TOKENS), "--quiet"))
+            *protocol, "--quiet"))
     s = json.loads(summary.read_text())
     return {k: s[k] for k in ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate",
                               "mixing_rate", "response_length_mean")}
@@ -115,14 +140,15 @@ def stage_data(ctx: Context) -> dict:
     from r1mega.data import r1_corpus
     from r1mega.data.loader import write_prompts
 
+    p = ctx.cfg.pipeline
     train = r1_corpus.problems("train")
     write_prompts(ctx.path("data", "train.jsonl"), train)
-    write_prompts(ctx.path("data", "heldout.jsonl"), r1_corpus.problems("test", HELDOUT_PROBLEMS))
-    write_prompts(ctx.path("data", "sample_prompts.jsonl"), train[:SAMPLE_PROMPTS])
+    write_prompts(ctx.path("data", "heldout.jsonl"), r1_corpus.problems("test", p.heldout_problems))
+    write_prompts(ctx.path("data", "sample_prompts.jsonl"), train[:p.sample_prompts])
     general = r1_corpus.general_prompts("train")
-    write_prompts(ctx.path("data", "mixed.jsonl"), _interleave(train[:MIX_MATH_PROMPTS], general))
+    write_prompts(ctx.path("data", "mixed.jsonl"), _interleave(train[:p.mix_math_prompts], general))
     return {"outputs": {n: str(ctx.path("data", f"{n}.jsonl")) for n in ("train", "heldout", "sample_prompts", "mixed")},
-            "figures": {"train_problems": len(train), "heldout_problems": HELDOUT_PROBLEMS,
+            "figures": {"train_problems": len(train), "heldout_problems": p.heldout_problems,
                         "general_prompts": len(general)}}
 
 
@@ -145,7 +171,7 @@ def stage_base(ctx: Context) -> dict:
     return {"model": str(hf_dir), "figures": {}}
 
 
-def _sft_stage(name: str, recipe: str, *, model: Callable[[Context], Optional[str]],
+def _sft_stage(name: str, *, model: Callable[[Context], Optional[str]],
                data: Callable[[Context], Optional[str]]) -> Callable[[Context], dict]:
     def run(ctx: Context) -> dict:
         run_dir = ctx.path("runs", name)
@@ -154,7 +180,7 @@ def _sft_stage(name: str, recipe: str, *, model: Callable[[Context], Optional[st
             args += ["--model", m]
         if (d := data(ctx)) is not None:
             args += ["--data", d]
-        argv = run_dir_command(ctx, name, "sft", recipe, run_dir, args)
+        argv = run_dir_command(ctx, name, "sft", STAGE_RECIPES[name], run_dir, args)
         wall = run_command(ctx, name, argv)
         summary = json.loads((run_dir / "summary.json").read_text())
         return {"command": shlex.join(argv), "model": str(run_dir / "final"), "run_dir": str(run_dir),
@@ -163,13 +189,13 @@ def _sft_stage(name: str, recipe: str, *, model: Callable[[Context], Optional[st
     return run
 
 
-def _rl_stage(name: str, recipe: str, *, model: Callable[[Context], str], data: str,
+def _rl_stage(name: str, *, model: Callable[[Context], str], data: str,
               extra: Callable[[Context], list[str]] = lambda ctx: []) -> Callable[[Context], dict]:
     def run(ctx: Context) -> dict:
         run_dir = ctx.path("runs", name)
         args = ["--model", model(ctx), "--data", str(ctx.path("data", data)),
                 "--heldout", str(ctx.path("data", "heldout.jsonl")), *extra(ctx)]
-        argv = run_dir_command(ctx, name, "train", recipe, run_dir, args)
+        argv = run_dir_command(ctx, name, "train", STAGE_RECIPES[name], run_dir, args)
         wall = run_command(ctx, name, argv)
         summary = json.loads((run_dir / "summary.json").read_text())
         return {"command": shlex.join(argv), "model": str(run_dir / "final"), "run_dir": str(run_dir),
@@ -185,10 +211,9 @@ def stage_rejection_sampling(ctx: Context) -> dict:
     from r1mega.sft.data import load_sft_data, write_sft_rows
 
     reasoning = ctx.path("data", "stage2_samples.jsonl")
-    argv = r1mega_command(ctx, "sample", "--model", ctx.manifest["stages"]["reasoning_rl"]["model"],
-                          "--data", str(ctx.path("data", "sample_prompts.jsonl")), "--out", str(reasoning),
-                          "--samples", "4", "--max-per-prompt", "1", "--max-new-tokens", "80",
-                          "--format-style", "summary", "--quiet")
+    argv = r1mega_command(ctx, "sample", "--recipe", STAGE_RECIPES["rejection_sampling"],
+                          "--model", ctx.manifest["stages"]["reasoning_rl"]["model"],
+                          "--data", str(ctx.path("data", "sample_prompts.jsonl")), "--out", str(reasoning), "--quiet")
     wall = run_command(ctx, "rejection_sampling", argv)
     report = json.loads(report_path(reasoning).read_text())
     rows = [json.loads(line) for line in reasoning.read_text().splitlines() if line.strip()]
@@ -210,7 +235,7 @@ def _acceptance(report: dict) -> Optional[float]:
 
 def stage_reward_model(ctx: Context) -> dict:
     out = ctx.path("reward_model")
-    argv = r1mega_command(ctx, "rm", "--out", str(out), "--quiet")
+    argv = r1mega_command(ctx, "rm", "--recipe", STAGE_RECIPES["reward_model"], "--out", str(out), "--quiet")
     wall = run_command(ctx, "reward_model", argv)
     metrics = json.loads((out / "rm.json").read_text())["metrics"]
     return {"command": shlex.join(argv), "model": str(out), "wall_s": wall,
@@ -222,7 +247,7 @@ def stage_distill(ctx: Context) -> dict:
     out = ctx.path("runs", "distill")
     # DeepSeek-R1's students learn from the data curated for stage 3 (rejection-sampled from the
     # stage-2 checkpoint, plus the general answers), not from fresh samples: the same here.
-    argv = r1mega_command(ctx, "distill", "--teacher", ctx.manifest["stages"]["reasoning_rl"]["model"],
+    argv = r1mega_command(ctx, "distill", "--recipe", STAGE_RECIPES["distill"], "--teacher", ctx.manifest["stages"]["reasoning_rl"]["model"],
                           "--traces", ctx.manifest["stages"]["rejection_sampling"]["outputs"]["sft_data"],
                           "--heldout", str(ctx.path("data", "heldout.jsonl")), "--out", str(out), "--quiet")
     wall = run_command(ctx, "distill", argv)
@@ -234,19 +259,18 @@ def stage_distill(ctx: Context) -> dict:
 STAGES: dict[str, Callable[[Context], dict]] = {
     "data": stage_data,
     "base": stage_base,
-    "cold_start": _sft_stage("cold_start", "tiny-cold-start", model=lambda ctx: None, data=lambda ctx: None),
-    "reasoning_rl": _rl_stage("reasoning_rl", "tiny-reasoning-rl", data="train.jsonl",
+    "cold_start": _sft_stage("cold_start", model=lambda ctx: None, data=lambda ctx: None),
+    "reasoning_rl": _rl_stage("reasoning_rl", data="train.jsonl",
                               model=lambda ctx: ctx.manifest["stages"]["cold_start"]["model"]),
     "reasoning_rl_no_language": _rl_stage(
-        "reasoning_rl_no_language", "tiny-reasoning-rl", data="train.jsonl",
-        model=lambda ctx: ctx.manifest["stages"]["cold_start"]["model"],
-        extra=lambda ctx: ["--set", "rewards.language_weight=0"]),
+        "reasoning_rl_no_language", data="train.jsonl",
+        model=lambda ctx: ctx.manifest["stages"]["cold_start"]["model"]),
     "rejection_sampling": stage_rejection_sampling,
-    "sft_general": _sft_stage("sft_general", "tiny-rejection-sft", model=lambda ctx: None,
+    "sft_general": _sft_stage("sft_general", model=lambda ctx: None,
                               data=lambda ctx: ctx.manifest["stages"]["rejection_sampling"]["outputs"]["sft_data"]),
     "reward_model": stage_reward_model,
     "all_scenario_rl": _rl_stage(
-        "all_scenario_rl", "tiny-all-scenario-rl", data="mixed.jsonl",
+        "all_scenario_rl", data="mixed.jsonl",
         model=lambda ctx: ctx.manifest["stages"]["sft_general"]["model"],
         extra=lambda ctx: ["--set", f"rewards.reward_model={ctx.manifest['stages']['reward_model']['model']}"]),
     "distill": stage_distill,
@@ -275,12 +299,14 @@ def checks(figures: dict[str, dict], rm: dict) -> list[tuple[str, bool]]:
     ]
 
 
-def table(figures: dict[str, dict], rm: dict, wall: dict[str, float]) -> str:
+def table(figures: dict[str, dict], rm: dict, wall: dict[str, float], *,
+          heldout_problems: int = HELDOUT_PROBLEMS) -> str:
+    e = get_recipe(STAGE_RECIPES["eval"]).eval
     keys = ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate", "mixing_rate")
-    heads = ("pass@1", "cons@4", "greedy", "format", "language", "mixing")
+    heads = ("pass@1", f"cons@{e.samples}", "greedy", "format", "language", "mixing")
     head = f"{'model':<28}" + "".join(f"{h:>10}" for h in heads)
-    lines = [f"held-out: {HELDOUT_PROBLEMS} additions (English and Chinese), 4 samples at T 0.6, top-p 0.95, + greedy",
-             head, "-" * len(head)]
+    lines = [f"held-out: {heldout_problems} additions (English and Chinese), {e.samples} samples at T "
+             f"{e.temperature:g}, top-p {e.top_p:g}" + (", + greedy" if e.greedy else ""), head, "-" * len(head)]
     for label, *_ in ROWS:
         f = figures.get(label)
         if f is None:
@@ -320,15 +346,27 @@ def run_stages(ctx: Context, stages: dict[str, Callable[[Context], dict]]) -> li
     return ran
 
 
-def pipeline(out: str | Path, *, recipe: str = "r1", progress: bool = True) -> dict:
-    """Run (or resume) every stage into `out`; returns the manifest (also OUT/manifest.json)."""
-    if recipe != "r1":
-        raise PipelineError(f"--recipe: unknown pipeline recipe {recipe!r} (known: r1)")
+def pipeline_command(cfg: Config, *, progress: bool = True) -> int:
+    """``r1mega pipeline``: every stage into cfg.pipeline.out; a failed stage is one line, exit 1."""
+    try:
+        pipeline(cfg.pipeline.out, cfg=cfg, progress=progress)
+    except PipelineError as err:
+        print(f"r1mega: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = True) -> dict:
+    """Run (or resume) every stage into `out`; returns the manifest (also OUT/manifest.json).
+    cfg: the pipeline's config (its pipeline section; default: the recipe r1)."""
+    cfg = cfg if cfg is not None else get_recipe("r1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST
-    manifest = json.loads(path.read_text()) if path.is_file() else {"recipe": recipe, "stages": {}}
-    ctx = Context(out, sys.executable, progress, manifest)
+    manifest = json.loads(path.read_text()) if path.is_file() else {"recipe": "r1", "stages": {}}
+    manifest["pipeline"] = dataclasses.asdict(cfg.pipeline)
+    manifest["stage_recipes"] = dict(STAGE_RECIPES)
+    ctx = Context(out, sys.executable, progress, manifest, cfg)
     start = time.perf_counter()
     run_stages(ctx, STAGES)
     figures = {}
@@ -343,7 +381,7 @@ def pipeline(out: str | Path, *, recipe: str = "r1", progress: bool = True) -> d
     manifest["table"] = figures
     manifest["checks"] = {claim: ok for claim, ok in checks(figures, rm)}
     manifest["wall_s_this_invocation"] = time.perf_counter() - start
-    text = table(figures, rm, wall)
+    text = table(figures, rm, wall, heldout_problems=cfg.pipeline.heldout_problems)
     manifest["table_text"] = text
     ctx.save()
     atomic_write_text(out / "table.txt", text + "\n")
@@ -351,4 +389,5 @@ def pipeline(out: str | Path, *, recipe: str = "r1", progress: bool = True) -> d
     return manifest
 
 
-__all__ = ["Context", "PipelineError", "STAGES", "checks", "pipeline", "run_command", "run_stages", "table"]
+__all__ = ["Context", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "pipeline", "pipeline_command",
+           "run_command", "run_stages", "table"]

@@ -122,6 +122,69 @@ def tiny_all_scenario_rl() -> Config:
 
 
 @recipe
+def tiny_reasoning_rl_no_language() -> Config:
+    """R1 stage 2's ablation on the embedded default: tiny-reasoning-rl without the language-consistency reward.
+
+    What the language reward does to language mixing is the difference between this run and stage 2's.
+    """
+    return tiny_reasoning_rl().with_values({"run.name": "tiny-reasoning-rl-no-language",
+                                            "rewards.language_weight": 0.0})
+
+
+@recipe
+def tiny_rejection_sampling() -> Config:
+    """R1 stage 3's data on the embedded default: ``r1mega sample`` of the stage-2 model, one verified trace per prompt.
+
+    4 samples per prompt at T 0.7, top-p 0.95, completions of at most 80 tokens (stage 2's budget),
+    kept when correct and readable in R1's summary format, at most one per prompt.
+    """
+    return Config().with_values({
+        "run.name": "tiny-rejection-sampling", "sample.samples": 4, "sample.max_per_prompt": 1,
+        "sample.max_new_tokens": 80, "rewards.format_style": "summary",
+    })
+
+
+@recipe
+def tiny_reward_model() -> Config:
+    """R1 stage 4's scorer on the embedded default: ``r1mega rm`` on the general prompts' preference pairs.
+
+    Bradley-Terry from the tiny base model: 4 epochs of 8 pairs per step at lr 5e-4 (the rm section's defaults).
+    """
+    return Config().with_values({"run.name": "tiny-reward-model"})
+
+
+@recipe
+def tiny_distill() -> Config:
+    """R1's distillation on the embedded default: ``r1mega distill`` of the dense student (SFT as tiny-cold-start).
+
+    4 teacher samples per prompt at T 0.7 (96 tokens), at most 2 traces kept per prompt, in R1's summary
+    format; the student's SFT is the cold start's; evaluation by R1's protocol within 96 tokens.
+    """
+    return tiny_cold_start().with_values({"run.name": "tiny-distill"})
+
+
+@recipe
+def tiny_r1_eval() -> Config:
+    """R1's evaluation protocol on the embedded default's R1 stages: 4 samples at T 0.6, top-p 0.95 + greedy, 96 tokens.
+
+    The R1 output format (think block, then a summary with the boxed answer), so format and accuracy
+    are read as the R1 stages write; ``r1mega pipeline`` evaluates every model with it.
+    """
+    return Config().with_values({"run.name": "tiny-r1-eval", "eval.max_new_tokens": 96,
+                                 "rewards.format_style": "summary"})
+
+
+@recipe
+def r1() -> Config:
+    """The whole DeepSeek-R1 recipe on the embedded default (``r1mega pipeline``): each stage runs its own tiny-* recipe.
+
+    The pipeline section: where it writes, 100 held-out problems, 1200 prompts rejection-sampled, 600
+    additions mixed with the general prompts in stage 4 (r1mega.pipeline.STAGE_RECIPES names the stages' recipes).
+    """
+    return Config().with_values({"run.name": "r1-pipeline"})
+
+
+@recipe
 def verl_grpo() -> Config:
     """verl's GRPO defaults: token-mean, dual clip 3, KL loss low_var_kl clamped at 10."""
     return Config().with_values({

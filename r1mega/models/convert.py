@@ -129,3 +129,42 @@ def convert_hf_to_hf(hf_dir: str | Path, out_dir: str | Path, parallel, *, dtype
         copy_files([f for f in hf_side_files(hf_dir) if f.name != "config.json"], out_dir)
     dist.barrier()
     return written
+
+
+def convert_command(cfg, *, hf: Optional[str] = None, megatron: Optional[str] = None,
+                    to_megatron: Optional[str] = None, to_hf: Optional[str] = None) -> int:
+    """``r1mega convert``: `hf` or `megatron` (the source) to `to_megatron` or `to_hf` (the target),
+    in the layout cfg.parallel (one process, or one per rank under torchrun), megatron parameters in
+    cfg.convert.dtype (None: the Hugging Face config's)."""
+    import warnings
+
+    from r1mega.models.hf_config import describe_hf_model
+
+    if (hf is None) == (megatron is None) or (to_megatron is None) == (to_hf is None):
+        raise ValueError("convert: give one source (--hf DIR or --megatron DIR) and one target "
+                         "(--to-megatron OUT or --to-hf OUT)")
+    if to_megatron and not hf:
+        raise ValueError("convert: --to-megatron needs --hf DIR")
+    parallel, dtype = cfg.parallel, cfg.convert.dtype
+    if hf:  # refuse a broken or unsupported directory before any process group or model exists
+        check_hf_checkpoint(hf, describe_hf_model(hf))
+    warnings.filterwarnings("ignore", module=r"megatron\.")  # its import-time notes about TE/Apex
+    import torch.distributed as dist
+
+    from r1mega.parallel import destroy_parallel
+
+    try:
+        if to_megatron:
+            convert_hf_to_megatron(hf, to_megatron, parallel, dtype=dtype)
+        elif megatron:
+            convert_megatron_to_hf(megatron, to_hf, parallel)
+        else:
+            convert_hf_to_hf(hf, to_hf, parallel, dtype=dtype)
+        if dist.get_rank() == 0:
+            target = to_megatron or to_hf
+            kind = "megatron checkpoint" if to_megatron else "Hugging Face directory"
+            print(f"wrote {kind} {target} (tp={parallel.tp} pp={parallel.pp} ep={parallel.ep} "
+                  f"on {dist.get_world_size()} rank(s))")
+    finally:
+        destroy_parallel(process_group=True)
+    return 0

@@ -86,6 +86,48 @@ def rejection_sample(model_dir: str | Path, records: Sequence, out: str | Path, 
     return report
 
 
+def filter_settings(cfg) -> FilterSettings:
+    """The filters of a config's sample section."""
+    s = cfg.sample
+    return FilterSettings(min_language=s.min_language, max_tokens=s.max_tokens, max_repeats=s.max_repeats,
+                          max_per_prompt=s.max_per_prompt)
+
+
+def sample_command(cfg, *, out: str | Path, progress: bool = True) -> int:
+    """``r1mega sample``: rejection sampling of cfg.run.model on cfg.run.data (None: the embedded
+    task's train split) with cfg.sample's settings, the prompt template run.template, the format
+    rewards.format_style and the seed run.seed; writes `out` and its report."""
+    from r1mega.evaluation import EvalSettings, load_eval_problems
+    from r1mega.rewards import load_reward
+
+    s = cfg.sample
+    if cfg.run.model is None:
+        raise ValueError("sample: no model: give --model DIR (run.model)")
+    # the same checks of the sampling settings as eval's, before any work
+    EvalSettings(samples=s.samples, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                 template=cfg.run.template, format_style=cfg.rewards.format_style)
+    filters = filter_settings(cfg)
+    judge = None
+    if s.judge:
+        try:
+            judge = load_reward(s.judge)
+        except ValueError as err:
+            raise ValueError(f"--judge: {err}") from None
+    if cfg.run.data:
+        records = load_eval_problems(cfg.run.data, s.max_prompts, allow_general=judge is not None)
+    else:
+        from r1mega.data import base_corpus
+
+        records = base_corpus.problems("train", s.max_prompts, seed=0)
+    report = rejection_sample(cfg.run.model, records, out, samples=s.samples, temperature=s.temperature,
+                              top_p=s.top_p, max_new_tokens=s.max_new_tokens, template=cfg.run.template,
+                              format_style=cfg.rewards.format_style, filters=filters, judge=judge,
+                              seed=cfg.run.seed, progress=progress)
+    print(report_table(report))
+    print(f"wrote {report['kept']} rows to {out} and the report to {report_path(out)}")
+    return 0
+
+
 def report_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".report.json")
@@ -101,4 +143,4 @@ def report_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["rejection_sample", "report_path", "report_table", "sft_row"]
+__all__ = ["filter_settings", "rejection_sample", "report_path", "report_table", "sample_command", "sft_row"]

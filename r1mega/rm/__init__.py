@@ -9,7 +9,8 @@ scorer of DeepSeek-R1's last RL stage for general prompts), in the exact input f
 """
 
 from r1mega.rm.data import load_preference_pairs
-from r1mega.rm.train import PairTokens, bradley_terry_loss, embedded_pairs, pair_accuracy, train_reward_model
+from r1mega.rm.train import (PairTokens, bradley_terry_loss, embedded_pairs, pair_accuracy, rm_command,
+                             train_reward_model)
 
 __all__ = ["PairTokens", "bradley_terry_loss", "embedded_pairs", "load_preference_pairs", "pair_accuracy",
-           "train_reward_model"]
+           "rm_command", "train_reward_model"]

@@ -52,14 +52,16 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from r1mega.config import RMConfig, RunConfig
 from r1mega.rewards.reward_model import RewardModel
 
-# The embedded default's settings (see the module docstring for what they reach).
-EPOCHS = 4
-LR = 5e-4
-BATCH_SIZE = 8
-MAX_LENGTH = 4096  # RewardModel's default, so its scores of long pairs match the training's by default
-SEED = 0
+# The embedded default's settings (see the module docstring for what they reach): the config's rm
+# section (and run.seed) defaults, their one home.
+EPOCHS = RMConfig().epochs
+LR = RMConfig().lr
+BATCH_SIZE = RMConfig().batch_size
+MAX_LENGTH = RMConfig().max_length  # RewardModel's default, so its scores of long pairs match the training's
+SEED = RunConfig().seed
 WARMUP_STEPS = 10
 
 
@@ -296,3 +298,37 @@ def embedded_pairs() -> tuple[list[dict], list[dict]]:
 
     return (r1_corpus.preference_pairs(r1_corpus.general_prompts("train")),
             r1_corpus.preference_pairs(r1_corpus.general_prompts("test")))
+
+
+def rm_command(cfg, *, out: str | Path, progress: bool = True) -> int:
+    """``r1mega rm``: a reward model from cfg.run.model (None: the embedded base model) trained on
+    cfg.rm.data (None: the embedded pairs) with cfg.rm's settings and the seed run.seed, written to
+    `out`; prints its figures."""
+    from r1mega.rm.data import load_preference_pairs
+    from r1mega.run.rundir import resolve_model
+
+    r = cfg.rm
+    # every pair checked before any work (the model too is built only after)
+    embedded = "r1mega.data.r1_corpus.preference_pairs(general_prompts({!r}))"
+    embedded_train, embedded_heldout = embedded_pairs()
+    train_pairs = load_preference_pairs(r.data) if r.data else embedded_train
+    if r.heldout:
+        heldout_pairs = load_preference_pairs(r.heldout)
+    else:
+        heldout_pairs = [] if r.data else embedded_heldout
+    sources = {"data": r.data or embedded.format("train"),
+               "heldout": r.heldout or (None if r.data else embedded.format("test"))}
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise ValueError(f"--out {out}: already exists; remove it or choose another directory")
+    _, hf_dir = resolve_model(cfg.run.model)
+    result = train_reward_model(hf_dir, train_pairs, heldout_pairs, out, progress=progress, sources=sources,
+                                epochs=r.epochs, lr=r.lr, batch_size=r.batch_size, max_length=r.max_length,
+                                seed=cfg.run.seed)
+    m = result["metrics"]
+    acc = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"{'held-out pairs':<24}{result['inputs']['heldout_pairs']}")
+    print(f"{'held-out accuracy':<24}{acc(m['heldout_acc_before'])} -> {acc(m['heldout_acc'])}")
+    print(f"{'train accuracy, loss':<24}{acc(m['train_acc'])}, {m['loss']:.4f} (last epoch)")
+    print(f"{'wall time':<24}{result['seconds']['total']:.1f} s ({result['seconds']['train']:.1f} s training)")
+    print(f"wrote the reward model to {result['out_dir']}")
+    return 0

@@ -179,6 +179,23 @@ def pretrain_base_model(out_dir: str | Path, spec: PretrainSpec = PretrainSpec()
     return out_dir
 
 
+def spec_from_config(cfg) -> PretrainSpec:
+    """The PretrainSpec of a config's pretrain section (its defaults are PretrainSpec's)."""
+    p = cfg.pretrain
+    return PretrainSpec(steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps, noise=p.noise,
+                        train_problems=p.train_problems, vocab_size=p.vocab_size, seed=p.seed, arch=p.arch,
+                        num_layers=p.num_layers, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size)
+
+
+def pretrain_command(cfg, *, progress: bool = True) -> int:
+    """``r1mega pretrain``: the base model cfg.pretrain describes, into cfg.pretrain.out or (None)
+    the cache; prints its path."""
+    spec = spec_from_config(cfg)
+    out = cfg.pretrain.out
+    print(pretrain_base_model(out, spec, progress=progress) if out else ensure_base_model(spec=spec, progress=progress))
+    return 0
+
+
 def ensure_base_model(cache: Optional[str | Path] = None, spec: PretrainSpec = PretrainSpec(), *,
                       progress: bool = True, chat: bool = False) -> Path:
     """The cached base model of `spec`, pretrained first if absent (minutes, once). `chat`: the

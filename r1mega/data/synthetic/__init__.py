@@ -92,5 +92,20 @@ def write_sft(name: str, path: str | Path, n: int, *, seed: int, difficulty: int
     return rows
 
 
+def synth_command(cfg, *, task: str, out: str | Path, solutions: str | Path | None = None) -> int:
+    """``r1mega synth``: write `task`'s problems (cfg.synth: n, difficulty, split; seed run.seed) to
+    `out`, and their reference solutions in cfg.synth.style to `solutions` when given."""
+    s = cfg.synth
+    records = write_task(task, out, s.n, seed=cfg.run.seed, difficulty=s.difficulty, split=s.split)
+    print(f"wrote {len(records)} {task} prompts to {out}")
+    if solutions:
+        solution = get_task(task).solution
+        atomic_write_text(solutions, "".join(
+            json.dumps({"id": r.id, "completion": solution(r, style=s.style)}, ensure_ascii=False) + "\n"
+            for r in records))
+        print(f"wrote their {s.style} solutions to {solutions}")
+    return 0
+
+
 __all__ = ["HELD_OUT_PERCENT", "SPLITS", "STYLES", "SyntheticTask", "TASKS_BY_NAME", "get_task",
-           "split_of", "write_sft", "write_task"]
+           "split_of", "synth_command", "write_sft", "write_task"]
