@@ -133,6 +133,7 @@ def run_layout(root: Path, layout: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from r1mega.algo import LossSpec
     from r1mega.config import Config, OptimConfig, ParallelConfig, PolicyConfig
     from r1mega.models import load_policy
     from r1mega.models.build import unwrap_model
@@ -180,7 +181,7 @@ def run_layout(root: Path, layout: str) -> None:
     old = policy.logprobs(before["ids"], before["am"])
     adv = torch.tensor([1.0, -1.0, 0.5] * (len(before["tokens"]) // 3))
     metrics = policy.train_step(dict(input_ids=before["ids"], attention_mask=before["am"],
-                                     completion_mask=before["cm"], old_logp=old, advantages=adv))
+                                     completion_mask=before["cm"], old_logp=old, advantages=adv), LossSpec())
     assert metrics["update_successful"] == 1.0 and abs(metrics["ratio_mean"] - 1.0) < 1e-6, metrics
     if engine is not None:
         engine.wake_up()
@@ -240,6 +241,7 @@ def run_offload(root: Path) -> None:
     """Two identical policies, two steps; one offloads and restores its state in between."""
     import torch
 
+    from r1mega.algo import LossSpec
     from r1mega.config import OptimConfig
     from r1mega.models import load_policy
 
@@ -255,12 +257,12 @@ def run_offload(root: Path) -> None:
             logp = policy.logprobs(ids, am)
             batch = dict(input_ids=ids, attention_mask=am, completion_mask=cm, old_logp=logp,
                          advantages=torch.tensor([1.0, -1.0]))
-            losses.append(policy.train_step(batch)["loss"])
+            losses.append(policy.train_step(batch, LossSpec())["loss"])
             if offload:
                 freed = policy.offload_training_state()
                 assert freed > 0
                 try:
-                    policy.train_step(batch)
+                    policy.train_step(batch, LossSpec())
                 except RuntimeError as err:
                     assert "offloaded" in str(err)
                 else:
