@@ -98,3 +98,39 @@ def test_r1mega_eval_end_to_end_and_greedy_equals_transformers(tmp_path, small_b
                                  pad_token_id=tok.pad_token_id)
         text = tok.decode(got[0, ids.shape[1]:], skip_special_tokens=True)
         assert p["greedy"]["completion"] == text, (record.id, p["greedy"]["completion"], text)
+
+
+def test_trainer_heldout_evaluation_equals_r1mega_eval(tmp_path, small_base_model):
+    """The trainer's held-out evaluation of the base model (step 0) and `r1mega eval` of the same
+    model with the run's own config.json: one evaluator, so every figure is the same number."""
+    from tests.trainer_helpers import r1mega, train
+
+    run = tmp_path / "runs" / "evaluated"
+    train(tmp_path / "runs", "evaluated", small_base_model, "run.steps=1", "eval.greedy=true")
+    step0 = json.loads((run / "eval.jsonl").read_text().splitlines()[0])
+    assert step0["step"] == 0 and step0["prompts"] == 6 and step0["samples_per_prompt"] == 2, step0
+    proc = r1mega("eval", "--model", str(small_base_model), "--config", str(run / "config.json"), "--quiet",
+                  "--out", str(tmp_path / "eval"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["problems"] == 6 and summary["samples"] == 2 and summary["max_new_tokens"] == 24, summary
+    for key in ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate", "mixing_rate",
+                "response_length_mean"):
+        assert step0[key] == summary[key], (key, step0[key], summary[key])
+
+
+def test_eval_flags_are_aliases_of_config_keys(tmp_path, small_base_model):
+    """`--samples 2` is `--set eval.samples=2`, and a flag given wins over --set."""
+    from tests.trainer_helpers import r1mega
+
+    outs = []
+    for i, args in enumerate((["--samples", "2", "--max-prompts", "2", "--no-greedy"],
+                              ["--set", "eval.samples=2", "--set", "eval.max_prompts=2", "--set", "eval.greedy=false"],
+                              ["--set", "eval.samples=5", "--samples", "2", "--max-prompts", "2", "--no-greedy"])):
+        out = tmp_path / f"eval{i}"
+        proc = r1mega("eval", "--model", str(small_base_model), "--quiet", "--out", str(out), *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(json.loads((out / "summary.json").read_text()))
+    for summary in outs:
+        summary.pop("seconds")
+    assert outs[0] == outs[1] == outs[2] and outs[0]["samples"] == 2 and outs[0]["greedy"] is False

@@ -20,34 +20,61 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from r1mega.config import Config, EvalConfig
+from r1mega.data import DataError, load_prompts
+from r1mega.evaluation.generation import CompletionScorer, GenerationError, ScoredSampler
 from r1mega.evaluation.metrics import cons_at_k, mean
+from r1mega.rewards import GoldAnswerError, equivalent_answers, extract_final_answer, parse_gold
+from r1mega.rewards.sandbox import SandboxUnavailable, require_backend
+from r1mega.rollout import SamplingParams
+from r1mega.utils.io import atomic_write_text
 
 TEMPLATES = ("r1_zero", "chat", "raw")
+# The per-problem figures, averaged over problems into the summary.
+SUMMARY_KEYS = ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate", "mixing_rate",
+                "response_length_mean")
 
 
 class EvalError(ValueError):
     """Bad evaluation input; the message is one line naming the file, row and field."""
 
 
+_PROTOCOL = EvalConfig()  # R1's protocol numbers have one home: the config's eval section
+
+
 @dataclass(frozen=True)
 class EvalSettings:
-    samples: int = 4
-    temperature: float = 0.6
-    top_p: float = 0.95
+    """Everything one evaluation runs with; :meth:`from_config` reads it from a Config (the eval
+    section, the run's template and seed, the rollout's prompt budget, the rewards' format style
+    and pool size)."""
+
+    samples: int = _PROTOCOL.samples
+    temperature: float = _PROTOCOL.temperature
+    top_p: float = _PROTOCOL.top_p
     max_new_tokens: int = 1024
     max_prompt_tokens: int = 2048
     template: str = "r1_zero"
     format_style: str = "answer-tags"
-    greedy: bool = True
+    greedy: bool = _PROTOCOL.greedy
     seed: int = 0
     workers: Optional[int] = None
     timeout_s: float = 10.0
+    max_batch_rows: int = 256
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "EvalSettings":
+        return cls(samples=cfg.eval.samples, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                   max_new_tokens=cfg.eval.new_tokens(cfg.rollout), max_prompt_tokens=cfg.rollout.max_prompt_tokens,
+                   template=cfg.run.template, format_style=cfg.rewards.format_style, greedy=cfg.eval.greedy,
+                   seed=cfg.run.seed, workers=cfg.rewards.workers or None, timeout_s=cfg.rewards.timeout_s,
+                   max_batch_rows=cfg.rollout.max_batch_rows)
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -63,14 +90,19 @@ class EvalSettings:
         if self.format_style not in ("answer-tags", "summary"):
             raise EvalError(f"--format-style: {self.format_style!r} is not 'answer-tags' or 'summary'")
 
+    def sampling(self, stop_token_ids: Sequence[int]) -> tuple[SamplingParams, SamplingParams]:
+        """The k samples' and the greedy pass's SamplingParams."""
+        sampled = SamplingParams(n=self.samples, temperature=self.temperature, top_p=self.top_p,
+                                 max_new_tokens=self.max_new_tokens, seed=self.seed, stop_token_ids=tuple(stop_token_ids))
+        greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.max_new_tokens,
+                                stop_token_ids=tuple(stop_token_ids))
+        return sampled, greedy
+
 
 def load_eval_problems(path: str | Path, max_prompts: Optional[int] = None, *, allow_general: bool = False) -> list:
     """The problems of `path` (r1mega.data rows), each with what its accuracy needs: a gold
     ``answer`` for math and countdown, ``tests`` for code; "general" rows have no rule and are
     refused unless `allow_general` (a judge will decide them)."""
-    from r1mega.data import DataError, load_prompts
-    from r1mega.rewards import GoldAnswerError, parse_gold
-
     try:
         records = load_prompts(path)
     except DataError as err:
@@ -91,19 +123,54 @@ def load_eval_problems(path: str | Path, max_prompts: Optional[int] = None, *, a
     return records[:max_prompts] if max_prompts else records
 
 
+def evaluate_prompts(generate: Callable, scorer: Optional[CompletionScorer], records: Sequence,
+                     prompt_ids: Sequence[Sequence[int]], settings: EvalSettings, stop_token_ids: Sequence[int], *,
+                     model: str = "", progress: bool = False) -> Optional[dict]:
+    """The evaluator: R1's protocol over `records` (their rendered `prompt_ids`), shared by
+    ``r1mega eval`` and the trainer's held-out evaluation so both give the same figures.
+
+    `generate(prompt_ids, params, first_prompt_index=i)` returns the completions of the prompts
+    (seeded by their global index i + row, so how they are split does not matter); in a
+    distributed trainer every rank calls it (it is collective there). `scorer` scores them; a
+    rank without one (not rank 0) takes part in generation only and gets None. The problems go
+    in chunks of 64 samples; each gets the k samples and, with settings.greedy, one greedy
+    completion. Returns {"summary": {...}, "problems": [per-problem dicts]}.
+    """
+    start = time.perf_counter()
+    sampled_params, greedy_params = settings.sampling(stop_token_ids)
+    rows: list[dict] = []
+    chunk = max(1, 64 // settings.samples)
+    for a in range(0, len(records), chunk):
+        part, ids = records[a:a + chunk], prompt_ids[a:a + chunk]
+        sampled = generate(ids, sampled_params, first_prompt_index=a)
+        greedy = generate(ids, greedy_params, first_prompt_index=a) if settings.greedy else []
+        if scorer is None:
+            continue
+        scored = scorer.score(part, sampled, first_prompt_index=a)
+        scored_greedy = scorer.score(part, greedy, first_prompt_index=a) if settings.greedy else [[] for _ in part]
+        for record, samples, g in zip(part, scored, scored_greedy):
+            rows.append(_problem_row(record, samples, g[0] if g else None, scorer.format_name))
+        if progress:
+            sys.stderr.write(f"\reval {len(rows)}/{len(records)} problems, pass@1 so far "
+                             f"{mean([r['pass_at_1'] for r in rows]):.3f} ")
+            sys.stderr.flush()
+    if progress and scorer is not None:
+        sys.stderr.write("\n")
+    if scorer is None:
+        return None
+    summary = {
+        "model": model, "problems": len(rows), **asdict(settings),
+        **{key: mean([r[key] for r in rows]) for key in SUMMARY_KEYS},
+        "seconds": time.perf_counter() - start,
+    }
+    return {"summary": summary, "problems": rows}
+
+
 def evaluate_model(model_dir: str | Path, records: Sequence, settings: EvalSettings = EvalSettings(), *,
                    progress: bool = True) -> dict:
-    """Generate and score; returns {"summary": {...}, "problems": [per-problem dicts]}."""
-    import sys
-
-    from r1mega.evaluation.generation import GenerationError, ScoredSampler
-    from r1mega.rewards import equivalent_answers, extract_final_answer
-    from r1mega.rollout import SamplingParams
-
-    start = time.perf_counter()
+    """:func:`evaluate_prompts` of the Hugging Face model in `model_dir` (the ``hf`` engine with
+    its weights); returns {"summary": {...}, "problems": [per-problem dicts]}."""
     if any(r.task == "code" for r in records):
-        from r1mega.rewards.sandbox import SandboxUnavailable, require_backend
-
         try:
             require_backend()
         except SandboxUnavailable as err:
@@ -111,51 +178,26 @@ def evaluate_model(model_dir: str | Path, records: Sequence, settings: EvalSetti
     try:
         sampler = ScoredSampler(model_dir, template=settings.template, max_prompt_tokens=settings.max_prompt_tokens,
                                 format_style=settings.format_style, seed=settings.seed, workers=settings.workers,
-                                timeout_s=settings.timeout_s)
+                                timeout_s=settings.timeout_s, max_batch_rows=settings.max_batch_rows)
     except GenerationError as err:
         raise EvalError(str(err)) from None
-    rows: list[dict] = []
     with sampler:
         try:
             prompt_ids = sampler.prompt_ids(records)
         except GenerationError as err:
             raise EvalError(str(err)) from None
-        stop = sampler.stop_token_ids
-        sampled_params = SamplingParams(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
-                                        max_new_tokens=settings.max_new_tokens, seed=settings.seed, stop_token_ids=stop)
-        greedy_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=settings.max_new_tokens,
-                                       stop_token_ids=stop)
-        chunk = max(1, 64 // settings.samples)
-        for a in range(0, len(records), chunk):
-            part, ids = records[a:a + chunk], prompt_ids[a:a + chunk]
-            sampled = sampler.run(part, ids, sampled_params, first_prompt_index=a)
-            greedy = sampler.run(part, ids, greedy_params) if settings.greedy else [[] for _ in part]
-            for record, samples, g in zip(part, sampled, greedy):
-                rows.append(_problem_row(record, samples, g[0] if g else None, equivalent_answers,
-                                         extract_final_answer, sampler.format_name))
-            if progress:
-                sys.stderr.write(f"\reval {len(rows)}/{len(records)} problems, pass@1 so far "
-                                 f"{mean([r['pass_at_1'] for r in rows]):.3f} ")
-                sys.stderr.flush()
-    if progress:
-        sys.stderr.write("\n")
-    summary = {
-        "model": str(Path(model_dir).resolve()), "problems": len(rows), **asdict(settings),
-        **{key: mean([r[key] for r in rows]) for key in ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate",
-                                                          "language_rate", "mixing_rate", "response_length_mean")},
-        "seconds": time.perf_counter() - start,
-    }
-    return {"summary": summary, "problems": rows}
+        return evaluate_prompts(sampler.generate, sampler.scorer, records, prompt_ids, settings,
+                                sampler.stop_token_ids, model=str(Path(model_dir).resolve()), progress=progress)
 
 
 def _nan(x: Optional[float]) -> float:
     return math.nan if x is None else float(x)
 
 
-def _problem_row(record, samples: list[dict], greedy: Optional[dict], equivalent, extract, fmt: str) -> dict:
+def _problem_row(record, samples: list[dict], greedy: Optional[dict], fmt: str) -> dict:
     acc = [_nan(s["accuracy"]) for s in samples]
-    answers = [extract(s["completion"])[0] for s in samples]
-    same = equivalent if record.task == "math" else (lambda x, y: x == y)
+    answers = [extract_final_answer(s["completion"])[0] for s in samples]
+    same = equivalent_answers if record.task == "math" else (lambda x, y: x == y)
     kept = [(a, c) for a, c in zip(answers, acc) if not math.isnan(c)]
     cons = math.nan if record.task == "code" or not kept else cons_at_k([a for a, _ in kept], [c == 1.0 for _, c in kept], same)
     return {"id": record.id, "task": record.task, "pass_at_1": mean(acc), "cons_at_k": cons,
@@ -170,8 +212,6 @@ def _problem_row(record, samples: list[dict], greedy: Optional[dict], equivalent
 
 def write_results(out_dir: str | Path, result: dict) -> Path:
     """summary.json and problems.jsonl (every completion with its scores), atomically."""
-    from r1mega.utils.io import atomic_write_text
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "problems.jsonl", "".join(json.dumps(_json(r), ensure_ascii=False) + "\n"
@@ -191,8 +231,7 @@ def _json(x):
 
 
 def summary_table(summary: dict) -> str:
-    keys = ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate", "mixing_rate",
-            "response_length_mean")
+    keys = SUMMARY_KEYS
     heads = ("pass@1", f"cons@{summary['samples']}", "greedy", "format", "language", "mixing", "length")
     head = f"{'model':<40} " + " ".join(f"{h:>9}" for h in heads)
     name = summary["model"] if len(summary["model"]) <= 40 else "..." + summary["model"][-37:]
@@ -202,5 +241,5 @@ def summary_table(summary: dict) -> str:
             f"top-p {summary['top_p']} (+ greedy), {summary['seconds']:.0f}s\n{head}\n{'-' * len(head)}\n{name:<40} {cells}")
 
 
-__all__ = ["EvalError", "EvalSettings", "evaluate_model", "load_eval_problems", "summary_table",
+__all__ = ["EvalError", "EvalSettings", "SUMMARY_KEYS", "evaluate_model", "evaluate_prompts", "load_eval_problems", "summary_table",
            "write_results"]

@@ -7,16 +7,16 @@
     fill_logprobs     the sampling policy's log-probs (recomputed, or the engine's) and the reference's
     train_minibatches one Policy.train_step per mini-batch on the run's LossSpec -> their metrics
     move_reference    grpo.ref_update_interval: the reference becomes the policy
-    evaluate_heldout  pass@1 of the held-out prompts by R1's protocol
+    evaluate_heldout  the held-out prompts by R1's protocol, through r1mega eval's evaluator
     save              the checkpoint and the loop's own state (sampler, evaluations, phase times)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,11 +24,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from r1mega.evaluation import SUMMARY_KEYS, EvalSettings, evaluate_prompts, stop_token_ids
 from r1mega.parallel.collectives import everyone, from_rank0, share
 from r1mega.rollout import SamplingParams, sampling_params
 from r1mega.templates import render_prompts
 from r1mega.trainer import steps as S
-from r1mega.trainer.report import nanmean
 from r1mega.trainer.setup import GRPORun
 from r1mega.trainer.timer import PhaseTimer
 
@@ -46,15 +46,21 @@ class Scored:
     rounds: int
 
 
-def generate(run: GRPORun, records: list, prompt_ids: list[list[int]], params: SamplingParams) -> S.Rollout:
-    """Each engine rank generates its share of the prompts; every rank gets the whole rollout."""
+def generate_completions(run: GRPORun, prompt_ids: list[list[int]], params: SamplingParams, *,
+                         first_prompt_index: int = 0) -> list:
+    """Each engine rank generates its share of the prompts (seeded by their global index,
+    `first_prompt_index` + row); every rank gets all the completions, in prompt-major order."""
     mine = []
     if run.engine is not None:
-        a, b = share(len(records), len(run.engines), run.engines.index(dist.get_rank()))
+        a, b = share(len(prompt_ids), len(run.engines), run.engines.index(dist.get_rank()))
         if b > a:
-            mine = run.engine.generate(prompt_ids[a:b], params, first_prompt_index=a)
-    completions = sorted((c for part in everyone(mine) for c in part), key=lambda c: (c.prompt_index, c.sample_index))
-    return S.make_rollout(records, prompt_ids, completions, run.tokenizer)
+            mine = run.engine.generate(prompt_ids[a:b], params, first_prompt_index=first_prompt_index + a)
+    return sorted((c for part in everyone(mine) for c in part), key=lambda c: (c.prompt_index, c.sample_index))
+
+
+def generate(run: GRPORun, records: list, prompt_ids: list[list[int]], params: SamplingParams) -> S.Rollout:
+    """The rollout of `records` (every rank gets all of it)."""
+    return S.make_rollout(records, prompt_ids, generate_completions(run, prompt_ids, params), run.tokenizer)
 
 
 def collect_groups(run: GRPORun, step: int, timer: PhaseTimer) -> Scored:
@@ -141,31 +147,27 @@ def move_reference(run: GRPORun, step: int) -> None:
         run.reference.model.load_state_dict(run.policy.model.state_dict())
 
 
-def evaluate_heldout(run: GRPORun, step: int) -> dict[str, float]:
-    """pass@1 over k samples per held-out prompt at the evaluation temperature and top-p (R1's
-    protocol), with the format rate and the mean response length; the same dict on every rank."""
-    cfg = run.cfg
-    params = SamplingParams(n=cfg.eval.samples, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                            max_new_tokens=cfg.eval.new_tokens(cfg.rollout), seed=cfg.run.seed + 7 * SEED_STRIDE)
+def evaluate_heldout(run: GRPORun) -> dict[str, float]:
+    """The held-out prompts by R1's protocol (the eval section), through the evaluator of
+    ``r1mega eval`` (r1mega.evaluation.evaluate_prompts) on the run's engines: pass@1, cons@k,
+    greedy accuracy, format and language rates, response length; the same dict on every rank."""
+    settings = EvalSettings.from_config(run.cfg)
     records = run.inputs.heldout
-    prompt_ids = render_prompts(records, run.tokenizer, cfg.run.template, cfg.rollout.max_prompt_tokens)
-    start = time.perf_counter()
-    rollout = generate(run, records, prompt_ids, params)
-    result = None
-    if run.scorer is not None:
-        rewards = S.score(run.scorer, rollout)
-        fmt = next((v for k, v in rewards.values.items() if k.startswith("format")), None)
-        result = {"pass_at_1": nanmean(rewards.values.get("accuracy")), "format_rate": nanmean(fmt),
-                  "prompts": len(records), "samples_per_prompt": cfg.eval.samples,
-                  "response_length_mean": sum(len(c) for c in rollout.completions) / max(len(rollout), 1),
-                  "seconds": time.perf_counter() - start}
-    return from_rank0(result)
+    prompt_ids = render_prompts(records, run.tokenizer, settings.template, settings.max_prompt_tokens)
+    result = evaluate_prompts(functools.partial(generate_completions, run), run.eval_scorer, records, prompt_ids,
+                              settings, stop_token_ids(run.tokenizer))
+    summary = None
+    if result is not None:
+        s = result["summary"]
+        summary = {**{k: s[k] for k in SUMMARY_KEYS}, "prompts": s["problems"], "samples_per_prompt": s["samples"],
+                   "seconds": s["seconds"]}
+    return from_rank0(summary)
 
 
 def run_heldout_eval(run: GRPORun, step: int) -> None:
     """The held-out evaluation at `step`, once per step (a resumed run keeps its earlier results)."""
     if run.inputs.heldout and str(step) not in run.evals:
-        result = evaluate_heldout(run, step)
+        result = evaluate_heldout(run)
         run.evals[str(step)] = result
         run.log.evaluation(step, result)
         run.log.note(f"held-out pass@1 at step {step}: {result['pass_at_1']:.3f} (format "

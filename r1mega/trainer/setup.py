@@ -20,6 +20,7 @@ from r1mega.algo import LossSpec
 from r1mega.config import Config
 from r1mega.data import PromptSampler
 from r1mega.data.loader import write_prompts
+from r1mega.evaluation import CompletionScorer
 from r1mega.parallel.collectives import engine_ranks
 from r1mega.rewards import RewardModel, RewardPool
 from r1mega.rewards.routing import RoutedRewards
@@ -45,6 +46,7 @@ class GRPORun:
     engine: Any
     colocation: Colocation
     scorer: Any  # RewardPool (or RoutedRewards with a reward model) on rank 0, else None
+    eval_scorer: Optional[CompletionScorer]  # the held-out evaluation's, on rank 0 when there are held-out prompts
     sampler: PromptSampler
     log: RunLog
     rank0: bool
@@ -62,8 +64,9 @@ class GRPORun:
         self.log.close()
         if self.engine is not None:
             self.engine.close()
-        if self.scorer is not None:
-            self.scorer.close()
+        for scorer in (self.scorer, self.eval_scorer):
+            if scorer is not None:
+                scorer.close()
 
 
 def reward_scorer(inputs: Inputs, cfg: Config):
@@ -123,7 +126,10 @@ def setup_run(cfg: Config, resume: Optional[str | Path] = None) -> GRPORun:
         cfg=cfg, inputs=inputs, run_dir=run_dir, tokenizer=tokenizer, policy=policy, reference=reference,
         loss_spec=cfg.grpo.loss_spec(max_new_tokens=rollout_cfg.max_new_tokens, has_reference=reference is not None),
         engines=engines, engine=colocation.engine, colocation=colocation,
-        scorer=reward_scorer(inputs, cfg) if rank0 else None, sampler=sampler, log=log, rank0=rank0,
+        scorer=reward_scorer(inputs, cfg) if rank0 else None,
+        eval_scorer=CompletionScorer(tokenizer, format_style=cfg.rewards.format_style, workers=cfg.rewards.workers or None,
+                                     timeout_s=cfg.rewards.timeout_s) if rank0 and inputs.heldout else None,
+        sampler=sampler, log=log, rank0=rank0,
         start_step=start_step, inputs_s=inputs_s, data_state=data_state,
         evals=dict(data_state.get("evals", {})) if data_state else {},
         phase_seconds=dict(data_state.get("phase_seconds", {})) if data_state else {})
