@@ -58,6 +58,7 @@ def check_checkpoint_across_expert_layouts(model_dir: Path, out: Path, parallel)
     with per-expert modules into grouped experts (the same sharded keys), to the same log-probs."""
     import torch
 
+    from r1mega.algo import LossSpec
     from r1mega.config import PolicyConfig
     from r1mega.models import load_policy
 
@@ -69,7 +70,8 @@ def check_checkpoint_across_expert_layouts(model_dir: Path, out: Path, parallel)
         cm = torch.ones_like(ids, dtype=torch.bool)
         cm[:, :4] = False
         policy.train_step(dict(input_ids=ids, attention_mask=torch.ones_like(cm), completion_mask=cm,
-                               old_logp=policy.logprobs(ids), advantages=torch.tensor([1.0, -0.5, -0.5])))
+                               old_logp=policy.logprobs(ids), advantages=torch.tensor([1.0, -0.5, -0.5])),
+                          LossSpec())
         before = policy.logprobs(ids)  # after a step: the optimizer state exists and is saved too
         step_dir = policy.save_checkpoint(out / name)
         del policy
