@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from r1mega.algo import LossSpec
 from r1mega.ops import grpo_loss, token_logprobs_and_entropy
 
 pytestmark = [
@@ -30,11 +31,14 @@ pytestmark = [
 def step(h, W, tokens, old_logp, advantages, mask, ref_logp):
     # lm_head logits as in a trainer; the GSPO loss reuses its logits buffer for the gradient.
     logits, logits_gspo = h @ W, h @ W
-    kl = dict(ref_logp=ref_logp, kl_coef=0.1, kl_estimator="k3", kl_clamp=10.0)
-    loss, metrics = grpo_loss(logits, tokens, old_logp, advantages, mask, dual_clip=3.0, temperature=0.9, **kl)
-    gspo, _ = grpo_loss(logits_gspo, tokens, old_logp, advantages, mask, ratio_level="sequence",
-                        agg="seq-mean-token-mean", temperature=0.9, inplace_backward=True)
-    torch_loss, _ = grpo_loss(h @ W, tokens, old_logp, advantages, mask, backend="torch", temperature=0.9, **kl)
+    kl = LossSpec(kl_coef=0.1, kl_estimator="k3", kl_clamp=10.0)
+    loss, metrics = grpo_loss(logits, tokens, old_logp, advantages, mask, kl.replace(dual_clip=3.0), temperature=0.9,
+                              ref_logp=ref_logp)
+    gspo, _ = grpo_loss(logits_gspo, tokens, old_logp, advantages, mask,
+                        LossSpec(ratio_level="sequence", agg="seq-mean-token-mean"), temperature=0.9,
+                        inplace_backward=True)
+    torch_loss, _ = grpo_loss(h @ W, tokens, old_logp, advantages, mask, kl, backend="torch", temperature=0.9,
+                              ref_logp=ref_logp)
     logp, entropy = token_logprobs_and_entropy(logits, tokens, temperature=0.9)
     total = loss + gspo + torch_loss - 0.01 * (entropy * mask).sum() / mask.sum()
     return total, metrics["clip_frac_high"], metrics["kl_mean"], logp
