@@ -160,7 +160,7 @@ def test_chat_rows_train_on_assistant_turns_only(small_base_model, tmp_path):
     import transformers
 
     from r1mega.sft.data import SFTExample, tokenize_example
-    from r1mega.trainer.pretrain import with_chat_template
+    from r1mega.run.base_model import with_chat_template
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(with_chat_template(small_base_model, tmp_path / "chat")))
     turns = (("system", "be brief"), ("user", "What is 2 + 2?"), ("assistant", "<think> 2+2=4 </think> 4"),
