@@ -175,7 +175,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "rm": ("r1mega.rm.train", "rm_command", ("out",)),
     "distill": ("r1mega.distill", "distill_command", ("teacher", "student", "data", "heldout", "traces", "out")),
     "pipeline": ("r1mega.pipeline", "pipeline_command", ()),
-    "plot": ("r1mega.run.plot", "plot_command", ("run", "out")),
+    "plot": ("r1mega.plot", "plot_command", ("run", "out")),
     "plan": ("r1mega.launch_plan", "plan_command", ("launch", "plan_json")),
 }
 
