@@ -1,4 +1,4 @@
-"""Test-suite wiring: the Triton interpreter on CPU, the `gpu` marker, and 'no test ran' = failure."""
+"""Test-suite wiring: the Triton interpreter on CPU, the `gpu` and `slow` markers, and 'no test ran' = failure."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_base_model(tmp_path_factory):
     """The embedded default's base model made the same way, pretrained for 40 steps (seconds)."""
-    from r1mega.trainer.pretrain import PretrainSpec, pretrain_base_model
+    from r1mega.run.base_model import PretrainSpec, pretrain_base_model
 
     return pretrain_base_model(tmp_path_factory.getbasetemp() / "small-base-model",
                                PretrainSpec(steps=40, batch_size=8), progress=False)
@@ -59,7 +59,47 @@ def _runnable_backend(request):
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
 
 
+# The fast lane, `-m "not slow"`: what is `slow` is decided here, in one place. Every `distributed`
+# test is slow (torchrun worker processes), and so is every test that uses the `uninterrupted_run`
+# fixture (a whole training run), plus the modules and tests below: whole runs of r1mega (a
+# subprocess `r1mega train/sft/sample/distill/eval/...`), the golden metrics and the throughput gate,
+# then what `--durations` of the fast lane still showed as its heaviest.
+SLOW_MODULES = {
+    "test_golden_metrics.py",  # the tiny recipe, two loss variants and SFT, reproduced in subprocesses
+    "test_trainer_faults.py",  # killed / failing runs resumed to the uninterrupted run
+}
+SLOW_TESTS = {
+    # whole runs of the CLI
+    "test_trainer.py::test_train_runs_and_writes_the_run_directory",
+    "test_trainer.py::test_a_killed_run_resumes_bit_for_bit",
+    "test_trainer.py::test_a_reward_that_crashes_or_hangs_costs_its_sample_not_the_run",
+    "test_trainer.py::test_a_damaged_newest_checkpoint_resumes_from_the_previous",
+    "test_trainer.py::test_grouped_experts_and_thd_train_like_the_default_layout",
+    "test_trainer.py::test_old_logprobs_from_the_rollout_skip_the_recompute_and_take_the_same_step",
+    "test_sft.py::test_sft_runs_learns_and_resumes_bit_for_bit",
+    "test_distill.py::test_r1mega_distill_end_to_end_and_resumed",
+    "test_rejection.py::test_r1mega_sample_end_to_end_with_a_judge",
+    "test_rm.py::test_cli_trains_on_a_pair_file_and_prints_the_table",
+    "test_evaluation.py::test_r1mega_eval_end_to_end_and_greedy_equals_transformers",
+    "test_evaluation.py::test_trainer_heldout_evaluation_equals_r1mega_eval",
+    "test_routing.py::test_one_grpo_run_over_mixed_prompts",
+    # the throughput gate: measures the GRPO step in fresh processes (and skips on a noisy machine)
+    "test_throughput_regression.py::test_no_phase_of_the_grpo_step_is_slower_than_its_baseline",
+}
+SLOW_FIXTURES = {"uninterrupted_run"}
+
+
+def _is_slow(item) -> bool:
+    module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    name = item.nodeid.split("::", 1)[-1].split("[", 1)[0]
+    return ("distributed" in item.keywords or module in SLOW_MODULES or f"{module}::{name}" in SLOW_TESTS
+            or bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))))
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

@@ -556,11 +556,11 @@ def _link_this_environment(venv: Path) -> None:
     stdlib = {os.path.realpath(sysconfig.get_path(k)) for k in ("stdlib", "platstdlib")}
     extra = [d for d in sys.path if d and os.path.isdir(d) and d not in sites
              and os.path.realpath(d) not in stdlib and "lib-dynload" not in d]
-    (purelib,) = {sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})}
-    Path(purelib).mkdir(parents=True, exist_ok=True)
+    purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    purelib.mkdir(parents=True, exist_ok=True)
     # One `import` line, which site executes at start-up (addsitedir skips directories already
     # on sys.path and runs the .pth files of the ones it adds; a plain directory is just appended).
-    (Path(purelib) / "_r1mega_test_parent_env.pth").write_text(
+    (purelib / "_r1mega_test_parent_env.pth").write_text(
         f"import site; list(map(site.addsitedir, {list(dict.fromkeys(sites + extra))!r}))\n")
 
 
