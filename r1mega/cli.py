@@ -51,7 +51,7 @@ import sys
 import typing
 from pathlib import Path
 
-from r1mega.config import KEY_ALIASES, Config, ConfigError, parse_value
+from r1mega.config import KEY_ALIASES, Config, ConfigError, key_type, parse_value
 from r1mega.data import DataError
 from r1mega.recipes import RECIPES, get_recipe, summary
 
@@ -462,8 +462,6 @@ EVAL_FLAGS = {"--samples": "eval.samples", "--temperature": "eval.temperature", 
 
 
 def _key_type(key: str) -> type:
-    from r1mega.config import key_type
-
     return key_type(key)
 
 

@@ -38,6 +38,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from r1mega.config import Config, ConfigError
+from r1mega.data import DataError, r1_corpus
+from r1mega.evaluation import EvalSettings, evaluate_model, load_eval_problems, write_results
+from r1mega.models import describe_hf_model
+from r1mega.models.hf_checkpoint import check_hf_checkpoint
+from r1mega.recipes import get_recipe
+from r1mega.rejection import FilterSettings, rejection_sample, report_path
+from r1mega.run.base_model import STUDENT_SPEC, ensure_student_base
+from r1mega.sft.data import load_sft_data
+from r1mega.sft.loop import sft
+from r1mega.utils.io import atomic_write_text
+
 ROLES = ("student_base", "student", "teacher")
 ROLE_NAMES = {"student_base": "student base", "student": "student (distilled)", "teacher": "teacher"}
 METRICS = ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate", "mixing_rate",
@@ -88,22 +100,16 @@ class DistillSettings:
         self.eval_settings()
 
     def sample_settings(self):
-        from r1mega.evaluation import EvalSettings
-
         return EvalSettings(samples=self.samples, temperature=self.temperature, top_p=self.top_p,
                             max_new_tokens=self.max_new_tokens, template=self.template,
                             format_style=self.format_style, seed=self.seed)
 
     def eval_settings(self):
-        from r1mega.evaluation import EvalSettings
-
         return EvalSettings(samples=self.eval_samples, temperature=self.eval_temperature, top_p=self.eval_top_p,
                             max_new_tokens=self.eval_max_new_tokens, template=self.template,
                             format_style=self.format_style, greedy=self.eval_greedy, seed=self.seed)
 
     def filters(self):
-        from r1mega.rejection import FilterSettings
-
         return FilterSettings(min_language=self.min_language, max_per_prompt=self.max_per_prompt)
 
 
@@ -138,11 +144,7 @@ def distill_command(cfg, *, teacher: str | Path, out: str | Path, student: Optio
 def _load_problems(source: Problems, limit: Optional[int], split: str, default_n: int, flag: str):
     """(records, a description) of a problems file, a sequence of records, or (None) the embedded
     R1 corpus's `split`."""
-    from r1mega.evaluation import load_eval_problems
-
     if source is None:
-        from r1mega.data import r1_corpus
-
         records = r1_corpus.problems(split, limit if limit is not None else default_n, seed=0)
         return records, f"r1mega.data.r1_corpus.problems({split!r}, {len(records)})"
     if isinstance(source, (str, Path)):
@@ -162,9 +164,6 @@ def _digest(records: Sequence) -> str:
 
 def _check_model(path: Path, flag: str) -> dict:
     """What distill records of a model directory; DistillError if the megatron policy cannot load it."""
-    from r1mega.models import describe_hf_model
-    from r1mega.models.hf_checkpoint import check_hf_checkpoint
-
     if not (path / "config.json").is_file():
         raise DistillError(f"{flag}: {str(path)!r} is not a Hugging Face model directory (no config.json)")
     try:
@@ -190,9 +189,6 @@ def _sft_config(base, student: Path, traces: Path, out_dir: Path, overrides):
     """The student's SFT config: `base` (default: the recipe tiny-cold-start), then `overrides`
     ({"section.field": value} or "section.field=value" strings, as --set gives them), then
     distill's own keys."""
-    from r1mega.config import Config, ConfigError
-    from r1mega.recipes import get_recipe
-
     cfg = base if base is not None else get_recipe("tiny-cold-start")
     if not isinstance(cfg, Config):
         raise DistillError(f"sft_config: expected an r1mega Config, got {type(cfg).__name__}")
@@ -211,8 +207,6 @@ def _sft_config(base, student: Path, traces: Path, out_dir: Path, overrides):
 
 
 def _traces_complete(traces: Path) -> Optional[dict]:
-    from r1mega.rejection import report_path
-
     report = report_path(traces)
     if not (traces.is_file() and report.is_file()):
         return None
@@ -262,9 +256,6 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
     DeepSeek-R1's way: the data curated for stage 3, which the paper's students were trained on);
     the sampling phase is skipped and `data` must be None.
     """
-    from r1mega.evaluation import evaluate_model, write_results
-    from r1mega.utils.io import atomic_write_text
-
     wall = time.perf_counter()
     out_dir = Path(out_dir)
     teacher = Path(teacher_dir)
@@ -282,9 +273,6 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
             raise DistillError(f"{flag}: no problems")
     given_traces = None if traces is None else Path(traces)
     if given_traces is not None:
-        from r1mega.data import DataError
-        from r1mega.sft.data import load_sft_data
-
         if data is not None:
             raise DistillError("--traces: the traces are given, so there are no prompts to sample (drop --data)")
         try:
@@ -297,8 +285,6 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     if student_dir is None:
-        from r1mega.run.base_model import STUDENT_SPEC, ensure_student_base
-
         student = ensure_student_base(cache, progress=progress)
         student_info = {**_check_model(student, "--student"), "spec": asdict(STUDENT_SPEC)}
     pretrain_json = student / "pretrain.json"
@@ -363,8 +349,6 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
         reused.append("traces")
         _note(progress, f"traces: reusing {traces} ({report['kept']} rows)")
     else:
-        from r1mega.rejection import rejection_sample
-
         _note(progress, f"traces: {settings.samples} samples of the teacher for each of {len(train_records)} prompts")
         s = settings
         report = rejection_sample(teacher, train_records, traces, samples=s.samples, temperature=s.temperature,
@@ -395,8 +379,6 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
         summary = json.loads((run_dir / "summary.json").read_text())
         _note(progress, f"sft: reusing {final}")
     else:
-        from r1mega.sft.loop import sft
-
         resume = run_dir if (run_dir / "config.json").is_file() else None
         _note(progress, f"sft: the student on {report['kept']} traces" + (f" (resuming {run_dir})" if resume else ""))
         summary = sft(cfg, resume=resume, progress=progress)

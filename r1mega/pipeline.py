@@ -43,7 +43,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from r1mega.config import Config, PipelineConfig
+from r1mega.data import r1_corpus
+from r1mega.data.loader import write_prompts
 from r1mega.recipes import get_recipe
+from r1mega.rejection.sample import report_path
+from r1mega.run.rundir import resolve_model
+from r1mega.sft.data import load_sft_data, write_sft_rows
 from r1mega.utils.io import atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -137,9 +142,6 @@ def run_dir_command(ctx: Context, stage: str, command: str, recipe: str, run_dir
 
 # ---- the stages ---------------------------------------------------------------------------------
 def stage_data(ctx: Context) -> dict:
-    from r1mega.data import r1_corpus
-    from r1mega.data.loader import write_prompts
-
     p = ctx.cfg.pipeline
     train = r1_corpus.problems("train")
     write_prompts(ctx.path("data", "train.jsonl"), train)
@@ -165,8 +167,6 @@ def _interleave(a: list, b: list) -> list:
 
 
 def stage_base(ctx: Context) -> dict:
-    from r1mega.run.rundir import resolve_model
-
     _, hf_dir = resolve_model(None)
     return {"model": str(hf_dir), "figures": {}}
 
@@ -206,10 +206,6 @@ def _rl_stage(name: str, *, model: Callable[[Context], str], data: str,
 
 
 def stage_rejection_sampling(ctx: Context) -> dict:
-    from r1mega.data import r1_corpus
-    from r1mega.rejection.sample import report_path
-    from r1mega.sft.data import load_sft_data, write_sft_rows
-
     reasoning = ctx.path("data", "stage2_samples.jsonl")
     argv = r1mega_command(ctx, "sample", "--recipe", STAGE_RECIPES["rejection_sampling"],
                           "--model", ctx.manifest["stages"]["reasoning_rl"]["model"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from r1mega.config import Config
+from r1mega.config import Config, ConfigError, did_you_mean
 
 RECIPES: dict[str, Callable[[], Config]] = {}
 
@@ -20,8 +20,6 @@ def recipe(fn: Callable[[], Config]) -> Callable[[], Config]:
 
 def get_recipe(name: str) -> Config:
     """Build the recipe called `name`; an unknown name lists the known ones."""
-    from r1mega.config import ConfigError, did_you_mean
-
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}{did_you_mean(name, list(RECIPES))} "
                           f"(known: {', '.join(sorted(RECIPES))})")

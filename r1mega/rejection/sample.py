@@ -19,7 +19,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from r1mega.data import base_corpus
+from r1mega.evaluation import EvalSettings, load_eval_problems
+from r1mega.evaluation.generation import ScoredSampler
 from r1mega.rejection.filters import REASONS, FilterSettings, select
+from r1mega.rewards import load_reward
+from r1mega.rewards.sandbox import SandboxUnavailable, require_backend
+from r1mega.rollout import SamplingParams
+from r1mega.utils.io import atomic_write_text
 
 
 def sft_row(record, sample: dict, source: Path, format_name: str) -> dict:
@@ -37,14 +44,8 @@ def rejection_sample(model_dir: str | Path, records: Sequence, out: str | Path, 
                      filters: FilterSettings = FilterSettings(), judge: Optional[Callable] = None, seed: int = 0,
                      progress: bool = True) -> dict:
     """Sample, filter and write `out` (JSONL) and its report atomically; returns the report."""
-    from r1mega.evaluation.generation import ScoredSampler
-    from r1mega.rollout import SamplingParams
-    from r1mega.utils.io import atomic_write_text
-
     start = time.perf_counter()
     if any(r.task == "code" for r in records):
-        from r1mega.rewards.sandbox import SandboxUnavailable, require_backend
-
         try:
             require_backend()
         except SandboxUnavailable as err:
@@ -97,9 +98,6 @@ def sample_command(cfg, *, out: str | Path, progress: bool = True) -> int:
     """``r1mega sample``: rejection sampling of cfg.run.model on cfg.run.data (None: the embedded
     task's train split) with cfg.sample's settings, the prompt template run.template, the format
     rewards.format_style and the seed run.seed; writes `out` and its report."""
-    from r1mega.evaluation import EvalSettings, load_eval_problems
-    from r1mega.rewards import load_reward
-
     s = cfg.sample
     if cfg.run.model is None:
         raise ValueError("sample: no model: give --model DIR (run.model)")
@@ -116,8 +114,6 @@ def sample_command(cfg, *, out: str | Path, progress: bool = True) -> int:
     if cfg.run.data:
         records = load_eval_problems(cfg.run.data, s.max_prompts, allow_general=judge is not None)
     else:
-        from r1mega.data import base_corpus
-
         records = base_corpus.problems("train", s.max_prompts, seed=0)
     report = rejection_sample(cfg.run.model, records, out, samples=s.samples, temperature=s.temperature,
                               top_p=s.top_p, max_new_tokens=s.max_new_tokens, template=cfg.run.template,

@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from r1mega.data import DataError, load_completions, load_prompts
+from r1mega.rewards import GoldAnswerError, RewardPool, parse_gold, pool_kwargs
+from r1mega.utils.io import atomic_write_text
+
 
 def reward_command(cfg, *, data: str | Path, completions: str | Path, out: Optional[str | Path] = None) -> int:
     """Score `completions` (rows {"id", "completion"}) of the prompts in `data` with the pool
     ``cfg.rewards`` describes; write one JSON line per completion to `out` when given."""
-    from r1mega.data import DataError, load_completions, load_prompts
-    from r1mega.rewards import GoldAnswerError, RewardPool, parse_gold, pool_kwargs
-    from r1mega.utils.io import atomic_write_text
-
     pairs = load_completions(completions, load_prompts(data))
     for record in {record.id: record for record, _ in pairs}.values():
         if record.task == "math":  # refuse a gold answer that could never score, before any work

@@ -53,7 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from r1mega.config import RMConfig, RunConfig
+from r1mega.data import r1_corpus
 from r1mega.rewards.reward_model import RewardModel
+from r1mega.rm.data import load_preference_pairs
+from r1mega.run.rundir import resolve_model
 
 # The embedded default's settings (see the module docstring for what they reach): the config's rm
 # section (and run.seed) defaults, their one home.
@@ -294,8 +297,6 @@ def train_reward_model(model_dir: str | Path, train_pairs: Sequence[dict], heldo
 def embedded_pairs() -> tuple[list[dict], list[dict]]:
     """The embedded default's (train, held-out) pairs: r1mega.data.r1_corpus.preference_pairs of
     the general prompts' train and test splits."""
-    from r1mega.data import r1_corpus
-
     return (r1_corpus.preference_pairs(r1_corpus.general_prompts("train")),
             r1_corpus.preference_pairs(r1_corpus.general_prompts("test")))
 
@@ -304,9 +305,6 @@ def rm_command(cfg, *, out: str | Path, progress: bool = True) -> int:
     """``r1mega rm``: a reward model from cfg.run.model (None: the embedded base model) trained on
     cfg.rm.data (None: the embedded pairs) with cfg.rm's settings and the seed run.seed, written to
     `out`; prints its figures."""
-    from r1mega.rm.data import load_preference_pairs
-    from r1mega.run.rundir import resolve_model
-
     r = cfg.rm
     # every pair checked before any work (the model too is built only after)
     embedded = "r1mega.data.r1_corpus.preference_pairs(general_prompts({!r}))"

@@ -33,6 +33,8 @@ from typing import Any, Optional
 
 import torch
 
+from r1mega.models.hf_config import describe_hf_config
+from r1mega.models.hf_mapping import expected_hf_tensors
 from r1mega.rollout import hf_kernels
 from r1mega.rollout.engine import Engine
 from r1mega.rollout.hf_weights import weight_views
@@ -107,9 +109,6 @@ class HFEngine(Engine):
         :mod:`r1mega.rollout.hf_kernels` (sdpa and grouped_mm on transformers 4.x).
         """
         import transformers
-
-        from r1mega.models.hf_config import describe_hf_config
-        from r1mega.models.hf_mapping import expected_hf_tensors
 
         if not isinstance(max_batch_rows, int) or max_batch_rows < 1:
             raise ValueError(f"hf engine: max_batch_rows must be a positive int, got {max_batch_rows!r}")

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from r1mega.config import RolloutConfig
+from r1mega.rollout import make_engine
 from r1mega.rollout.engine import Engine, RefitStats
 from r1mega.rollout.sampling import SamplingParams
 
@@ -29,8 +30,6 @@ from r1mega.rollout.sampling import SamplingParams
 def engine_from_config(rollout: RolloutConfig, model_config: Any, *, seed: int = 0, tokenizer: Any = None,
                        dtype: torch.dtype = torch.float32, device: Optional[str] = None) -> Engine:
     """The engine `rollout.engine` names, with the options of the config's rollout section."""
-    from r1mega.rollout import make_engine
-
     if rollout.engine == "hf":
         for key, default in (("fp8", False), ("tp", 1)):
             if getattr(rollout, key) != default:

@@ -45,6 +45,8 @@ from typing import Any, Optional
 
 import torch
 
+from r1mega.models.hf_config import describe_hf_model
+from r1mega.models.hf_mapping import expected_hf_tensors
 from r1mega.rollout.engine import Engine, EngineStateError
 from r1mega.rollout.hf_engine import row_seed
 from r1mega.rollout.sampling import FINISH_REASONS, Completion, SamplingParams, check_prompts
@@ -142,9 +144,6 @@ class VLLMEngine(Engine):
         except ImportError:
             raise RuntimeError("vllm engine: vLLM is not installed (on a CUDA machine: pip install -e '.[gpu]'); "
                                "use rollout.engine=hf without it") from None
-
-        from r1mega.models.hf_config import describe_hf_model
-        from r1mega.models.hf_mapping import expected_hf_tensors
 
         if not vllm.__version__.startswith(SUPPORTED_VLLM):
             raise RuntimeError(f"vllm engine: written for vLLM {SUPPORTED_VLLM}.x, found {vllm.__version__}")

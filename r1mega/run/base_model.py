@@ -28,6 +28,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+from r1mega.data import base_corpus
+from r1mega.models.tiny import tiny_dense_config, tiny_moe_config
+from r1mega.models.tokenizer import build_tokenizer
+from r1mega.templates import R1_CHAT_TEMPLATE
 from r1mega.utils.io import atomic_write_text
 
 VERSION = 2  # bump when the corpus, the model or the recipe changes what a spec produces
@@ -73,8 +77,6 @@ class PretrainSpec:
 
     def model_config(self, tokenizer) -> dict:
         """The config.json (as a dict) of the model this spec pretrains, for `tokenizer`."""
-        from r1mega.models.tiny import tiny_dense_config, tiny_moe_config
-
         ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         if self.arch == "qwen3_moe":
             cfg = tiny_moe_config(vocab_size=len(tokenizer), **ids)
@@ -114,9 +116,6 @@ def pretrain_base_model(out_dir: str | Path, spec: PretrainSpec = PretrainSpec()
     """Build the tokenizer and pretrain the base model into `out_dir` (must not exist)."""
     import torch
     import transformers
-
-    from r1mega.data import base_corpus
-    from r1mega.models.tokenizer import build_tokenizer
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -226,8 +225,6 @@ def with_chat_template(src: str | Path, dst: str | Path, template: Optional[str]
     """A copy of the HF directory `src` at `dst` (written atomically) whose tokenizer has the chat
     template `template` (default r1mega.templates.R1_CHAT_TEMPLATE)."""
     import transformers
-
-    from r1mega.templates import R1_CHAT_TEMPLATE
 
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")

@@ -8,6 +8,10 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from r1mega.models.checkpoint import HF_DIR, list_checkpoints, resolve_checkpoint
+from r1mega.run.base_model import ensure_base_model
+from r1mega.run.logs import METRICS
+
 
 def quiet_known_warnings() -> None:
     """Known and harmless on CPU: megatron's notes about missing Transformer Engine / Apex, a .grad
@@ -23,15 +27,11 @@ def resolve_model(model: Optional[str], *, chat: bool = False) -> tuple[Path, Pa
     the embedded base model when None (built once; `chat`: with the R1 chat template), else a
     Hugging Face directory or an r1mega checkpoint."""
     if model is None:
-        from r1mega.run.base_model import ensure_base_model
-
         model_dir = ensure_base_model(chat=chat)
     else:
         model_dir = Path(model)
     hf_dir = model_dir
     if not (hf_dir / "config.json").is_file():
-        from r1mega.models.checkpoint import HF_DIR, resolve_checkpoint
-
         hf_dir = resolve_checkpoint(model_dir) / HF_DIR
     return model_dir, hf_dir
 
@@ -63,9 +63,6 @@ def resume_source(run_dir: Path, *, resuming: bool) -> Optional[Path]:
     was saved, else None (from the model; also a resumed run stopped before its first
     checkpoint). ValueError (one line) for a resume of a directory that is no run, or a new run
     where one already is."""
-    from r1mega.models.checkpoint import list_checkpoints
-    from r1mega.run.logs import METRICS
-
     checkpoints = run_dir / "checkpoints"
     if resuming:
         if not (run_dir / "config.json").is_file():

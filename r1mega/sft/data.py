@@ -24,6 +24,8 @@ from typing import Any, Optional, Sequence
 
 from r1mega.data import DataError, RowError, read_checked_rows
 from r1mega.sft.packing import TokenizedExample
+from r1mega.templates import render_prompt
+from r1mega.utils.io import atomic_write_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -107,8 +109,6 @@ def _chat_example(example: SFTExample, tokenizer) -> TokenizedExample:
 def tokenize_example(example: SFTExample, tokenizer, template: str) -> TokenizedExample:
     """The example's token ids and loss mask (completion / assistant tokens, and the EOS after a
     completion)."""
-    from r1mega.templates import render_prompt
-
     if example.messages is not None:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"example {example.id!r} is a chat conversation, but the tokenizer has no chat template")
@@ -139,8 +139,6 @@ def tokenize_all(examples: Sequence[SFTExample], tokenizer, template: str, max_t
 def write_sft_rows(path: str | Path, rows: Sequence[dict]) -> Path:
     """Write SFT rows as JSONL, atomically."""
     import json
-
-    from r1mega.utils.io import atomic_write_text
 
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     atomic_write_text(Path(path), text)

@@ -21,10 +21,14 @@ from pathlib import Path
 from typing import Optional
 
 from r1mega.config import Config
-from r1mega.sft.data import SFTExample, load_sft_data, tokenize_all
-from r1mega.sft.packing import TokenizedExample, collate, pack_examples
+from r1mega.data import DataError, epoch_permutation
+from r1mega.data.r1_corpus import cold_start_rows
+from r1mega.models import load_policy
 from r1mega.run.logs import METRICS, RunLog, plot_run, read_jsonl, truncate_after
 from r1mega.run.rundir import export_final, quiet_known_warnings, resolve_model, resume_source
+from r1mega.sft.data import SFTExample, load_sft_data, tokenize_all
+from r1mega.sft.packing import TokenizedExample, collate, pack_examples
+from r1mega.utils.io import atomic_write_text
 
 SFT_PANELS = (("loss", "SFT loss (mean NLL of completion tokens)"), ("lr", "learning rate"), ("padding_frac", "padding share"),
               ("tokens_per_s", "trained tokens / s"), ("rows", "packed rows per step"), ("examples", "examples per step"))
@@ -43,8 +47,6 @@ class SFTInputs:
 
 
 def resolve_sft_inputs(cfg: Config) -> SFTInputs:
-    from r1mega.data import DataError
-
     run, sft = cfg.run, cfg.sft
     if run.model is not None and not Path(run.model).is_dir():
         raise SFTError(f"run.model: {run.model!r} is not a directory (a Hugging Face model or an r1mega checkpoint)")
@@ -55,8 +57,6 @@ def resolve_sft_inputs(cfg: Config) -> SFTInputs:
         if sft.data is not None:
             examples, source = load_sft_data(sft.data), sft.data
         else:
-            from r1mega.data.r1_corpus import cold_start_rows
-
             examples = [SFTExample(r["id"], prompt=r["prompt"], completion=r["completion"])
                         for r in cold_start_rows(seed=run.seed)]
             source = "the embedded cold-start set"
@@ -72,8 +72,6 @@ def plan_steps(tokenized: list[TokenizedExample], *, epochs: int, rows_per_step:
     the examples in a seeded order (r1mega.data.epoch_permutation) and packs them in that order's
     chunks of rows_per_step * row_tokens tokens, so a step's rows hold a contiguous stretch of
     the shuffled data (the last step of an epoch may hold fewer rows)."""
-    from r1mega.data import epoch_permutation
-
     steps = []
     for epoch in range(epochs):
         order = [int(i) for i in epoch_permutation(len(tokenized), seed=seed, epoch=epoch)]
@@ -99,8 +97,6 @@ def sft(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = Tr
     """Run (or resume) the SFT job `cfg` describes; returns the summary (also summary.json)."""
     import torch.distributed as dist
     import transformers
-
-    from r1mega.models import load_policy
 
     wall = time.perf_counter()
     quiet_known_warnings()
@@ -171,8 +167,6 @@ def sft(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = Tr
                "loss_first": losses[0] if losses else math.nan, "loss_last": losses[-1] if losses else math.nan,
                "train_seconds": trained_s, "wall_s": time.perf_counter() - wall}
     if rank0:
-        from r1mega.utils.io import atomic_write_text
-
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_run(run_dir, panels=SFT_PANELS)
         log.note(f"SFT loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} in {total} steps "

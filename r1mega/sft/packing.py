@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from r1mega.batching import pack_microbatches
+
 
 @dataclass(frozen=True)
 class TokenizedExample:
@@ -32,8 +34,6 @@ class TokenizedExample:
 def pack_examples(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     """Rows of example indices, each row's lengths summing to at most `row_tokens`
     (r1mega.batching.pack_microbatches: few rows, balanced; each row in index order)."""
-    from r1mega.batching import pack_microbatches
-
     if not lengths:
         return []
     rows = pack_microbatches(list(lengths), row_tokens, 1)[0]
