@@ -30,6 +30,12 @@ from pathlib import Path
 from typing import Optional
 
 from r1mega.config import ConfigError, ParallelConfig
+from r1mega.models.build import check_model_split
+from r1mega.models.hf_config import describe_hf_model
+from r1mega.models.transformer_config import make_transformer_config
+from r1mega.run.base_model import PretrainSpec, default_cache
+from r1mega.run.rundir import resolve_model
+from r1mega.utils.io import atomic_write_text
 
 GROUPS = ("tp", "pp", "dp", "ep", "etp", "expert_dp")
 FULL_TABLE_MAX_RANKS = 64  # above this the table has one row per node
@@ -163,8 +169,6 @@ def stage_layers(desc, parallel: ParallelConfig) -> list[tuple[int, int]]:
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from r1mega.models.transformer_config import make_transformer_config
-
     config = make_transformer_config(desc, parallel)
     stages = []
     for pp_rank in range(parallel.pp):
@@ -190,8 +194,6 @@ def make_plan(parallel: ParallelConfig, nnodes: int, nproc_per_node: int, *, des
     groups = megatron_groups(parallel, world, order)
     stages, model = None, None
     if desc is not None:
-        from r1mega.models.build import check_model_split
-
         check_model_split(desc, parallel)
         stages = stage_layers(desc, parallel)
         model = {"arch": desc.arch, "num_layers": desc.num_layers, "num_heads": desc.num_heads,
@@ -220,19 +222,13 @@ def make_plan(parallel: ParallelConfig, nnodes: int, nproc_per_node: int, *, des
 def describe_run_model(model: Optional[str]):
     """(ModelDesc or None, a line saying what was read) for a run's model, cheaply: only a
     config.json is read. `model` None is the embedded base model, known once it is built."""
-    from r1mega.models.hf_config import describe_hf_model
-
     if model is None:
-        from r1mega.run.base_model import PretrainSpec, default_cache
-
         path = default_cache() / PretrainSpec().cache_name()
         if not (path / "config.json").is_file():
             return None, (f"the embedded base model is not built yet ({path}; `r1mega pretrain` builds it): "
                           "layers, heads and experts not checked")
         where = f"the embedded base model {path}"
     else:
-        from r1mega.run.rundir import resolve_model
-
         _, path = resolve_model(model)
         where = str(model)
     desc = describe_hf_model(path)
@@ -243,8 +239,6 @@ def describe_run_model(model: Optional[str]):
 
 
 def write_plan_json(plan: Plan, path: str | Path) -> None:
-    from r1mega.utils.io import atomic_write_text
-
     atomic_write_text(path, plan.to_json())
 
 

@@ -55,6 +55,7 @@ from typing import Any, Optional
 import torch
 
 from r1mega.models.errors import CheckpointError
+from r1mega.utils.io import atomic_write_text, fsync_dir
 
 FORMAT = 1
 META_NAME = "r1mega_checkpoint.json"
@@ -252,8 +253,6 @@ def rng_state_files(state: dict, stem: Path) -> tuple[Path, Path]:
     import numpy as np
     from safetensors.torch import save_file
 
-    from r1mega.utils.io import atomic_write_text
-
     kind, keys, pos, has_gauss, cached = state["numpy"]
     tensors = {"torch": state["torch"], "numpy.keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32))}
     tensors.update({f"tracker.{name}": t for name, t in state["tracker"].items()})
@@ -436,8 +435,6 @@ def save_checkpoint(policy, root: str | Path, *, data_state: Optional[dict] = No
     error = None
     if rank == 0:
         try:
-            from r1mega.utils.io import atomic_write_text, fsync_dir
-
             policy.write_side_files(tmp / HF_DIR)
             layout = policy.layout
             meta = {

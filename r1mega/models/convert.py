@@ -13,15 +13,14 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from r1mega.models.build import build_model
 from r1mega.models.errors import CheckpointError
-from r1mega.models.hf_checkpoint import (
-    check_export_target,
-    check_hf_checkpoint,
-    copy_files,
-    export_hf_weights,
-    hf_side_files,
-    load_hf_weights,
-)
+from r1mega.models.hf_checkpoint import (check_export_target, check_hf_checkpoint, copy_files, export_hf_weights,
+    hf_side_files, load_hf_weights)
+from r1mega.models.hf_config import describe_hf_model
+from r1mega.parallel import destroy_parallel
+from r1mega.parallel.state import init_parallel
+from r1mega.utils.io import atomic_write_text
 
 MEGATRON_META = "r1mega_megatron.json"
 MEGATRON_WEIGHTS = "weights"  # megatron dist_checkpointing directory inside a converted checkpoint
@@ -40,11 +39,6 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, parallel, *,
     import torch.distributed as dist
     from megatron.core import __version__ as mcore_version
     from megatron.core import dist_checkpointing
-
-    from r1mega.models.build import build_model
-    from r1mega.models.hf_config import describe_hf_model
-    from r1mega.parallel.state import init_parallel
-    from r1mega.utils.io import atomic_write_text
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     desc = describe_hf_model(hf_dir)
@@ -78,10 +72,6 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, parall
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from r1mega.models.build import build_model
-    from r1mega.models.hf_config import describe_hf_model
-    from r1mega.parallel.state import init_parallel
-
     megatron_dir, out_dir = Path(megatron_dir), Path(out_dir)
     meta_file = megatron_dir / MEGATRON_META
     try:
@@ -112,10 +102,6 @@ def convert_hf_to_hf(hf_dir: str | Path, out_dir: str | Path, parallel, *, dtype
     """
     import torch.distributed as dist
 
-    from r1mega.models.build import build_model
-    from r1mega.models.hf_config import describe_hf_model
-    from r1mega.parallel.state import init_parallel
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     desc = describe_hf_model(hf_dir)
     check_hf_checkpoint(hf_dir, desc)
@@ -138,8 +124,6 @@ def convert_command(cfg, *, hf: Optional[str] = None, megatron: Optional[str] = 
     cfg.convert.dtype (None: the Hugging Face config's)."""
     import warnings
 
-    from r1mega.models.hf_config import describe_hf_model
-
     if (hf is None) == (megatron is None) or (to_megatron is None) == (to_hf is None):
         raise ValueError("convert: give one source (--hf DIR or --megatron DIR) and one target "
                          "(--to-megatron OUT or --to-hf OUT)")
@@ -150,8 +134,6 @@ def convert_command(cfg, *, hf: Optional[str] = None, megatron: Optional[str] = 
         check_hf_checkpoint(hf, describe_hf_model(hf))
     warnings.filterwarnings("ignore", module=r"megatron\.")  # its import-time notes about TE/Apex
     import torch.distributed as dist
-
-    from r1mega.parallel import destroy_parallel
 
     try:
         if to_megatron:

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from r1mega.models.buckets import WeightStream
 from r1mega.models.hf_checkpoint import copy_files, export_hf_weights, hf_side_files
 from r1mega.models.hf_config import ModelDesc
 from r1mega.models.hf_mapping import export_dtypes
+from r1mega.utils.io import atomic_write_text
 
 
 class WeightExport:
@@ -34,8 +36,6 @@ class WeightExport:
     def stream(self, *, dtypes: Optional[dict[str, str]] = None, dst_ranks: Optional[Sequence[int]] = None):
         """The :class:`~r1mega.models.buckets.WeightStream` for these options (collective the first
         time; kept and reused, so a refit every step plans once)."""
-        from r1mega.models.buckets import WeightStream
-
         dtypes = {**self.hf_dtypes, **(dtypes or {})}
         key = (tuple(sorted(dtypes.items())), None if dst_ranks is None else tuple(sorted(set(dst_ranks))))
         stream = self._streams.get(key)
@@ -60,8 +60,6 @@ class WeightExport:
     def write_side_files(self, dest: Path, *, skip_config: bool = False) -> None:
         """Copy the source's non-weight files into `dest` (created); without a source config.json
         (and unless `skip_config`), write one from ``desc.config``. One rank calls it."""
-        from r1mega.utils.io import atomic_write_text
-
         dest.mkdir(parents=True, exist_ok=True)
         files = hf_side_files(self.side_files) if self.side_files and self.side_files.is_dir() else []
         files = [f for f in files if not (skip_config and f.name == "config.json")]

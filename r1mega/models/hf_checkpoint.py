@@ -37,26 +37,11 @@ import torch
 
 from r1mega.models.errors import CheckpointError
 from r1mega.models.hf_config import ModelDesc
-from r1mega.models.hf_mapping import (
-    entry_tp_group,
-    expected_hf_tensors,
-    export_dtypes,
-    gather_chunks,
-    hf_pieces,
-    is_ignored_hf_tensor,
-    model_entries,
-    read_local_tensor,
-)
-from r1mega.models.safetensors_io import (
-    INDEX_NAME,
-    SINGLE_NAME,
-    ST_DTYPES,
-    SliceReader,
-    StreamingWriter,
-    TensorInfo,
-    scan_hf_checkpoint,
-    tensor_bytes,
-)
+from r1mega.models.hf_mapping import (entry_tp_group, expected_hf_tensors, export_dtypes, gather_chunks, hf_pieces,
+    is_ignored_hf_tensor, model_entries, read_local_tensor)
+from r1mega.models.safetensors_io import (INDEX_NAME, SINGLE_NAME, ST_DTYPES, SliceReader, StreamingWriter, TensorInfo,
+    scan_hf_checkpoint, tensor_bytes)
+from r1mega.utils.io import atomic_write_bytes, atomic_write_text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +184,6 @@ def export_hf_weights(model, desc: ModelDesc, path: str | Path, *, dtypes: Optio
         raise
 
     if rank == 0:
-        from r1mega.utils.io import atomic_write_text
-
         if len(writers) > 1:
             weight_map = {n: files[r] for r in writers for n in everyone[r]}
             total = sum(math.prod(shapes[n]) * torch.empty((), dtype=ST_DTYPES[dtypes[n]]).element_size()
@@ -224,8 +207,6 @@ def hf_side_files(root: Path) -> list[Path]:
 
 def copy_files(files: list[Path], dest: Path) -> None:
     """Copy each file into the directory `dest` under its own name (atomically, one by one)."""
-    from r1mega.utils.io import atomic_write_bytes
-
     for file in files:
         atomic_write_bytes(dest / file.name, file.read_bytes())
 

@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from r1mega.megatron_compat import MEGATRON_VERSION, installed_megatron_version
+
 
 class _LayerReplay:
     """What one router asks for its top-k (the interface of megatron's RouterReplay)."""
@@ -42,8 +44,6 @@ class RouterReplay:
 
     def __init__(self, model, moe_layers: tuple[int, ...], top_k: int):
         from megatron.core.transformer.moe.router import TopKRouter
-
-        from r1mega.megatron_compat import MEGATRON_VERSION, installed_megatron_version
 
         if installed_megatron_version() != MEGATRON_VERSION:
             raise RuntimeError(f"router replay is written for megatron-core {MEGATRON_VERSION}, found "

@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 
 from r1mega.config import ConfigError, PolicyConfig
+from r1mega.megatron_compat import megatron_has_te
+from r1mega.models.grouped_experts import use_grouped_experts
 from r1mega.models.hf_config import ModelDesc
 from r1mega.parallel.state import ParallelConfig
 
@@ -45,7 +47,6 @@ def transformer_engine_available() -> bool:
     """True when megatron can build Transformer Engine layers here (a CUDA device and TE)."""
     if not torch.cuda.is_available():
         return False
-    from r1mega.megatron_compat import megatron_has_te
 
     return megatron_has_te()
 
@@ -170,8 +171,6 @@ def layer_spec(config, *, pp_rank: Optional[int] = None, vp_stage: Optional[int]
     stage is taken by megatron from `pp_rank` (default: the current rank).
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-    from r1mega.models.grouped_experts import use_grouped_experts
 
     use_te = transformer_engine_available()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",

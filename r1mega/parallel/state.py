@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from r1mega.config import ParallelConfig
+from r1mega.megatron_compat import prepare_megatron
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,6 @@ def init_parallel(config: ParallelConfig, *, seed: int = 0, backend: Optional[st
         config.check_world(dist.get_world_size())  # before any work
     else:  # before touching any process group: torchrun's world, or the single process we will start
         config.check_world(int(world_env) if world_env and world_env.isdigit() else 1)
-    from r1mega.megatron_compat import prepare_megatron
 
     prepare_megatron()
     _, world = init_distributed(backend)
