@@ -15,8 +15,14 @@ from typing import Optional
 
 from r1mega.models.build import build_model
 from r1mega.models.errors import CheckpointError
-from r1mega.models.hf_checkpoint import (check_export_target, check_hf_checkpoint, copy_files, export_hf_weights,
-    hf_side_files, load_hf_weights)
+from r1mega.models.hf_checkpoint import (
+    check_export_target,
+    check_hf_checkpoint,
+    copy_files,
+    export_hf_weights,
+    hf_side_files,
+    load_hf_weights,
+)
 from r1mega.models.hf_config import describe_hf_model
 from r1mega.parallel import destroy_parallel
 from r1mega.parallel.state import init_parallel

@@ -37,10 +37,26 @@ import torch
 
 from r1mega.models.errors import CheckpointError
 from r1mega.models.hf_config import ModelDesc
-from r1mega.models.hf_mapping import (entry_tp_group, expected_hf_tensors, export_dtypes, gather_chunks, hf_pieces,
-    is_ignored_hf_tensor, model_entries, read_local_tensor)
-from r1mega.models.safetensors_io import (INDEX_NAME, SINGLE_NAME, ST_DTYPES, SliceReader, StreamingWriter, TensorInfo,
-    scan_hf_checkpoint, tensor_bytes)
+from r1mega.models.hf_mapping import (
+    entry_tp_group,
+    expected_hf_tensors,
+    export_dtypes,
+    gather_chunks,
+    hf_pieces,
+    is_ignored_hf_tensor,
+    model_entries,
+    read_local_tensor,
+)
+from r1mega.models.safetensors_io import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    ST_DTYPES,
+    SliceReader,
+    StreamingWriter,
+    TensorInfo,
+    scan_hf_checkpoint,
+    tensor_bytes,
+)
 from r1mega.utils.io import atomic_write_bytes, atomic_write_text
 
 
