@@ -15,6 +15,8 @@ from typing import Any, Optional
 import torch
 
 from r1mega.algo.checks import check_integer, check_shape
+from r1mega.batching import pack_microbatches
+from r1mega.megatron_compat import megatron_has_te
 from r1mega.models.packing import check_segments
 
 REQUIRED_TENSORS = ("input_ids", "attention_mask", "completion_mask", "old_logp", "advantages")
@@ -48,8 +50,6 @@ def check_segment_ids(segment_ids: torch.Tensor, am: torch.Tensor, *, packed_for
     """`segment_ids` of packed rows (r1mega.models.packing) as int64, checked against the mask;
     NotImplementedError for the "mask" format under Transformer Engine, whose fused attention
     ignores the block mask (the "thd" format is what TE computes packed rows with)."""
-    from r1mega.megatron_compat import megatron_has_te
-
     check_integer("segment_ids", segment_ids)
     check_segments(segment_ids, am)
     if packed_format == "mask" and megatron_has_te():
@@ -135,8 +135,6 @@ def plan_micro_batches(lengths: Sequence[int], layout, device: torch.device, *, 
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-
-    from r1mega.batching import pack_microbatches
 
     dp, dp_rank, n_rows = layout.dp, layout.dp_rank, len(lengths)
     if budget is not None:

@@ -69,6 +69,7 @@ import torch
 
 from r1mega.algo.loss_spec import LossSpec
 from r1mega.config import ConfigError, OptimConfig, ParallelConfig, PolicyConfig
+from r1mega.models import checkpoint as ckpt
 from r1mega.models.batches import (
     build_micro_batches,
     check_input_ids,
@@ -78,18 +79,22 @@ from r1mega.models.batches import (
     plan_micro_batches,
     plan_rows,
 )
+from r1mega.models.build import build_model
+from r1mega.models.checkpoint import save_checkpoint
 from r1mega.models.export import WeightExport
-from r1mega.models.hf_config import ModelDesc
+from r1mega.models.hf_checkpoint import check_hf_checkpoint, load_hf_weights
+from r1mega.models.hf_config import ModelDesc, describe_hf_model
 from r1mega.models.optimizer import TrainingState
 from r1mega.models.runner import ModelRunner, grpo_metric_keys
+from r1mega.models.sources import resolve_source
+from r1mega.models.transformer_config import transformer_engine_available
+from r1mega.parallel.state import current_layout, init_parallel
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _ensure_parallel(parallel: ParallelConfig, seed: int):
     from megatron.core import parallel_state as ps
-
-    from r1mega.parallel.state import current_layout, init_parallel
 
     if ps.model_parallel_is_initialized():
         now = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
@@ -102,8 +107,6 @@ def _ensure_parallel(parallel: ParallelConfig, seed: int):
 def resolve_packed_format(packed_format: str) -> str:
     """``policy.packed_format`` for this machine: "auto" is "thd" with Transformer Engine (its
     fused attention takes cu_seqlens) and "mask" otherwise (the local attention's dense mask)."""
-    from r1mega.models.transformer_config import transformer_engine_available
-
     if packed_format == "auto":
         return "thd" if transformer_engine_available() else "mask"
     return packed_format
@@ -131,12 +134,6 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
     Transformer Engine, the block mask otherwise).
     Problems with `path` (not a model, a bad tensor) raise before any process group is set up.
     """
-    from r1mega.models import checkpoint as ckpt
-    from r1mega.models.build import build_model
-    from r1mega.models.hf_checkpoint import check_hf_checkpoint, load_hf_weights
-    from r1mega.models.hf_config import describe_hf_model
-    from r1mega.models.sources import resolve_source
-
     if parallel is None:
         parallel = ParallelConfig(tp=tp, ep=ep, pp=pp, etp=etp)
     elif (tp, ep, pp, etp) != (1, 1, 1, None):
@@ -188,8 +185,6 @@ class Policy:
                  hf_dtypes: Optional[dict], side_files: Optional[Path], optim: Optional[OptimConfig],
                  trainable: bool, micro_batch_size: int, temperature: float, backend: Optional[str], seed: int,
                  packed_format: str = "mask"):
-        from r1mega.parallel.state import current_layout
-
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
         if not temperature > 0:
@@ -419,6 +414,4 @@ class Policy:
     def save_checkpoint(self, root: str | Path, *, data_state: Optional[dict] = None,
                         keep_last: Optional[int] = None) -> Path:
         """Save as ``root/step_N/`` (N = self.step) atomically; see :mod:`r1mega.models.checkpoint`."""
-        from r1mega.models.checkpoint import save_checkpoint
-
         return save_checkpoint(self, root, data_state=data_state, keep_last=keep_last)

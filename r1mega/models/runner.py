@@ -24,11 +24,15 @@ from typing import Optional
 
 import torch
 
+from r1mega.algo.clipped_loss import local_denominators
 from r1mega.algo.loss_spec import LossSpec
 from r1mega.megatron_compat import fix_expert_bias_padding
 from r1mega.models.build import unwrap_model
 from r1mega.models.hf_config import ModelDesc
 from r1mega.models.packing import PackedRope, ThdBatch, block_causal_mask, segment_positions
+from r1mega.models.router_replay import RouterReplay, check_routes
+from r1mega.ops.linear import linear_grpo_loss
+from r1mega.ops.vocab_parallel import vocab_parallel_grpo_loss, vocab_parallel_token_logprobs
 
 MEAN_METRICS = ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "approx_kl")
 
@@ -100,8 +104,6 @@ class ModelRunner:
     # ---- router replay ---------------------------------------------------------------------
     def enable_router_replay(self) -> None:
         """Let log-probs and training steps replay recorded expert choices (MoE models)."""
-        from r1mega.models.router_replay import RouterReplay
-
         if not self.desc.is_moe:
             raise ValueError(f"router replay needs an MoE model; {self.desc.arch} has no experts")
         if self.router_replay is None:
@@ -111,8 +113,6 @@ class ModelRunner:
     def check_routes(self, routes: torch.Tensor, shape) -> torch.Tensor:
         """`routes` ([S, T, moe_layers, top_k] expert ids) checked for rows of `shape`; ValueError
         also when router replay is off."""
-        from r1mega.models.router_replay import check_routes
-
         if self.router_replay is None:
             raise ValueError("routes given, but the policy was loaded without router_replay=True")
         replay = self.router_replay
@@ -221,8 +221,6 @@ class ModelRunner:
         rank computed its own rows and the results are summed over data parallelism."""
         from megatron.core import parallel_state as ps
 
-        from r1mega.ops.vocab_parallel import vocab_parallel_token_logprobs
-
         n_rows, seq = shape
         tp_group = ps.get_tensor_model_parallel_group()
 
@@ -262,8 +260,6 @@ class ModelRunner:
     def global_counts(self, mask: torch.Tensor, rows: torch.Tensor) -> tuple[float, float]:
         """(completion tokens, sequences with any) of the rows `rows` of the [S, T] `mask` on every
         data-parallel rank together: the GRPO loss's global denominators."""
-        from r1mega.algo.clipped_loss import local_denominators
-
         local_mask = mask[rows][:, 1:]
         counts = torch.stack([
             local_denominators(local_mask, "token-mean")["global_tokens"],
@@ -277,9 +273,6 @@ class ModelRunner:
         """Forward and backward of the GRPO loss over `micro_batches` (gradients accumulate in the
         model's buffers); returns the last stage's per-micro-batch results (loss, tokens,
         ratio_max, and each of `metric_keys` weighted by tokens). `loss_head` "fused" or "logits"."""
-        from r1mega.ops.linear import linear_grpo_loss
-        from r1mega.ops.vocab_parallel import vocab_parallel_grpo_loss
-
         has_ref, has_rollout = "ref_logp" in micro_batches[0], "rollout_logp" in micro_batches[0]
         tp_group = self._tp_group()
         head = _HiddenStatesOut(self.model, self.layout.is_last_stage, tp_group)
@@ -338,8 +331,6 @@ class ModelRunner:
     def sft_backward(self, micro_batches: list[dict], *, tokens: float, packed: bool) -> list[dict]:
         """Forward and backward of sum(-log p of loss tokens) / `tokens` (temperature 1) over
         `micro_batches`; returns the last stage's per-micro-batch results (loss, tokens)."""
-        from r1mega.ops.vocab_parallel import vocab_parallel_token_logprobs
-
         tp_group = self._tp_group()
         rope = self._packed_rope() if packed else contextlib.nullcontext()
 

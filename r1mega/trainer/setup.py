@@ -21,6 +21,7 @@ from r1mega.config import Config
 from r1mega.data import PromptSampler
 from r1mega.data.loader import write_prompts
 from r1mega.evaluation import CompletionScorer
+from r1mega.models import load_policy
 from r1mega.parallel.collectives import engine_ranks
 from r1mega.rewards import RewardModel, RewardPool
 from r1mega.rewards.routing import RoutedRewards
@@ -82,8 +83,6 @@ def reward_scorer(inputs: Inputs, cfg: Config):
 def setup_run(cfg: Config, resume: Optional[str | Path] = None) -> GRPORun:
     """Build (or restore, with `resume` = a run directory) the run `cfg` describes; collective."""
     import transformers
-
-    from r1mega.models import load_policy
 
     wall = time.perf_counter()
     quiet_known_warnings()

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from r1mega.algo import grpo_advantages
 from r1mega.config import GRPOConfig
 from r1mega.data.records import PromptRecord
 from r1mega.rollout import Completion
@@ -111,8 +112,6 @@ def overlong_penalty(lengths: torch.Tensor, truncated: torch.Tensor, *, max_new_
 
 def advantages(total: torch.Tensor, group: Sequence[int], grpo: GRPOConfig) -> torch.Tensor:
     """Per-row GRPO advantages ([S] float32) with the config's scale and eps; NaN rewards get 0."""
-    from r1mega.algo import grpo_advantages
-
     groups = torch.tensor(list(group))
     return grpo_advantages(total, groups, scale=grpo.adv_scale, eps=grpo.adv_eps).float()
 
