@@ -85,8 +85,20 @@ SLOW_TESTS = {
     "test_routing.py::test_one_grpo_run_over_mixed_prompts",
     # the throughput gate: measures the GRPO step in fresh processes (and skips on a noisy machine)
     "test_throughput_regression.py::test_no_phase_of_the_grpo_step_is_slower_than_its_baseline",
+    # torchrun jobs not marked distributed (22-32 s each in the fast lane's first measurement)
+    "test_sft.py::test_packed_sft_step_matches_transformers_on_each_example_alone",
+    "test_sft.py::test_packed_sft_in_tp2_and_pp2_matches_transformers",
+    "test_sft.py::test_packed_sft_in_thd_format_matches_transformers",
+    # a reward model trained 4 epochs in its fixture (93 s setup there), and one CLI process per bad
+    # SFT row (8-11 s each, 9 cases)
+    "test_rm.py::test_embedded_pairs_train_well_above_chance_and_reward_model_scores_what_was_trained",
+    "test_sft.py::test_a_bad_sft_row_stops_with_one_line_naming_file_row_and_field",
 }
-SLOW_FIXTURES = {"uninterrupted_run"}
+# Fixtures that pretrain a model first (the 40-step base, the distillation student): 472 s of
+# setup in the fast lane's first measurement (beside other test runs, load average 5-20), then a
+# CLI process each (test_evaluation's flags 38 s, test_trainer's bad input 30 s, test_routing's
+# refusal 21 s, test_models_te's fp8 refusal 11 s).
+SLOW_FIXTURES = {"uninterrupted_run", "small_base_model", "small_student"}
 
 
 def _is_slow(item) -> bool:
