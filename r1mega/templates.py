@@ -21,10 +21,7 @@ summary ends with the final answer in ``\\boxed{}``, which the accuracy reward r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # r1mega.data imports this module (the embedded corpus renders its prompts)
-    from r1mega.data.records import PromptRecord
+from typing import Any
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -103,9 +100,10 @@ def render_prompt(prompt: str, template: str, *, tokenizer: Any = None, system: 
     raise ValueError(f"template must be one of {PROMPT_TEMPLATES}, got {template!r}")
 
 
-def render_prompts(records: Sequence[PromptRecord], tokenizer, template: str, max_prompt_tokens: int) -> list[list[int]]:
-    """Token ids of each record's prompt under `template` (one of PROMPT_TEMPLATES); a prompt
-    longer than `max_prompt_tokens` raises naming the record."""
+def render_prompts(records: Sequence[Any], tokenizer, template: str, max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids of each record's prompt under `template` (one of PROMPT_TEMPLATES); a record is
+    anything with ``id`` and ``prompt`` (r1mega.data.PromptRecord, which builds on this module). A
+    prompt longer than `max_prompt_tokens` raises naming the record."""
     out = []
     for r in records:
         if template == "r1_zero":

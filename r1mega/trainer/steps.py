@@ -18,7 +18,6 @@ from r1mega.algo import grpo_advantages
 from r1mega.config import GRPOConfig
 from r1mega.data.records import PromptRecord
 from r1mega.rollout import Completion
-from r1mega.templates import render_prompts  # noqa: F401 (the loop calls S.render_prompts)
 
 
 # ---- rollouts -----------------------------------------------------------------------------------
