@@ -51,7 +51,7 @@ import sys
 import typing
 from pathlib import Path
 
-from r1mega.config import KEY_ALIASES, Config, ConfigError, key_type, parse_value
+from r1mega.config import KEY_ALIASES, Config, ConfigError, parse_value
 from r1mega.data import DataError
 from r1mega.recipes import RECIPES, get_recipe, summary
 
@@ -76,7 +76,7 @@ class Flag(typing.NamedTuple):
 
 
 # Every command's flags that are aliases of config keys: the one table from which the parsers are
-# built and the config is resolved (command_config). eval's are EVAL_FLAGS (below).
+# built and the config is resolved (command_config).
 FLAG_KEYS: dict[str, tuple[Flag, ...]] = {
     "train": (
         Flag("--model", "run.model", "Hugging Face model or r1mega checkpoint", "DIR"),
@@ -153,6 +153,19 @@ FLAG_KEYS: dict[str, tuple[Flag, ...]] = {
         Flag("--format-style", "distill.format_style", "summary (R1, default) or answer-tags (R1-Zero)", "STYLE"),
         Flag("--seed", "run.seed", "sampling seed (default 0)", "N"),
     ),
+    "eval": (
+        Flag("--data", "run.heldout", "problems with gold answers (.jsonl/.json/.parquet); default: the embedded "
+             "task's held-out split", "FILE"),
+        Flag("--samples", "eval.samples", "k samples per problem", "K"),
+        Flag("--temperature", "eval.temperature", "sampling temperature of the k samples", "T"),
+        Flag("--top-p", "eval.top_p", "nucleus mass of the k samples", "P"),
+        Flag("--max-new-tokens", "eval.max_new_tokens", "longest completion (default: rollout.max_new_tokens)", "N"),
+        Flag("--max-prompts", "eval.max_prompts", "evaluate the first N problems only", "N"),
+        Flag("--no-greedy", "eval.greedy", "skip the greedy pass", const=False),
+        Flag("--template", "run.template", "r1_zero (default), chat or raw", "NAME"),
+        Flag("--format-style", "rewards.format_style", "answer-tags (R1-Zero, default) or summary (R1)", "STYLE"),
+        Flag("--seed", "run.seed", "sampling seed (default 0)", "N"),
+    ),
     "pipeline": (
         Flag("--out", "pipeline.out", "where every stage writes (default runs/r1-pipeline); run again to resume",
              "DIR"),
@@ -174,6 +187,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sample": ("r1mega.rejection.sample", "sample_command", ("out",)),
     "rm": ("r1mega.rm.train", "rm_command", ("out",)),
     "distill": ("r1mega.distill", "distill_command", ("teacher", "student", "data", "heldout", "traces", "out")),
+    "eval": ("r1mega.evaluation.run", "eval_command", ("model", "embedded", "out")),
     "pipeline": ("r1mega.pipeline", "pipeline_command", ()),
     "plot": ("r1mega.plot", "plot_command", ("run", "out")),
     "plan": ("r1mega.launch_plan", "plan_command", ("launch", "plan_json")),
@@ -260,22 +274,13 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("run", metavar="RUN", help="a run directory")
     plot.add_argument("--out", metavar="FILE", help="PNG to write (default RUN/curves.png)")
 
-    ev = sub.add_parser("eval", parents=[config_options],
-                        help="pass@1, cons@k, greedy accuracy, format and language rates of a model on problems with "
-                             "gold answers (the R1 protocol: the config's eval section, as the trainer evaluates)")
+    ev = command("eval", help="pass@1, cons@k, greedy accuracy, format and language rates of a model on problems "
+                              "with gold answers (R1's protocol, the eval section: the trainer's held-out evaluation)")
     ev.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model directory (e.g. a run's final/)")
-    ev.add_argument("--data", metavar="FILE", help="problems with gold answers (.jsonl/.json/.parquet); "
-                    "default: the embedded task's held-out split")
     ev.add_argument("--embedded", choices=("addition", "r1"), default="addition",
                     help="without --data: the embedded held-out split to use: addition (R1-Zero's task, English) or "
                          "r1 (the R1 stages': English and Chinese prompts)")
     ev.add_argument("--out", metavar="DIR", help="write summary.json and problems.jsonl there")
-    for flag, key in EVAL_FLAGS.items():
-        kind = bool if flag == "--no-greedy" else _key_type(key)
-        if kind is bool:
-            ev.add_argument(flag, action="store_true", default=None, help=f"sets {key}=false")
-        else:
-            ev.add_argument(flag, type=kind, default=None, help=f"sets {key} ({Config.describe(key)})")
     ev.add_argument("--quiet", action="store_true", help="no progress line")
     sm = command("sample", help="rejection sampling: verified, readable completions of a model as SFT data")
     sm.add_argument("--out", required=True, metavar="FILE", help="SFT JSONL to write (report: FILE.report.json)")
@@ -383,9 +388,8 @@ def _list_keys() -> str:
     lines.append("\nkey aliases (old key -> key; accepted by --set, --config files and older runs' config.json):")
     lines += [f"  {old} -> {new}" for old, new in KEY_ALIASES.items()]
     lines.append("\nflags that are aliases of keys (command flag -> key; a flag wins over --set):")
-    for command, flags in {**FLAG_KEYS, "eval": tuple(Flag(flag, key) for flag, key in EVAL_FLAGS.items())}.items():
-        lines += [f"  {command} {f.flag} -> {f.key}" + ("=false" if f.flag == "--no-greedy" else
-                                                        f"={str(f.const).lower()}" if f.const is not None else "")
+    for command, flags in FLAG_KEYS.items():
+        lines += [f"  {command} {f.flag} -> {f.key}" + (f"={str(f.const).lower()}" if f.const is not None else "")
                   for f in flags]
     return "\n".join(lines)
 
@@ -422,8 +426,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_list_keys())
         return 0
     try:
-        if args.command == "eval":
-            return _eval(args)
         cfg = command_config(args)
         if args.dry_run or args.command is None:
             if args.dry_run:
@@ -452,44 +454,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError, FileNotFoundError) as err:
         print(f"r1mega: error: {err}", file=sys.stderr)
         return 2
-
-
-# r1mega eval's flags, each an alias of a config key (a flag given wins over --set).
-EVAL_FLAGS = {"--samples": "eval.samples", "--temperature": "eval.temperature", "--top-p": "eval.top_p",
-              "--max-new-tokens": "eval.max_new_tokens", "--max-prompts": "eval.max_prompts",
-              "--no-greedy": "eval.greedy", "--template": "run.template", "--format-style": "rewards.format_style",
-              "--seed": "run.seed"}
-
-
-def _key_type(key: str) -> type:
-    return key_type(key)
-
-
-def _eval(args: argparse.Namespace) -> int:
-    """``r1mega eval``: the evaluator the trainer's held-out evaluation runs, on a model directory."""
-    from r1mega.evaluation import EvalSettings, evaluate_model, load_eval_problems, summary_table, write_results
-
-    cfg = resolve_config(args.recipe or DEFAULT_RECIPE, args.config, args.overrides)
-    flags = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key in EVAL_FLAGS.items()}
-    cfg = cfg.with_values({key: (False if key == "eval.greedy" else value) for key, value in flags.items()
-                           if value is not None})
-    settings = EvalSettings.from_config(cfg)
-    limit = cfg.eval.max_prompts
-    if args.data:
-        records = load_eval_problems(args.data, limit)
-    elif args.embedded == "r1":
-        from r1mega.data import r1_corpus
-
-        records = r1_corpus.problems("test", seed=cfg.run.seed)[:limit]
-    else:
-        from r1mega.data import base_corpus
-
-        records = base_corpus.problems("test", seed=cfg.run.seed)[:limit]
-    result = evaluate_model(args.model, records, settings, progress=not args.quiet)
-    print(summary_table(result["summary"]))
-    if args.out:
-        print(f"wrote {write_results(args.out, result)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -756,13 +756,6 @@ def _split_key(key: str) -> tuple[str, str]:
     return section, name
 
 
-def key_type(key: str) -> type:
-    """The Python type a key's values have (Optional and Literal unwrapped to their base)."""
-    section, name = _split_key(key)
-    base, _ = _unwrap_optional(typing.get_type_hints(_section_type(section))[name])
-    return type(typing.get_args(base)[0]) if typing.get_origin(base) is Literal else base
-
-
 _TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"none", "null"}
 
 

@@ -22,6 +22,7 @@ REQUIRED = {
     "sample": ["--model", "m", "--out", "o.jsonl"],
     "rm": ["--out", "rm"],
     "distill": ["--teacher", "t", "--out", "d"],
+    "eval": ["--model", "m"],
     "pipeline": [],
     "plot": ["run"],
     "plan": [],
@@ -35,6 +36,7 @@ OWN_KEY = {
     "sample": ("sample.samples", "3", 3),
     "rm": ("rm.epochs", "2", 2),
     "distill": ("distill.max_per_prompt", "3", 3),
+    "eval": ("eval.top_p", "0.9", 0.9),
     "pipeline": ("pipeline.heldout_problems", "10", 10),
     "plot": ("run.name", "plotted", "plotted"),
     "plan": ("plan.nnodes", "2", 2),
@@ -54,7 +56,8 @@ FLAG_VALUES = {
     "rm.epochs": ("2", 2), "rm.lr": ("0.001", 0.001), "rm.batch_size": ("4", 4), "rm.max_length": ("512", 512),
     "distill.samples": ("2", 2), "distill.max_per_prompt": ("3", 3), "distill.temperature": ("0.9", 0.9),
     "distill.max_prompts": ("12", 12), "distill.max_heldout": ("13", 13), "distill.max_new_tokens": ("64", 64),
-    "eval.samples": ("8", 8), "distill.format_style": ("answer-tags", "answer-tags"),
+    "eval.samples": ("8", 8), "eval.temperature": ("0.7", 0.7), "eval.top_p": ("0.9", 0.9),
+    "eval.max_new_tokens": ("32", 32), "eval.max_prompts": ("5", 5), "distill.format_style": ("answer-tags", "answer-tags"),
     "pipeline.out": ("elsewhere", "elsewhere"), "plan.nnodes": ("2", 2), "plan.nproc_per_node": ("4", 4),
 }
 

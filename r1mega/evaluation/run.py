@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from r1mega.config import Config, EvalConfig
-from r1mega.data import DataError, load_prompts
+from r1mega.data import DataError, base_corpus, load_prompts, r1_corpus
 from r1mega.evaluation.generation import CompletionScorer, GenerationError, ScoredSampler
 from r1mega.evaluation.metrics import cons_at_k, mean
 from r1mega.rewards import GoldAnswerError, equivalent_answers, extract_final_answer, parse_gold
@@ -190,6 +190,23 @@ def evaluate_model(model_dir: str | Path, records: Sequence, settings: EvalSetti
                                 sampler.stop_token_ids, model=str(Path(model_dir).resolve()), progress=progress)
 
 
+def eval_command(cfg: Config, *, model: str, embedded: str = "addition", out: Optional[str] = None,
+                 progress: bool = True) -> int:
+    """``r1mega eval``: the model directory `model` on run.heldout's problems (else the embedded
+    `embedded` held-out split), first eval.max_prompts of them, by the config's protocol."""
+    limit = cfg.eval.max_prompts
+    if cfg.run.heldout:
+        records = load_eval_problems(cfg.run.heldout, limit)
+    else:
+        corpus = r1_corpus if embedded == "r1" else base_corpus
+        records = corpus.problems("test", seed=cfg.run.seed)[:limit]
+    result = evaluate_model(model, records, EvalSettings.from_config(cfg), progress=progress)
+    print(summary_table(result["summary"]))
+    if out:
+        print(f"wrote {write_results(out, result)}")
+    return 0
+
+
 def _nan(x: Optional[float]) -> float:
     return math.nan if x is None else float(x)
 
@@ -241,5 +258,5 @@ def summary_table(summary: dict) -> str:
             f"top-p {summary['top_p']} (+ greedy), {summary['seconds']:.0f}s\n{head}\n{'-' * len(head)}\n{name:<40} {cells}")
 
 
-__all__ = ["EvalError", "EvalSettings", "SUMMARY_KEYS", "evaluate_model", "evaluate_prompts", "load_eval_problems", "summary_table",
+__all__ = ["EvalError", "EvalSettings", "SUMMARY_KEYS", "eval_command", "evaluate_model", "evaluate_prompts", "load_eval_problems", "summary_table",
            "write_results"]
