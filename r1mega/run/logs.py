@@ -73,16 +73,9 @@ class RunLog:
             f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self._append(METRICS, {"step": step, **metrics})
-        if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(key.replace(".", "/"), value, step)
-            self.tb.flush()
-        if self.wb is not None:
-            self.wb.log(metrics, step=step)
+        if self.enabled:
+            self._append(METRICS, {"step": step, **metrics})
+            self._scalars(metrics, step)
 
     def samples(self, step: int, rows: list[dict]) -> None:
         if self.enabled:
@@ -90,16 +83,19 @@ class RunLog:
                 self._append(SAMPLES, {"step": step, **row})
 
     def evaluation(self, step: int, result: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self._append(EVAL, {"step": step, **result})
+        if self.enabled:
+            self._append(EVAL, {"step": step, **result})
+            self._scalars({f"eval/{k}": v for k, v in result.items()}, step)
+
+    def _scalars(self, values: dict[str, Any], step: int) -> None:
+        """TensorBoard (the finite numbers; "." in a key becomes "/") and W&B."""
         if self.tb is not None:
-            for key, value in result.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"eval/{key}", value, step)
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key.replace(".", "/"), value, step)
             self.tb.flush()
         if self.wb is not None:
-            self.wb.log({f"eval/{k}": v for k, v in result.items()}, step=step)
+            self.wb.log(values, step=step)
 
     def progress(self, step: int, metrics: dict[str, float], first_step: int, *, line: Optional[str] = None) -> None:
         """The progress line: bar, `line` (default: the GRPO reward, accuracy and rollout speed), eta."""
