@@ -9,7 +9,7 @@ from pathlib import Path
 from r1mega.config import Config
 from r1mega.data import DataError, base_corpus, load_prompts
 from r1mega.rewards import GoldAnswerError, parse_gold, pool_kwargs
-from r1mega.rewards.sandbox import SandboxUnavailable, require_backend
+from r1mega.rewards import sandbox  # through the module: the tests replace its require_backend
 from r1mega.run.rundir import resolve_model
 
 
@@ -57,8 +57,8 @@ def resolve_inputs(cfg: Config) -> Inputs:
                                      f"field 'answer': {err}") from None
     if "accuracy" in cfg.rewards.weights() and any(r.task == "code" for r in (*train, *heldout)):
         try:
-            require_backend()
-        except SandboxUnavailable as err:
+            sandbox.require_backend()
+        except sandbox.SandboxUnavailable as err:
             raise TrainError(f"{run.data or 'run.data'}: task 'code' records are scored in a sandbox, but {err}") \
                 from None
     if cfg.rewards.reward_model is not None and not Path(cfg.rewards.reward_model).is_dir():
