@@ -67,6 +67,11 @@ def _runnable_backend(request):
 SLOW_MODULES = {
     "test_golden_metrics.py",  # the tiny recipe, two loss variants and SFT, reproduced in subprocesses
     "test_trainer_faults.py",  # killed / failing runs resumed to the uninterrupted run
+    # the heaviest of what a second --durations of the fast lane showed (quiet machine, 322 s in all):
+    "test_fuzz.py",  # property-based campaigns over configs, HF configs and row files (59 s)
+    "test_launchers.py",  # dry runs that build megatron's groups in launcher subprocesses (31 s)
+    "test_sandbox_hostile.py",  # hostile programs in real sandboxes, both backends (13 s)
+    "test_gpu_check.py",  # gpu_check.py in subprocesses (10 s)
 }
 SLOW_TESTS = {
     # whole runs of the CLI
@@ -93,6 +98,17 @@ SLOW_TESTS = {
     # SFT row (8-11 s each, 9 cases)
     "test_rm.py::test_embedded_pairs_train_well_above_chance_and_reward_model_scores_what_was_trained",
     "test_sft.py::test_a_bad_sft_row_stops_with_one_line_naming_file_row_and_field",
+    # the reward model's 4-epoch fixture again (44 s), one CLI process per bad pair (3 s each)
+    "test_rm.py::test_pair_tokens_are_reward_models_with_and_without_a_chat_template",
+    "test_rm.py::test_a_bad_pair_stops_the_cli_with_one_line_before_any_work",
+    # peak-memory probes of the fused losses against eager (10-12 s each)
+    "test_ops_linear.py::test_peak_memory_is_a_small_fraction_of_eager",
+    "test_kernels_grpo_loss.py::test_torch_backend_peak_memory_stays_below_the_eager_reference",
+    # reward workers killed with their children, or their trainer killed (3-5 s each)
+    "test_rewards_pool.py::test_killed_worker_takes_its_children",
+    "test_rewards_pool.py::test_spawn_context",
+    "test_rewards_pool.py::test_workers_exit_when_the_trainer_is_killed",
+    "test_pipeline.py::test_a_failing_command_names_the_stage_and_its_log",
 }
 # Fixtures that pretrain a model first (the 40-step base, the distillation student): 472 s of
 # setup in the fast lane's first measurement (beside other test runs, load average 5-20), then a
