@@ -129,8 +129,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def plot_run(run_dir: str | Path, out: Optional[str | Path] = None, *, panels: tuple[tuple[str, str], ...]) -> Path:
     """A PNG of the main curves of a run directory: `panels`, (metric, title) pairs of the job that
-    wrote it (at most 6: r1mega.trainer.panels.GRPO_PANELS, r1mega.sft.loop.SFT_PANELS), then
-    held-out pass@1 and the gradient norm; written to `out` (default run_dir/curves.png)."""
+    wrote it (at most 6: r1mega.run.panels), then held-out pass@1 and the gradient norm; written to `out` (default run_dir/curves.png)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -25,13 +25,12 @@ from r1mega.data import DataError, epoch_permutation
 from r1mega.data.r1_corpus import cold_start_rows
 from r1mega.models import load_policy
 from r1mega.run.logs import METRICS, RunLog, plot_run, read_jsonl, truncate_after
+from r1mega.run.panels import SFT_PANELS
 from r1mega.run.rundir import export_final, quiet_known_warnings, resolve_model, resume_source
 from r1mega.sft.data import SFTExample, load_sft_data, tokenize_all
 from r1mega.sft.packing import TokenizedExample, collate, pack_examples
 from r1mega.utils.io import atomic_write_text
 
-SFT_PANELS = (("loss", "SFT loss (mean NLL of completion tokens)"), ("lr", "learning rate"), ("padding_frac", "padding share"),
-              ("tokens_per_s", "trained tokens / s"), ("rows", "packed rows per step"), ("examples", "examples per step"))
 
 
 class SFTError(ValueError):

@@ -1,3 +1,3 @@
-"""The GRPO trainer: the loop (r1mega.trainer.loop), the phases of one step (r1mega.trainer.steps)
-and its curves (r1mega.trainer.panels). The run directory it shares with the other jobs lives in
-r1mega.run."""
+"""The GRPO trainer: the loop (r1mega.trainer.loop, start there), the phases of one step
+(r1mega.trainer.phases) and their tensor work (r1mega.trainer.steps). The run directory, logs and
+curves it shares with the other jobs live in r1mega.run."""

@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Optional
 
 from r1mega.config import Config
+from r1mega.run.logs import plot_run
+from r1mega.run.panels import GRPO_PANELS
 from r1mega.run.rundir import export_final
 from r1mega.run.stop import GracefulStop
 from r1mega.trainer.failures import StepFailed, reported_as_step_failure
 from r1mega.trainer.inputs import TrainError, resolve_inputs
-from r1mega.trainer.panels import plot_grpo_run
 from r1mega.trainer.phases import (
     collect_groups,
     fill_logprobs,
@@ -122,7 +123,7 @@ def finish(run: GRPORun, wall: float) -> dict:
                           phase_seconds=run.phase_seconds)
     if run.rank0:
         atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        plot_grpo_run(run.run_dir)
+        plot_run(run.run_dir, panels=GRPO_PANELS)
         run.log.note(summary_text(summary))
     run.close()
     return summary
