@@ -38,7 +38,8 @@ Noise: the normalisation cancels a steady load, not one that changes from one mo
 (on the 2-core machine, beside other test runs at load average 8-20, the rollout phase scored
 1.31-1.41x its baseline while train scored 0.84-0.87x, with no code change). Each process therefore
 measures how much the reference workload itself varies: its spread is the upper over the lower
-quartile of its 5 x --repeats timings (:func:`reference_spread`). A measurement whose spread is over
+quartile of its --repeats timings at one position of the step, the largest over the 5 positions
+(:func:`position_spread`). A measurement whose spread is over
 NOISE_LIMIT (1.10x) judges nothing: the run stops there and exits 3 with one line giving the spread
 ("too noisy to judge: ..."), which the test reports as a skip, not a pass. Only steady measurements
 are judged, so a regression fails on two steady ones (a noisy re-measurement also exits 3).
@@ -193,6 +194,15 @@ def reference_spread(times: list[float]) -> float:
         raise ValueError(f"reference_spread needs at least 4 positive timings, got {times!r}")
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
     return q3 / q1
+
+
+def position_spread(by_position: list[list[float]]) -> float:
+    """The largest :func:`reference_spread` of the reference's timings at one position of the step
+    over the steps. Positions are kept apart because what ran just before shifts the reference's
+    time steadily (after train it is slower than after refit, on a quiet machine too: pooled, a
+    quiet run measured 1.35x); only the variation from one step to the next at the same position
+    is the machine's noise."""
+    return max(reference_spread(times) for times in by_position)
 
 
 def noise_line(spread: float, timings: int, *, limit: float = NOISE_LIMIT) -> str | None:
@@ -368,7 +378,8 @@ def measure(steps: StepPhases, reference: ReferenceWorkload, repeats: int,
             slowdown: dict[str, float] | None = None) -> dict:
     """``phases``: per phase, one sample per step after a warm-up step: the phase's seconds, the mean
     of the reference's seconds just before and just after it, and their ratio; ``reference_s``:
-    every timing of the reference after the warm-up step (for :func:`reference_spread`)."""
+    the reference's timings after the warm-up step by position in the step (before the first
+    phase, after each phase), for :func:`position_spread`."""
     import gc
 
     import torch
@@ -376,7 +387,7 @@ def measure(steps: StepPhases, reference: ReferenceWorkload, repeats: int,
     torch.set_num_threads(1)
     slowdown = slowdown or {}
     samples: dict[str, list[dict]] = {name: [] for name in PHASES}
-    references: list[float] = []
+    references: list[list[float]] = [[] for _ in range(len(PHASES) + 1)]
     for step in range(repeats + 1):
         # As timeit does: no garbage collection inside a step (a full collection of the step's
         # objects landed in one phase at random, 2x its time), one collection between steps.
@@ -385,14 +396,14 @@ def measure(steps: StepPhases, reference: ReferenceWorkload, repeats: int,
         try:
             before = _timed(reference)
             if step:
-                references.append(before)
-            for name in PHASES:
+                references[0].append(before)
+            for position, name in enumerate(PHASES, start=1):
                 seconds = _timed(getattr(steps, name), slowdown.get(name, 1.0))
                 if name == "rollout":
                     steps.prepare_batch()
                 after = _timed(reference)
                 if step:  # the first step warms up (allocator, optimizer state, stream plan)
-                    references.append(after)
+                    references[position].append(after)
                     ref = (before + after) / 2
                     samples[name].append({"seconds": seconds, "reference_s": ref, "ratio": seconds / ref})
                 before = after
@@ -506,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             nonlocal noisy
             runs.append(measure_in_process(model, args.repeats, Path(tmp) / f"result-{len(runs)}.json"))
             refs = runs[-1]["reference_s"]
-            runs[-1]["spread"] = reference_spread(refs)
-            noisy = noisy or noise_line(runs[-1]["spread"], len(refs))
+            runs[-1]["spread"] = position_spread(refs)
+            noisy = noisy or noise_line(runs[-1]["spread"], sum(map(len, refs)))
             return scores_of(runs[-1]["phases"])
 
         # A measurement is judged only when its process's reference workload was steady (NOISE_LIMIT):

@@ -95,6 +95,16 @@ def test_reference_spread_is_the_upper_over_the_lower_quartile():
             bench.reference_spread(bad)
 
 
+def test_the_spread_is_taken_per_position_of_the_step():
+    # After train the reference is steadily slower than after refit: that is no noise, and a quiet
+    # machine must not be judged too noisy for it; a position whose timings jump is.
+    steady_but_shifted = [[0.070, 0.071, 0.070, 0.071, 0.070], [0.095, 0.096, 0.095, 0.096, 0.095]]
+    assert bench.position_spread(steady_but_shifted) < 1.02
+    assert bench.reference_spread([t for ts in steady_but_shifted for t in ts]) > 1.3
+    jumping = [[0.070, 0.071, 0.070, 0.071, 0.070], [0.07, 0.14, 0.07, 0.14, 0.07, 0.14]]
+    assert bench.position_spread(jumping) == pytest.approx(2.0)
+
+
 def test_a_spread_over_the_limit_is_one_line_giving_it():
     assert bench.noise_line(1.0, 50) is None
     assert bench.noise_line(bench.NOISE_LIMIT, 50) is None
@@ -125,7 +135,8 @@ def fake_measurement(ratio_of_base: dict[str, float] | None = None, spread: floa
     ratio_of_base = ratio_of_base or {}
     phases = {name: [{"seconds": 0.1, "reference_s": 0.07, "ratio": score * ratio_of_base.get(name, 1.0)}] * 10
               for name, score in BASE.items()}
-    return {"phases": phases, "reference_s": [0.07] * 25 + [0.07 * spread] * 25}
+    positions = len(bench.PHASES) + 1
+    return {"phases": phases, "reference_s": [[0.07] * 5 + [0.07 * spread] * 5 for _ in range(positions)]}
 
 
 @pytest.mark.parametrize("processes, code, expect", [
