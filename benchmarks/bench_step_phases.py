@@ -365,13 +365,8 @@ class StepPhases:
     def train(self) -> None:
         batch_cfg = self.cfg.batch
         for mb in self.S.minibatches(self.batch, batch_cfg.minibatches_per_step):
-            step_batch = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                              completion_mask=mb.completion_mask, old_logp=mb.old_logp, advantages=mb.advantages,
-                              ref_logp=mb.ref_logp)
-            if self.cfg.grpo.tis:
-                step_batch["rollout_logp"] = mb.rollout_logp
-            self.policy.train_step(step_batch, self.loss_spec, micro_batch_tokens=batch_cfg.micro_batch_tokens,
-                                   balance=batch_cfg.balance)
+            self.policy.train_step(mb.train_tensors(tis=self.cfg.grpo.tis, replay=False), self.loss_spec,
+                                   micro_batch_tokens=batch_cfg.micro_batch_tokens, balance=batch_cfg.balance)
 
 
 def measure(steps: StepPhases, reference: ReferenceWorkload, repeats: int,
