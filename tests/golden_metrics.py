@@ -34,6 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from r1mega.run.logs import is_timing
 from tests.trainer_helpers import REPO, run_env
 
 GOLDEN = REPO / "tests" / "golden" / "metrics.json"
@@ -54,16 +55,9 @@ RUNS: dict[str, list[str]] = {
         "grpo.tis=false", "grpo.tis_cap=none", "grpo.overlong=mask"] for a in ("--set", s))],
     "sft-cold-start": ["sft", "--recipe", "tiny-cold-start", "--set", "sft.max_steps=5"],
 }
-TIMING_SUFFIXES = ("seconds", "tokens_per_s")
-
-
-def _is_timing(key: str) -> bool:
-    return key.startswith("time_") or key.endswith(TIMING_SUFFIXES)
-
-
 def _numbers(path: Path) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [{k: v for k, v in row.items() if not _is_timing(k)} for row in rows]
+    return [{k: v for k, v in row.items() if not is_timing(k)} for row in rows]
 
 
 def build_base(out: Path) -> Path:
