@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -159,8 +160,10 @@ def evaluate_heldout(run: GRPORun) -> dict[str, float]:
     summary = None
     if result is not None:
         s = result["summary"]
-        summary = {**{k: s[k] for k in SUMMARY_KEYS}, "prompts": s["problems"], "samples_per_prompt": s["samples"],
-                   "seconds": s["seconds"]}
+        # NaN (a figure no problem had, e.g. language_rate where no prompt names a language) is None:
+        # the results go into the checkpoint's JSON data_state
+        summary = {**{k: None if math.isnan(s[k]) else s[k] for k in SUMMARY_KEYS}, "prompts": s["problems"],
+                   "samples_per_prompt": s["samples"], "seconds": s["seconds"]}
     return from_rank0(summary)
 
 
@@ -170,8 +173,9 @@ def run_heldout_eval(run: GRPORun, step: int) -> None:
         result = evaluate_heldout(run)
         run.evals[str(step)] = result
         run.log.evaluation(step, result)
-        run.log.note(f"held-out pass@1 at step {step}: {result['pass_at_1']:.3f} (format "
-                     f"{result['format_rate']:.3f}, {len(run.inputs.heldout)} prompts x {run.cfg.eval.samples})")
+        shown = {k: "n/a" if result[k] is None else f"{result[k]:.3f}" for k in ("pass_at_1", "format_rate")}
+        run.log.note(f"held-out pass@1 at step {step}: {shown['pass_at_1']} (format {shown['format_rate']}, "
+                     f"{len(run.inputs.heldout)} prompts x {run.cfg.eval.samples})")
 
 
 def save(run: GRPORun, step: int) -> None:
