@@ -40,8 +40,12 @@ stamp_dir=build/setup-stamp
 mkdir -p "$stamp_dir"
 # The editable install maps each module file by name: a module added or moved needs a re-install.
 digest=$( (cat pyproject.toml csrc/*; find r1mega kernels -name '*.py' | LC_ALL=C sort) | sha256sum | cut -c1-16)
+# -I: not from the working directory, so that an editable install of another clone (setup run
+# there last) is seen as such and replaced by this one.
 if [ "$(cat "$stamp_dir/digest" 2>/dev/null)" != "$digest" ] \
-   || ! "$PY" -c "import r1mega._batching, r1mega_kernels, pytest, hypothesis" 2>/dev/null; then
+   || ! "$PY" -I -c "import r1mega._batching, r1mega_kernels, pytest, hypothesis" 2>/dev/null \
+   || [ "$("$PY" -I -c "import pathlib, r1mega; print(pathlib.Path(r1mega.__file__).resolve().parents[1])" 2>/dev/null)" \
+        != "$(pwd -P)" ]; then
   echo "setup: building csrc/ and installing r1mega (editable) with its test tools"
   pip_install -e ".[dev]"
   echo "$digest" > "$stamp_dir/digest"
