@@ -115,9 +115,11 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path, small_base_model, uninterrup
 
 def test_a_reward_that_crashes_or_hangs_costs_its_sample_not_the_run(tmp_path, small_base_model):
     """rewards.custom kills its worker on some samples and hangs past rewards.timeout_s on others:
-    the run finishes, those samples are left out (no reward, advantage 0), the rest train."""
+    the run finishes, those samples are left out (no reward, advantage 0), the rest train.
+    With eval.greedy off the held-out greedy accuracy is a figure no problem has: it is null in
+    eval.jsonl and in the checkpoints' data_state (NaN once stopped the run at its first save)."""
     train(tmp_path, "flaky", small_base_model, "rewards.custom=tests.rewards_custom:crash_or_hang",
-          "rewards.custom_weight=0.5", "rewards.timeout_s=1.5", "run.samples_per_step=16")
+          "rewards.custom_weight=0.5", "rewards.timeout_s=1.5", "run.samples_per_step=16", "eval.greedy=false")
     run = tmp_path / "flaky"
     rows = metrics(run)
     assert [r["step"] for r in rows] == [0, 1]
@@ -131,6 +133,11 @@ def test_a_reward_that_crashes_or_hangs_costs_its_sample_not_the_run(tmp_path, s
     assert left_out and all(s["advantage"] == 0.0 for s in left_out), samples
     summary = json.loads((run / "summary.json").read_text())
     assert summary["heldout_accuracy_after"] == summary["heldout_accuracy_after"]  # not NaN
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2] and all(e["greedy_accuracy"] is None for e in evals), evals
+    from r1mega.models import list_checkpoints
+
+    assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [1, 2]
 
 
 def test_bad_input_is_one_line_before_any_work(tmp_path, small_base_model):
