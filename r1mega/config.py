@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import reprlib
@@ -80,8 +81,14 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """typing.get_type_hints of a section class, resolved once (the annotations are strings)."""
+    return typing.get_type_hints(cls)
+
+
 def _validate(section: Any, name: str) -> None:
-    hints = typing.get_type_hints(type(section))
+    hints = _type_hints(type(section))
     for f in dataclasses.fields(section):
         key = f"{name}.{f.name}"
         value = _check_type(key, getattr(section, f.name), hints[f.name])
@@ -649,8 +656,7 @@ class Config:
     @classmethod
     def keys(cls) -> list[str]:
         """Every settable key, as ``section.field``."""
-        return [f"{s.name}.{f.name}" for s in dataclasses.fields(cls)
-                for f in dataclasses.fields(_section_type(s.name))]
+        return list(_all_keys())
 
     @staticmethod
     def describe(key: str) -> str:
@@ -748,9 +754,15 @@ def canonical_key(key: str) -> str:
     return KEY_ALIASES.get(key, key)
 
 
+@functools.cache
+def _all_keys() -> tuple[str, ...]:
+    return tuple(f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
+                 for f in dataclasses.fields(_section_type(s.name)))
+
+
 def _split_key(key: str) -> tuple[str, str]:
     key = canonical_key(key)
-    if key not in Config.keys():
+    if key not in _all_keys():
         raise ConfigError(f"unknown key {key!r}{did_you_mean(key, Config.keys())}")
     section, name = key.split(".", 1)
     return section, name
@@ -762,7 +774,7 @@ _TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, 
 def parse_value(key: str, raw: str) -> Any:
     """Parse a command-line string into the type declared for `key`."""
     section, name = _split_key(key)
-    tp = typing.get_type_hints(_section_type(section))[name]
+    tp = _type_hints(_section_type(section))[name]
     base, optional = _unwrap_optional(tp)
     if optional and raw.lower() in _NONE:
         return None
