@@ -255,7 +255,7 @@ def summary_table(summary: dict) -> str:
     cells = " ".join(f"{'n/a':>9}" if math.isnan(summary[k]) else f"{summary[k]:>9.3f}" if k != "response_length_mean"
                      else f"{summary[k]:>9.1f}" for k in keys)
     return (f"{summary['problems']} problems x {summary['samples']} samples at T {summary['temperature']}, "
-            f"top-p {summary['top_p']} (+ greedy), {summary['seconds']:.0f}s\n{head}\n{'-' * len(head)}\n{name:<40} {cells}")
+            f"top-p {summary['top_p']}{' (+ greedy)' if summary['greedy'] else ''}, {summary['seconds']:.0f}s\n{head}\n{'-' * len(head)}\n{name:<40} {cells}")
 
 
 __all__ = ["EvalError", "EvalSettings", "SUMMARY_KEYS", "eval_command", "evaluate_model", "evaluate_prompts", "load_eval_problems", "summary_table",
