@@ -13,7 +13,7 @@ ROWS, SEQ = 6, 13  # odd T: padded to a multiple of tp under sequence parallelis
 BUCKET_BYTES = 48 * 1024
 REL_TOL = 1e-5
 
-# Per family: the loss options (each aggregation's global denominator gets exercised).
+# Per family: the loss options, LossSpec's fields (each aggregation's global denominator gets exercised).
 LOSS = {
     "deepseek_v3": dict(agg="token-mean", kl_coef=0.05, kl_estimator="k3", tis_cap=2.0, dual_clip=3.0),
     "qwen3_moe": dict(agg="seq-mean-token-mean", kl_coef=0.05, kl_estimator="k1+"),
@@ -37,6 +37,13 @@ LAYOUTS = {
 }
 
 
+def loss_spec(family: str):
+    """The family's r1mega.algo.LossSpec (the batch carries tensors only)."""
+    from r1mega.algo import LossSpec
+
+    return LossSpec(**LOSS[family])
+
+
 def make_batch(vocab: int, seed: int = 11):
     """input_ids [ROWS, SEQ] with right-padded rows; the log-prob inputs come from the policy."""
     import torch
@@ -51,12 +58,13 @@ def make_batch(vocab: int, seed: int = 11):
 
 
 def full_batch(family: str, ids, am, cm, adv, logp, g):
-    """The training batch: old/ref/rollout log-probs are perturbations of the policy's own."""
+    """The training batch (tensors only; the loss options are :func:`loss_spec`'s): old/ref/rollout
+    log-probs are perturbations of the policy's own."""
     import torch
 
     noise = lambda scale: scale * torch.randn(logp.shape, generator=g)  # noqa: E731
     batch = dict(input_ids=ids, attention_mask=am, completion_mask=cm, advantages=adv,
-                 old_logp=logp + noise(0.05), ref_logp=logp + noise(0.1), **LOSS[family])
+                 old_logp=logp + noise(0.05), ref_logp=logp + noise(0.1))
     if "tis_cap" in LOSS[family]:
         batch["rollout_logp"] = batch["old_logp"] + noise(0.1)
     return batch

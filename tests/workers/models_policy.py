@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parents[2]))  # the repository root: tests.loss_cases
-
 from _models_common import (
     LOGIT_ATOL,
     log,
@@ -46,21 +44,13 @@ from _policy_common import (
     compare_with_export,
     digest,
     full_batch,
+    loss_spec,
     make_batch,
     rel,
     rel_params,
 )
 
-from tests.loss_cases import split_options  # noqa: E402
-
 FAMILIES = ("deepseek_v3", "qwen3_moe", "qwen2")
-
-
-def train(policy, batch, **kwargs):
-    """policy.train_step of a batch that carries the family's loss options (_policy_common.LOSS)
-    next to its tensors: the options become the LossSpec, the tensors the batch."""
-    spec, tensors = split_options(batch)
-    return policy.train_step(tensors, spec, **kwargs)
 
 
 def parity(policy, root: Path, family: str, device: str | None = None) -> float:
@@ -92,7 +82,7 @@ def transformers_step(root: Path, family: str, batch) -> tuple[float, float]:
     ids, am, cm = on_device["input_ids"], on_device["attention_mask"], on_device["completion_mask"]
     logits = model(input_ids=ids, attention_mask=am.long()).logits
     logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-    spec, _ = split_options(batch)
+    spec = loss_spec(family)
     mask = cm[:, 1:]
     loss, _ = policy_loss(logp, on_device["old_logp"][:, 1:], on_device["advantages"], mask, spec,
                           ref_logp=on_device["ref_logp"][:, 1:],
@@ -103,10 +93,10 @@ def transformers_step(root: Path, family: str, batch) -> tuple[float, float]:
     return float(loss), float(norm)
 
 
-def trajectory(policy, batch, steps, *, save_to=None):
+def trajectory(policy, batch, spec, steps, *, save_to=None):
     losses, norms = [], []
     for _ in range(steps):
-        metrics = train(policy, batch)
+        metrics = policy.train_step(batch, spec)
         assert metrics["update_successful"] == 1.0, metrics
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
@@ -157,13 +147,12 @@ def check_save_refusals(policy, out: Path) -> None:
     log(f"keep_last ok {kept}")
 
 
-def check_refusals(policy, batch) -> None:
+def check_refusals(policy, tensors, spec) -> None:
     """Bad batches are refused with a ValueError naming the problem, before any collective."""
-    bad_mask = batch["attention_mask"].clone()
+    bad_mask = tensors["attention_mask"].clone()
     bad_mask[0, 2] = False  # a hole: not right-padded
-    early = batch["completion_mask"].clone()
+    early = tensors["completion_mask"].clone()
     early[:, 0] = True
-    spec, tensors = split_options(batch)
     assert spec.kl_coef != 0 and spec.tis_cap is not None, spec  # the KL and TIS refusals below need both
     cases = {
         "left padding": (dict(tensors, attention_mask=bad_mask), spec, "right-padded"),
@@ -241,14 +230,14 @@ def run_reference(root: Path, out: Path) -> None:
         batch = full_batch(family, ids, am, cm, adv, logp0, g)
         hf_loss, hf_norm = transformers_step(root, family, batch)
         check_token_budget(root, family, batch, logp0, hf_loss, hf_norm)
-        losses, norms = trajectory(policy, batch, STEPS, save_to=out / f"ckpt-{family}")
+        losses, norms = trajectory(policy, batch, loss_spec(family), STEPS, save_to=out / f"ckpt-{family}")
         loss_diff, norm_rel = abs(losses[0] - hf_loss), abs(norms[0] - hf_norm) / hf_norm
         assert loss_diff <= 1e-5 and norm_rel <= 1e-4, (family, losses[0], hf_loss, norms[0], hf_norm)
         log(f"train_step vs transformers autograd {family} loss {losses[0]:.8f} vs {hf_loss:.8f} "
             f"grad_norm {norms[0]:.8f} vs {hf_norm:.8f}")
         if family == "deepseek_v3":
             check_save_refusals(policy, out)
-            check_refusals(policy, batch)
+            check_refusals(policy, batch, loss_spec(family))
         final_logp = policy.logprobs(ids, am)
         buckets, count, _ = collect_buckets(policy)
         export = out / f"export-{family}-tp1"
@@ -275,14 +264,14 @@ def check_token_budget(root: Path, family: str, batch, logp0, hf_loss: float, hf
         diff = rel(policy.logprobs(batch["input_ids"], batch["attention_mask"], micro_batch_tokens=budget,
                                    balance=balance), logp0)
         assert diff <= 1e-6, (family, balance, diff)
-    metrics = train(policy, batch, micro_batch_tokens=budget)
+    metrics = policy.train_step(batch, loss_spec(family), micro_batch_tokens=budget)
     assert abs(metrics["loss"] - hf_loss) <= 1e-5 and abs(metrics["grad_norm"] - hf_norm) <= 1e-4 * hf_norm, (
         family, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
     log(f"token budget {budget} {family} logp {diff:.3g} loss {metrics['loss']:.8f} vs {hf_loss:.8f} "
         f"grad_norm {metrics['grad_norm']:.8f} vs {hf_norm:.8f}")
     # the full-logits head (what bench_policy compares the fused head with) is the same step
     del policy
-    metrics = train(load(root / family), batch, micro_batch_tokens=budget, loss_head="logits")
+    metrics = load(root / family).train_step(batch, loss_spec(family), micro_batch_tokens=budget, loss_head="logits")
     assert abs(metrics["loss"] - hf_loss) <= 1e-5 and abs(metrics["grad_norm"] - hf_norm) <= 1e-4 * hf_norm, (
         family, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
     log(f"logits head {family} loss {metrics['loss']:.8f} vs {hf_loss:.8f} "
@@ -302,7 +291,7 @@ def check_policy_variants(root: Path, family: str, batch, logp0, hf_loss: float,
     for name, policy_config in variants.items():
         policy = load(root / family, policy=policy_config)
         diff = rel(policy.logprobs(batch["input_ids"], batch["attention_mask"], micro_batch_tokens=budget), logp0)
-        metrics = train(policy, batch, micro_batch_tokens=budget)
+        metrics = policy.train_step(batch, loss_spec(family), micro_batch_tokens=budget)
         assert diff <= 1e-6, (family, name, diff)
         assert abs(metrics["loss"] - hf_loss) <= 1e-5 and abs(metrics["grad_norm"] - hf_norm) <= 1e-4 * hf_norm, (
             family, name, metrics["loss"], hf_loss, metrics["grad_norm"], hf_norm)
@@ -349,7 +338,7 @@ def run_layouts(root: Path, out: Path, names: list[str]) -> None:
                 packed = policy.logprobs(ids, am, micro_batch_tokens=2 * SEQ + 1, balance=balance)
                 assert rel(packed, ref["logp0"]) <= 1e-6, (name, balance, rel(packed, ref["logp0"]))
         save_to = out / f"ckpt-{name}"
-        losses, norms = trajectory(policy, batch, STEPS, save_to=save_to)
+        losses, norms = trajectory(policy, batch, loss_spec(family), STEPS, save_to=save_to)
         final_logp = rel(policy.logprobs(ids, am), ref["final_logp"])
         buckets, count, largest = collect_buckets(policy)
         params = rel_params(params_of(buckets), ref["final_params"])
@@ -369,7 +358,7 @@ def run_layouts(root: Path, out: Path, names: list[str]) -> None:
             resumed = load(source, parallel=parallel)
             assert resumed.step == RESUME_AT and resumed.data_state == DATA_STATE, (resumed.step, resumed.data_state)
             assert resumed.load_report.optimizer, resumed.load_report
-            r_losses, _ = trajectory(resumed, batch, STEPS - RESUME_AT)
+            r_losses, _ = trajectory(resumed, batch, loss_spec(family), STEPS - RESUME_AT)
             r_logp = rel(resumed.logprobs(ids, am), ref["final_logp"])
             r_params = rel_params(params_of(collect_buckets(resumed)[0]), ref["final_params"])
             resume.append((source_name, rel(r_losses, ref["losses"][RESUME_AT:]), r_logp, r_params,
@@ -396,7 +385,7 @@ def run_kill(out: Path, family: str, marker: Path) -> None:
     policy = load(out / f"ckpt-{family}")
     assert policy.step == RESUME_AT
     log(f"resumed step {policy.step} rng {policy.load_report.rng}")  # same layout: restored
-    train(policy, ref["batch"])
+    policy.train_step(ref["batch"], loss_spec(family))
     original = dist_checkpointing.save
 
     def save_then_hang(*args, **kwargs):  # the weights are on disk; the checkpoint is not published yet
