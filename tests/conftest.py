@@ -32,11 +32,11 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_base_model(tmp_path_factory):
-    """The embedded default's base model made the same way, pretrained for 40 steps (seconds)."""
-    from r1mega.run.base_model import PretrainSpec, pretrain_base_model
+    """The embedded default's base model made the same way, pretrained for 40 steps (seconds) in a
+    one-thread process: the same bits on any machine's core count (the golden metrics' base)."""
+    from tests.golden_metrics import build_base
 
-    return pretrain_base_model(tmp_path_factory.getbasetemp() / "small-base-model",
-                               PretrainSpec(steps=40, batch_size=8), progress=False)
+    return build_base(tmp_path_factory.getbasetemp() / "small-base-model")
 
 
 @pytest.fixture(scope="session")

@@ -78,10 +78,11 @@ def weights_hash(model_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def collect(work: Path, names: tuple[str, ...] = tuple(RUNS)) -> dict:
-    """Run the golden jobs under `work`, side by side (each is one thread); {"base": hash, run name:
-    {"metrics": [...], "eval": [...]}}."""
-    base = build_base(work / "base")
+def collect(work: Path, names: tuple[str, ...] = tuple(RUNS), base: Path | None = None) -> dict:
+    """Run the golden jobs under `work`, side by side (each is one thread), on `base` (a model
+    :func:`build_base` made; None: build one under `work`); {"base": hash, run name: {"metrics":
+    [...], "eval": [...]}}."""
+    base = base if base is not None else build_base(work / "base")
     result: dict = {"base": weights_hash(base)}
     procs = {}
     for name in names:

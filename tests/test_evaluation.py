@@ -120,17 +120,17 @@ def test_trainer_heldout_evaluation_equals_r1mega_eval(tmp_path, small_base_mode
 
 
 def test_eval_flags_are_aliases_of_config_keys(tmp_path, small_base_model):
-    """`--samples 2` is `--set eval.samples=2`, and a flag given wins over --set."""
+    """`r1mega eval` runs what its flags say, a flag winning over --set (that each flag equals its
+    key is test_cli_config's, in process; this is the command end to end)."""
     from tests.trainer_helpers import r1mega
 
-    outs = []
-    for i, args in enumerate((["--samples", "2", "--max-prompts", "2", "--no-greedy"],
-                              ["--set", "eval.samples=2", "--set", "eval.max_prompts=2", "--set", "eval.greedy=false"],
-                              ["--set", "eval.samples=5", "--samples", "2", "--max-prompts", "2", "--no-greedy"])):
-        out = tmp_path / f"eval{i}"
-        proc = r1mega("eval", "--model", str(small_base_model), "--quiet", "--out", str(out), *args)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs.append(json.loads((out / "summary.json").read_text()))
-    for summary in outs:
-        summary.pop("seconds")
-    assert outs[0] == outs[1] == outs[2] and outs[0]["samples"] == 2 and outs[0]["greedy"] is False
+    out = tmp_path / "eval"
+    proc = r1mega("eval", "--model", str(small_base_model), "--quiet", "--out", str(out),
+                  "--set", "eval.samples=5", "--set", "eval.greedy=true", "--samples", "2", "--max-prompts", "2",
+                  "--no-greedy")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
+    assert summary["samples"] == 2 and summary["greedy"] is False and summary["greedy_accuracy"] is None, summary
+    assert len(rows) == 2 and all(len(r["samples"]) == 2 and r["greedy"] is None for r in rows), rows
+    assert "(+ greedy)" not in proc.stdout and "2 problems x 2 samples" in proc.stdout, proc.stdout

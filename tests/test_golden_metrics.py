@@ -24,9 +24,9 @@ def _differences(expected, got, where: str = "") -> list[str]:
     return [] if same else [f"{where}: {expected!r} expected, {got!r} got"]
 
 
-def test_golden_metrics_reproduced_bit_for_bit(tmp_path):
+def test_golden_metrics_reproduced_bit_for_bit(tmp_path, small_base_model):
     golden = json.loads(GOLDEN.read_text())
-    got = json.loads(json.dumps(collect(tmp_path)))  # through JSON, as the golden file was written
+    got = json.loads(json.dumps(collect(tmp_path, base=small_base_model)))  # through JSON, as the golden file was written
     diffs = _differences(golden["runs"], got, "runs")
     assert not diffs, ("numerics moved from tests/golden/metrics.json (" + golden["reason"] + "); first of "
                        f"{len(diffs)}:\n" + "\n".join(diffs[:15]) + "\nif they should, regenerate it in a commit of "
