@@ -27,6 +27,18 @@ def _version(package: str) -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo's "model name", else platform.processor(), else "unknown")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict:
     """Date, interpreter, library versions, machine and git state of this run."""
     try:
@@ -50,6 +62,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable_cpus,
         "git_commit": commit,
