@@ -43,7 +43,7 @@ digest=$( (cat pyproject.toml csrc/*; find r1mega kernels -name '*.py' | LC_ALL=
 # -I: not from the working directory, so that an editable install of another clone (setup run
 # there last) is seen as such and replaced by this one.
 if [ "$(cat "$stamp_dir/digest" 2>/dev/null)" != "$digest" ] \
-   || ! "$PY" -I -c "import r1mega._batching, r1mega_kernels, pytest, hypothesis" 2>/dev/null \
+   || ! "$PY" -I -c "import r1mega._batching, r1mega_kernels, pytest, xdist, filelock, hypothesis" 2>/dev/null \
    || [ "$("$PY" -I -c "import pathlib, r1mega; print(pathlib.Path(r1mega.__file__).resolve().parents[1])" 2>/dev/null)" \
         != "$(pwd -P)" ]; then
   echo "setup: building csrc/ and installing r1mega (editable) with its test tools"

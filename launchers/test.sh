@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: set up (see setup.sh), then run the CPU suite. Extra arguments go to pytest.
-# Fails when no test passed (tests/conftest.py turns an all-skipped run into a failure).
+# The test command: set up (see setup.sh), then run the CPU suite. Extra arguments go to pytest
+# (both passes below). Fails when no test passed (tests/conftest.py turns an all-skipped run into a
+# failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . launchers/python.sh
@@ -13,4 +14,23 @@ if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/d
     && echo "test: installed bubblewrap for the sandbox tests" \
     || echo "test: bubblewrap unavailable; its sandbox tests will skip"
 fi
-exec "$PYTHON" -m pytest "$@"
+
+# Most tests run one thread (their subprocesses have OMP_NUM_THREADS=1), so one pytest-xdist worker
+# per core, each given whole test files (module fixtures are built once), then the tests marked
+# `alone` (they measure time) by themselves. R1MEGA_TEST_WORKERS=1: one plain pytest run.
+workers=${R1MEGA_TEST_WORKERS:-$(nproc)}
+workers=$(( workers > 8 ? 8 : workers ))
+if [ "$workers" -le 1 ]; then
+  exec "$PYTHON" -m pytest "$@"
+fi
+set +e
+"$PYTHON" -m pytest -n "$workers" --dist loadfile --lane shared "$@"; shared=$?
+echo "test: the tests that measure time, with nothing beside them"
+"$PYTHON" -m pytest --lane alone "$@"; alone=$?
+set -e
+# 5 = nothing ran in that pass (all deselected or skipped): fine when the other pass ran tests.
+if [ "$shared" = 5 ] && [ "$alone" = 5 ]; then exit 5; fi
+for rc in "$shared" "$alone"; do
+  if [ "$rc" != 0 ] && [ "$rc" != 5 ]; then exit "$rc"; fi
+done
+exit 0

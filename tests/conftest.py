@@ -1,17 +1,24 @@
-"""Test-suite wiring: the Triton interpreter on CPU, the `gpu` and `slow` markers, and 'no test ran' = failure."""
+"""Test-suite wiring: the Triton interpreter on CPU, the `gpu`, `slow` and `alone` markers, the
+parallel run's lanes and shared fixtures, and 'no test ran' = failure."""
 
 from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from r1mega.utils.triton_env import interpreter_on, use_interpreter_without_cuda
+from tests.run_wide import XDIST_WORKER, built_once
 
 # Before any test module imports a kernel module (see r1mega.utils.triton_env).
 use_interpreter_without_cuda()
+
+# launchers/test.sh runs the suite in pytest-xdist workers, one per core (tests/run_wide.py).
+if XDIST_WORKER:
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -27,7 +34,7 @@ def tiny_models(tmp_path_factory):
     """Every tiny Hugging Face fixture model (tests/models_fixtures.py), built once per session."""
     from tests.models_fixtures import build_fixture_set
 
-    return build_fixture_set(tmp_path_factory.getbasetemp() / "tiny-hf-models")
+    return built_once(tmp_path_factory, "tiny-hf-models", build_fixture_set)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +43,7 @@ def small_base_model(tmp_path_factory):
     one-thread process: the same bits on any machine's core count (the golden metrics' base)."""
     from tests.golden_metrics import build_base
 
-    return build_base(tmp_path_factory.getbasetemp() / "small-base-model")
+    return built_once(tmp_path_factory, "small-base-model", build_base)
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +52,11 @@ def uninterrupted_run(tmp_path_factory, small_base_model):
     resumed run must equal (metrics, timings aside, and the final export)."""
     from tests.trainer_helpers import train
 
-    out = tmp_path_factory.getbasetemp() / "uninterrupted"
-    train(out, "whole", small_base_model, "run.steps=3")
-    return out / "whole"
+    def run(out: Path) -> Path:
+        train(out, "whole", small_base_model, "run.steps=3")
+        return out / "whole"
+
+    return built_once(tmp_path_factory, "uninterrupted", run)
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +133,24 @@ def _is_slow(item) -> bool:
             or bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--lane", choices=("all", "shared", "alone"), default="all",
+                     help="launchers/test.sh's two passes: 'shared' leaves out the tests marked `alone` "
+                          "(they measure time; the other pass runs them with nothing beside them), "
+                          "'alone' runs only those")
+
+
+def _select_lane(config, items) -> None:
+    lane = config.getoption("lane")
+    if lane == "all":
+        return
+    keep = [item for item in items if ("alone" in item.keywords) == (lane == "alone")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
+
 def pytest_collection_modifyitems(config, items):
+    _select_lane(config, items)
     for item in items:
         if _is_slow(item):
             item.add_marker(pytest.mark.slow)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from r1mega.run.base_model import STUDENT_SPEC, PretrainSpec
+from tests.run_wide import built_once
 from tests.trainer_helpers import r1mega
 
 # the test student: STUDENT_SPEC's model and corpus, pretrained for a few steps
@@ -22,7 +23,8 @@ SMALL_STUDENT = dataclasses.replace(STUDENT_SPEC, steps=30, batch_size=8)
 def small_student(tmp_path_factory):
     from r1mega.run.base_model import ensure_base_model
 
-    return ensure_base_model(tmp_path_factory.getbasetemp() / "student-cache", SMALL_STUDENT, progress=False)
+    return built_once(tmp_path_factory, "student-cache",
+                      lambda cache: ensure_base_model(cache, SMALL_STUDENT, progress=False))
 
 
 def test_student_spec_has_its_own_key_and_the_default_key_is_unchanged():

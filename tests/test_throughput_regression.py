@@ -262,6 +262,7 @@ def test_bad_inputs_are_refused_before_any_measurement(tmp_path):
 
 
 # ---- the check itself ----------------------------------------------------------------------------
+@pytest.mark.alone
 def test_no_phase_of_the_grpo_step_is_slower_than_its_baseline(tmp_path):
     out = tmp_path / "rows.jsonl"
     result = run_script("--out", str(out))
