@@ -190,7 +190,10 @@ def check_gradient_accumulation(gen, backend: str, level: str, agg: str) -> None
         loss, _, grad = evaluate(sharded, part, dict(part_opts, **denominators), temperature=TEMPERATURE)
         loss_sum = loss_sum + loss
         grads.append(grad)
-    torch.testing.assert_close(loss_sum, full_loss, rtol=1e-6, atol=1e-7)
+    # The micro-batch losses are O(1) and of both signs (advantages of both signs), so their sum can
+    # be far smaller than its terms: float32 rounding of O(1) terms is the absolute scale (seed
+    # 133435068 summed to 0.00147 with 1.2e-7 = one float32 ulp at 1 of difference).
+    torch.testing.assert_close(loss_sum, full_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.cat(grads), full_grad, rtol=1e-6, atol=1e-9)
 
 
