@@ -24,9 +24,9 @@ if [ "$workers" -le 1 ]; then
   exec "$PYTHON" -m pytest "$@"
 fi
 set +e
-"$PYTHON" -m pytest -n "$workers" --dist loadfile --lane shared "$@"; shared=$?
+"$PYTHON" -m pytest -n "$workers" --dist loadfile --part shared "$@"; shared=$?
 echo "test: the tests that measure time, with nothing beside them"
-"$PYTHON" -m pytest --lane alone "$@"; alone=$?
+"$PYTHON" -m pytest --part alone "$@"; alone=$?
 set -e
 # 5 = nothing ran in that pass (all deselected or skipped): fine when the other pass ran tests.
 if [ "$shared" = 5 ] && [ "$alone" = 5 ]; then exit 5; fi

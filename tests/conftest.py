@@ -1,8 +1,9 @@
 """Test-suite wiring: the Triton interpreter on CPU, the `gpu`, `slow` and `alone` markers, the
-parallel run's lanes and shared fixtures, and 'no test ran' = failure."""
+parallel run's two parts and shared fixtures, and 'no test ran' = failure."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 from pathlib import Path
@@ -134,26 +135,31 @@ def _is_slow(item) -> bool:
 
 
 def pytest_addoption(parser):
-    parser.addoption("--lane", choices=("all", "shared", "alone"), default="all",
+    parser.addoption("--part", choices=("all", "shared", "alone"), default="all",
                      help="launchers/test.sh's two passes: 'shared' leaves out the tests marked `alone` "
                           "(they measure time; the other pass runs them with nothing beside them), "
                           "'alone' runs only those")
 
 
-def _select_lane(config, items) -> None:
-    lane = config.getoption("lane")
-    if lane == "all":
+def _select_part(config, items) -> None:
+    part = config.getoption("part")
+    if part == "all":
         return
-    keep = [item for item in items if ("alone" in item.keywords) == (lane == "alone")]
+    keep = [item for item in items if ("alone" in item.keywords) == (part == "alone")]
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
     items[:] = keep
 
 
 def pytest_collection_modifyitems(config, items):
-    _select_lane(config, items)
+    _select_part(config, items)
     for item in items:
         if _is_slow(item):
             item.add_marker(pytest.mark.slow)
+    if importlib.util.find_spec("vllm") is None:
+        skip_vllm = pytest.mark.skip(reason="needs vLLM: runs in the test command's vLLM lane (launchers/vllm_lane.sh)")
+        for item in items:
+            if "vllm" in item.keywords:
+                item.add_marker(skip_vllm)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

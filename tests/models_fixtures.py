@@ -91,6 +91,15 @@ def sample_ids(vocab_size: int, batch: int = 2, seq: int = 12, seed: int = 1):
 
 
 FIXTURES = {**{arch: (arch, None) for arch in ARCHS}, "deepseek_v3_yarn": ("deepseek_v3", DEEPSEEK_YARN)}
+
+# Sized for vLLM's CPU kernels (the vLLM lane): attention head dims 32, and multi-latent attention
+# with kv_lora_rank + rope head = 512 + 64, the one size vLLM's CPU MLA kernel compiles.
+VLLM_CONFIGS = {
+    "deepseek_v3": dict(CONFIGS["deepseek_v3"], kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32,
+                        v_head_dim=32),
+    "qwen3_moe": dict(CONFIGS["qwen3_moe"], head_dim=32),
+    "qwen2": dict(CONFIGS["qwen2"], hidden_size=128),
+}
 SHARDED = {"qwen3_moe": "100KB"}  # saved as several shards with an index
 BF16 = "deepseek_v3_bf16"  # deepseek_v3 in bf16 with the expert bias kept in fp32, as transformers saves it
 
@@ -114,6 +123,18 @@ def build_fixture_set(root: str | Path) -> Path:
             logits = model(ids).logits.float()
         torch.save({"ids": ids, "logits": logits}, root / f"{name}.ref.pt")
     _make_bf16(root / "deepseek_v3", root / BF16)
+    (root / ".done").touch()
+    return root
+
+
+def build_vllm_fixture_set(root: str | Path) -> Path:
+    """The :data:`VLLM_CONFIGS` models under `root/<arch>/` (idempotent, like build_fixture_set)."""
+    root = Path(root)
+    if (root / ".done").exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    for seed, (arch, config) in enumerate(VLLM_CONFIGS.items()):
+        make_tiny_hf(arch, root / arch, seed=seed, config=config)
     (root / ".done").touch()
     return root
 

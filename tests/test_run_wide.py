@@ -1,5 +1,5 @@
 """The test run's own wiring: fixtures shared by the parallel workers are built once, and the two
-passes of launchers/test.sh (`--lane shared`, `--lane alone`) split the suite without overlap."""
+passes of launchers/test.sh (`--part shared`, `--part alone`) split the suite without overlap."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _collected(*args: str) -> set[str]:
     return {line for line in proc.stdout.splitlines() if "::" in line}
 
 
-def test_the_two_lanes_split_the_suite_and_the_default_runs_both():
-    everything, shared, alone = _collected(), _collected("--lane", "shared"), _collected("--lane", "alone")
+def test_the_two_parts_split_the_suite_and_the_default_runs_both():
+    everything, shared, alone = _collected(), _collected("--part", "shared"), _collected("--part", "alone")
     assert alone == {"tests/test_throughput_regression.py::test_no_phase_of_the_grpo_step_is_slower_than_its_baseline"}
     assert shared and not shared & alone and shared | alone == everything

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from r1mega.models.errors import CheckpointError
-from r1mega.models.hf_config import ModelDesc
+from r1mega.models.hf_config import ModelDesc, with_explicit_router_fields
 from r1mega.models.hf_mapping import (
     entry_tp_group,
     expected_hf_tensors,
@@ -147,7 +147,8 @@ def export_hf_weights(model, desc: ModelDesc, path: str | Path, *, dtypes: Optio
 
     `dtypes` maps HF names to safetensors dtypes (e.g. ``LoadReport.dtypes``); missing names
     take :func:`export_dtypes`. Rank 0 also writes ``config.json`` (`config_json` text, default
-    ``desc.config``). Returns the files this rank wrote.
+    ``desc.config``; DeepSeek-V3's router fields spelled out where it lacks them:
+    :func:`r1mega.models.hf_config.explicit_router_fields`). Returns the files this rank wrote.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -206,8 +207,8 @@ def export_hf_weights(model, desc: ModelDesc, path: str | Path, *, dtypes: Optio
                         for n in weight_map)
             atomic_write_text(root / INDEX_NAME, json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-        atomic_write_text(root / "config.json",
-                          config_json if config_json is not None else json.dumps(desc.config, indent=2) + "\n")
+        text = config_json if config_json is not None else json.dumps(desc.config, indent=2) + "\n"
+        atomic_write_text(root / "config.json", with_explicit_router_fields(text, desc))
     dist.barrier()
     return [files[rank]] if layout else []
 

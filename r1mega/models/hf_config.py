@@ -344,6 +344,29 @@ def _rope(r: _Reader, *, mla: bool) -> RopeDesc:
     raise AssertionError  # unreachable
 
 
+def explicit_router_fields(desc: ModelDesc) -> dict:
+    """The router fields a real DeepSeek-V3 config.json spells out, with the values this reader gave
+    them ({} for other families). transformers writes none of topk_method / scoring_func, and vLLM
+    reads their absence as a softmax router without the correction bias (its deepseek_v2.py), so
+    r1mega's exports write them all, and the vLLM engine passes them as overrides."""
+    if desc.arch != "deepseek_v3" or desc.moe is None:
+        return {}
+    moe = desc.moe
+    return {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": moe.num_groups or 1,
+            "topk_group": moe.group_topk or 1, "norm_topk_prob": True,
+            "routed_scaling_factor": moe.scaling_factor if moe.scaling_factor is not None else 1.0}
+
+
+def with_explicit_router_fields(config_text: str, desc: ModelDesc) -> str:
+    """config.json text with :func:`explicit_router_fields` added where missing (the rest as it was)."""
+    fields = explicit_router_fields(desc)
+    cfg = json.loads(config_text)
+    missing = {k: v for k, v in fields.items() if k not in cfg}
+    if not missing:
+        return config_text
+    return json.dumps({**cfg, **missing}, indent=2) + "\n"
+
+
 def _deepseek_v3(r: _Reader, common: dict) -> ModelDesc:
     if r.get("attention_bias", False):
         r.refuse("attention_bias", True, "MLA projections without biases only")

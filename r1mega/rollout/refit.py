@@ -41,7 +41,8 @@ def engine_from_config(rollout: RolloutConfig, model_config: Any, *, seed: int =
         raise ValueError("rollout.verify_refit: True needs the hf engine; the vllm engine keeps weights fused, "
                          "sharded and possibly FP8 (check its log-probs against the policy's instead)")
     return make_engine("vllm", model_config, tokenizer=tokenizer, dtype=dtype, seed=seed, tp=rollout.tp,
-                       gpu_memory_utilization=rollout.gpu_memory_utilization, fp8=rollout.fp8,
+                       gpu_memory_utilization=rollout.gpu_memory_utilization, kv_cache_bytes=rollout.kv_cache_mb << 20,
+                       fp8=rollout.fp8,
                        return_routes=rollout.router_replay,
                        max_model_len=rollout.max_prompt_tokens + rollout.max_new_tokens)
 

