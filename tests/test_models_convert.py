@@ -195,8 +195,12 @@ def test_convert_round_trips_bit_for_bit_across_layouts(tiny_models, tmp_path):
                            "--to-hf", str(back)], capture_output=True, text=True, env=env, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_tensors(source, back) == []
-    for name in ("config.json", "generation_config.json"):
-        assert (source / name).read_bytes() == (back / name).read_bytes()
+    assert (source / "generation_config.json").read_bytes() == (back / "generation_config.json").read_bytes()
+    # config.json as it was, plus the router fields a real DeepSeek-V3 config spells out (transformers
+    # writes none of topk_method / scoring_func, which vLLM would read as a softmax router)
+    written, original = json.loads((back / "config.json").read_text()), json.loads((source / "config.json").read_text())
+    assert "topk_method" not in original and "scoring_func" not in original
+    assert written == {**original, "topk_method": "noaux_tc", "scoring_func": "sigmoid"}
 
 
 # ---- the megatron shim's version guard ------------------------------------------------------

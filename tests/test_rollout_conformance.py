@@ -41,6 +41,7 @@ def test_one_rank_layouts(tiny_models, device):
         assert float(checks[(layout, "refit_logprob_diff")]) < 1e-4
         assert float(checks[(layout, "stale_logprob_diff")]) > 1e-2
         assert checks[(layout, "stream_plans")] == "1"
+        assert checks[(layout, "broken_refit")] == "caught"  # rollout.verify_refit's probe
     for layout in ("ds-tp1", "qwen3-tp1", "ds-tp1-thd", "qwen3-tp1-grouped-thd"):
         assert float(checks[(layout, "replay_exact_diff")]) < 1e-4
         assert float(checks[(layout, "replay_on_diff")]) * 2 < float(checks[(layout, "replay_off_diff")])
@@ -59,6 +60,7 @@ def test_two_rank_layouts(tiny_models):
         assert float(checks[(layout, "replay_exact_diff")]) < 1e-4
         assert float(checks[(layout, "replay_on_diff")]) * 2 < float(checks[(layout, "replay_off_diff")])
         assert checks[(layout, "stream_plans")] == "1"
+        assert checks[(layout, "broken_refit")] == "caught"  # rollout.verify_refit's probe
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +86,5 @@ def test_vllm_engine_layouts(vllm_models, nproc, layout):
     assert float(checks[(layout, "logprob_diff")]) < 1e-4
     assert float(checks[(layout, "refit_logprob_diff")]) < 1e-4
     assert float(checks[(layout, "stale_logprob_diff")]) > 1e-2
+    if layout.startswith(("ds", "qwen3")) or layout == "qwen2-tp1":  # MoE prepacks, qwen2's tied head
+        assert checks[(layout, "broken_refit")] == "caught", "a refit without the CPU repack went unnoticed"

@@ -112,6 +112,6 @@ def test_config_refuses_verify_with_vllm(tmp_path):
     from r1mega.config import Config
     from r1mega.rollout import engine_from_config
 
-    rollout = Config().with_overrides(["rollout.engine=vllm", "rollout.verify_refit=true"]).rollout
-    with pytest.raises(ValueError, match="verify_refit"):
+    rollout = Config().with_overrides(["rollout.engine=vllm", "rollout.verify_refit_tensors=true"]).rollout
+    with pytest.raises(ValueError, match="verify_refit_tensors"):
         engine_from_config(rollout, tmp_path)

@@ -230,6 +230,7 @@ class VLLMEngine(Engine):
         if self.device == "cpu":
             check_cpu_model(self.desc)
         self.tokenizer_dir = tokenizer
+        self.dtype = dtype
         self.moe_layers = tuple(i for i in range(self.desc.num_layers) if self.desc.is_moe_layer(i))
         self.return_routes = return_routes
         self.eos_token_ids = self._eos_ids(Path(model_config))

@@ -192,7 +192,8 @@ def run_layout(root: Path, layout: str) -> None:
     stale = on_rank0(sample)
     d_stale = diff(stale, policy.logprobs(stale["ids"], stale["am"]))
     # the refit a run does: the options of the config's rollout section
-    rollout = Config().with_overrides(["rollout.refit_bucket_mb=1", f"rollout.verify_refit={ENGINE == 'hf'}",
+    rollout = Config().with_overrides(["rollout.refit_bucket_mb=1", "rollout.verify_refit=true",
+                                       f"rollout.verify_refit_tensors={ENGINE == 'hf'}",
                                        "rollout.sleep_level=2"]).rollout
     colocation = Colocation(policy, engine, rollout, dst_ranks=dst)
     colocation.refit()
@@ -237,8 +238,64 @@ def run_layout(root: Path, layout: str) -> None:
                 assert replayed < TOL and free > 100 * TOL, (replayed, free)
             else:  # the weight also sets the mixture: replay removes the flips, not the weight change
                 assert replayed < 0.5 * free, (replayed, free)
+    if ENGINE == "vllm" and not torch.cuda.is_available():
+        broken_refit_is_caught(policy, colocation, after, layout)
+    elif ENGINE == "hf":
+        wrong_engine_weights_are_caught(policy, colocation, layout)
     if engine is not None:
         engine.close()
+
+
+def wrong_engine_weights_are_caught(policy, colocation, layout) -> None:
+    """The hf engine's copy of one weight is scaled after a refit: rollout.verify_refit's probe
+    stops the run on every rank."""
+    import torch
+
+    from r1mega.rollout.refit import RefitMismatch, probe_refit
+
+    colocation.refit()
+    engine = colocation.engine
+    if engine is not None:
+        with torch.no_grad():
+            engine.model.lm_head.weight.mul_(1.5)
+    try:
+        probe_refit(policy, engine, temperature=policy.temperature)
+    except RefitMismatch:
+        check(layout, "broken_refit", "caught")
+    else:
+        check(layout, "broken_refit", "missed")
+    colocation.release()
+
+
+def broken_refit_is_caught(policy, colocation, batch, layout) -> None:
+    """A refit that skips the CPU repack (vLLM's reload alone: the MoE prepack and a tied head's
+    packed copy keep the old weights) after another training step: rollout.verify_refit's probe
+    must stop it."""
+    import torch
+
+    from r1mega.algo import LossSpec
+    from r1mega.rollout import vllm_engine
+    from r1mega.rollout.refit import RefitMismatch
+
+    old = policy.logprobs(batch["ids"], batch["am"])
+    adv = torch.tensor([1.0, -1.0, 0.5] * (len(batch["tokens"]) // 3))
+    policy.train_step(dict(input_ids=batch["ids"], attention_mask=batch["am"], completion_mask=batch["cm"],
+                           old_logp=old, advantages=adv), LossSpec())
+    repacking = vllm_engine.reload_in_place
+
+    def without_repack(worker, weights, cpu):
+        worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+
+    vllm_engine.reload_in_place = without_repack
+    try:
+        colocation.refit()
+    except RefitMismatch as err:
+        check(layout, "broken_refit", "caught")
+        log(f"{layout}: {err}")
+    else:
+        check(layout, "broken_refit", "missed")
+    finally:
+        vllm_engine.reload_in_place = repacking
 
 
 def run_offload(root: Path) -> None:

@@ -1,0 +1,49 @@
+"""What only the real vLLM shows (the vLLM lane, launchers/vllm_lane.sh): a DeepSeek-V3 policy that
+r1mega exports loads in vLLM as it is, with the router it was trained with, while the config
+transformers wrote for the same model does not."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          check=False)
+
+
+def test_a_deepseek_v3_policy_exported_by_r1mega_loads_in_vllm_without_overrides(tmp_path):
+    from tests.models_fixtures import VLLM_CONFIGS, make_tiny_hf
+
+    source = make_tiny_hf("deepseek_v3", tmp_path / "source", config=VLLM_CONFIGS["deepseek_v3"])
+    assert "topk_method" not in json.loads((source / "config.json").read_text())  # as transformers writes it
+    megatron, exported = tmp_path / "megatron", tmp_path / "exported"
+    for args in (("--hf", str(source), "--to-megatron", str(megatron)), ("--megatron", str(megatron), "--to-hf",
+                                                                         str(exported))):
+        done = _run("-m", "r1mega.cli", "convert", *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((exported / "config.json").read_text())
+    assert config["topk_method"] == "noaux_tc" and config["scoring_func"] == "sigmoid"
+
+    loaded = _run(str(WORKERS / "vllm_load_export.py"), str(exported))
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    diff = float(re.search(r"^MAXDIFF (\S+)$", loaded.stdout, re.M)[1])
+    print(f"exported DeepSeek-V3 in vLLM vs transformers: max log-prob difference {diff:.3g}")
+    assert diff < 1e-4
+
+    # the config transformers wrote: vLLM builds a softmax router without the correction bias and
+    # cannot load the checkpoint (what the engine's overrides are for)
+    raw = _run(str(WORKERS / "vllm_load_export.py"), str(source))
+    assert raw.returncode != 0 and "e_score_correction_bias" in raw.stderr
