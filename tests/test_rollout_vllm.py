@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from r1mega.rollout import SamplingParams
-from r1mega.rollout.vllm_engine import convert_completion, llm_kwargs, vllm_sampling_kwargs
+from r1mega.rollout.vllm_engine import check_cpu_model, convert_completion, llm_kwargs, vllm_sampling_kwargs
 
 
 @dataclass
@@ -67,6 +67,56 @@ def test_llm_kwargs():
     with pytest.raises(ValueError, match="dtype"):
         llm_kwargs("/m", tp=1, dtype=torch.int8, seed=0, gpu_memory_utilization=0.5, max_model_len=None, fp8=False,
                    return_routes=False, has_tokenizer=False, expert_parallel=False)
+
+
+def test_llm_kwargs_on_cpu():
+    common = dict(tp=1, dtype=torch.float32, seed=0, gpu_memory_utilization=0.5, max_model_len=64,
+                  has_tokenizer=False, device="cpu", kv_cache_bytes=64 << 20)
+    kw = llm_kwargs("/m", fp8=False, return_routes=False, expert_parallel=False, **common)
+    assert kw["enable_sleep_mode"] is False and kw["enforce_eager"] is True and kw["kv_cache_memory_bytes"] == 64 << 20
+    assert "gpu_memory_utilization" not in kw and "attention_config" not in kw and "hf_overrides" not in kw
+    mla = llm_kwargs("/m", fp8=False, return_routes=False, expert_parallel=False, mla=True,
+                     hf_overrides={"topk_method": "noaux_tc"}, **common)
+    assert mla["attention_config"] == {"backend": "CPU_MLA"}
+    assert mla["compilation_config"] == {"custom_ops": ["-rotary_embedding"]}
+    assert mla["hf_overrides"] == {"topk_method": "noaux_tc"}
+    for flag in ("fp8", "return_routes", "expert_parallel"):
+        options = {**dict(fp8=False, return_routes=False, expert_parallel=False), flag: True}
+        with pytest.raises(ValueError, match=f"{flag} is not available on CPU"):
+            llm_kwargs("/m", **options, **common)
+    with pytest.raises(ValueError, match="explicit budget"):
+        llm_kwargs("/m", fp8=False, return_routes=False, expert_parallel=False, **dict(common, kv_cache_bytes=0))
+
+
+def test_models_the_cpu_kernels_cannot_run_are_refused_in_one_line(tiny_models):
+    from r1mega.models.hf_config import describe_hf_config, describe_hf_model
+    from tests.models_fixtures import VLLM_CONFIGS, hf_classes
+
+    with pytest.raises(ValueError, match=r"head dim must be one of .* this model has 24"):
+        check_cpu_model(describe_hf_model(tiny_models / "qwen3_moe"))
+    with pytest.raises(ValueError, match=r"kv_lora_rank \+ qk_rope_head_dim = 576 .* this model has 24"):
+        check_cpu_model(describe_hf_model(tiny_models / "deepseek_v3"))
+    for arch, config in VLLM_CONFIGS.items():  # the lane's fixtures
+        check_cpu_model(describe_hf_config(hf_classes(arch)[0](**config).to_dict()))
+
+
+def test_deepseek_v3_router_fields_are_spelled_out_for_exports_and_vllm(tiny_models):
+    import json
+
+    from r1mega.models.hf_config import (describe_hf_config, describe_hf_model, explicit_router_fields,
+                                         with_explicit_router_fields)
+
+    desc = describe_hf_model(tiny_models / "deepseek_v3")
+    fields = explicit_router_fields(desc)
+    assert fields == {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2,
+                      "norm_topk_prob": True, "routed_scaling_factor": 2.5}
+    text = (tiny_models / "deepseek_v3" / "config.json").read_text()
+    written = json.loads(with_explicit_router_fields(text, desc))
+    assert written == {**json.loads(text), **fields}
+    assert describe_hf_config(written) == desc  # the same model as read
+    assert explicit_router_fields(describe_hf_model(tiny_models / "qwen3_moe")) == {}
+    assert with_explicit_router_fields(with_explicit_router_fields(text, desc), desc) == \
+        with_explicit_router_fields(text, desc)
 
 
 def _output(tokens, finish="stop", stop_reason=None, layers=4, top_k=2, prompt_len=3, logprobs=True):
