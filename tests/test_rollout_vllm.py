@@ -74,6 +74,7 @@ def test_llm_kwargs_on_cpu():
                   has_tokenizer=False, device="cpu", kv_cache_bytes=64 << 20)
     kw = llm_kwargs("/m", fp8=False, return_routes=False, expert_parallel=False, **common)
     assert kw["enable_sleep_mode"] is False and kw["enforce_eager"] is True and kw["kv_cache_memory_bytes"] == 64 << 20
+    assert kw["enable_chunked_prefill"] is False and kw["max_num_batched_tokens"] == 8192
     assert "gpu_memory_utilization" not in kw and "attention_config" not in kw and "hf_overrides" not in kw
     mla = llm_kwargs("/m", fp8=False, return_routes=False, expert_parallel=False, mla=True,
                      hf_overrides={"topk_method": "noaux_tc"}, **common)
@@ -84,6 +85,8 @@ def test_llm_kwargs_on_cpu():
         options = {**dict(fp8=False, return_routes=False, expert_parallel=False), flag: True}
         with pytest.raises(ValueError, match=f"{flag} is not available on CPU"):
             llm_kwargs("/m", **options, **common)
+    with pytest.raises(ValueError, match="max_model_len must be given"):
+        llm_kwargs("/m", fp8=False, return_routes=False, expert_parallel=False, **dict(common, max_model_len=None))
     with pytest.raises(ValueError, match="explicit budget"):
         llm_kwargs("/m", fp8=False, return_routes=False, expert_parallel=False, **dict(common, kv_cache_bytes=0))
 

@@ -115,6 +115,13 @@ def llm_kwargs(config_dir: str, *, tp: int, dtype: torch.dtype, seed: int, gpu_m
                   enable_prefix_caching=True, enable_expert_parallel=expert_parallel, max_logprobs=0)
     if cpu:
         kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(kv_cache_bytes))
+        # No chunked prefill on CPU: a prompt split over scheduler steps has its first sampled token
+        # discarded, and the discard rewinds the request's seeded generator by an offset, which CPU
+        # generators do not have (v1/worker/gpu_model_runner.py, _bookkeeping_sync: "CPU Generator
+        # does not use offset"). Whole prompts then need a step budget of the longest sequence.
+        if max_model_len is None:
+            raise ValueError("vllm engine: on CPU max_model_len must be given (chunked prefill is off there)")
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(int(max_model_len), 8192))
         if mla:
             kwargs.update(attention_config={"backend": "CPU_MLA"},
                           compilation_config={"custom_ops": ["-rotary_embedding"]})
@@ -195,6 +202,30 @@ def import_vllm():
     return vllm
 
 
+def _launcher_env() -> None:
+    """The torchrun variables vLLM's external launcher reads (``v1/executor/uniproc_executor.py``,
+    ``_distributed_args``), for a process torchrun did not start (a bare ``r1mega train`` builds a
+    one-rank group itself): taken from the existing process group, or a one-process world."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+
 class VLLMEngine(Engine):
     """Colocated vLLM; build it on every rank of the torchrun job at the same time (GPU or CPU)."""
 
@@ -236,6 +267,8 @@ class VLLMEngine(Engine):
         self.eos_token_ids = self._eos_ids(Path(model_config))
         # fields vLLM would otherwise read differently from r1mega (a config written by transformers)
         missing = {k: v for k, v in explicit_router_fields(self.desc).items() if k not in self.desc.config}
+        if max_model_len is None and self.device == "cpu":
+            max_model_len = self.desc.max_position_embeddings
         kwargs = llm_kwargs(str(model_config), tp=tp, dtype=dtype, seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, fp8=fp8,
                             return_routes=return_routes, has_tokenizer=tokenizer is not None,
@@ -243,6 +276,7 @@ class VLLMEngine(Engine):
                             kv_cache_bytes=kv_cache_bytes, mla=self.desc.mla is not None, hf_overrides=missing)
         if tokenizer is not None:
             kwargs["tokenizer"] = str(tokenizer)
+        _launcher_env()
         self.llm = vllm.LLM(**kwargs)
         self._vllm = vllm
         self._rng = torch.Generator().manual_seed(seed)  # the same on every rank: identical requests
