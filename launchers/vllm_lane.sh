@@ -42,4 +42,10 @@ if [ "$(cat "$LANE/.r1mega-digest" 2>/dev/null)" != "$digest" ] || ! "$LANE/bin/
   rm -f "$LANE.install.log"
   echo "vllm lane: set up in $(( SECONDS - start )) s ($(du -sm "$LANE" | cut -f1) MB)"
 fi
-exec "$LANE/bin/python" -m pytest -m vllm -p no:cacheprovider "$@"
+# one pytest-xdist worker per core (at most 4), as in the main suite: the tests wait on one-thread
+# subprocesses and torchrun jobs
+workers=${R1MEGA_TEST_WORKERS:-$(nproc)}
+workers=$(( workers > 4 ? 4 : workers ))
+parallel=()
+[ "$workers" -gt 1 ] && parallel=(-n "$workers")
+exec "$LANE/bin/python" -m pytest -m vllm -p no:cacheprovider "${parallel[@]}" "$@"
