@@ -120,8 +120,9 @@ PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-
 
 def probe_refit(policy, engine: Optional[Engine], *, temperature: float) -> tuple[float, float]:
     """(mean, max) |engine - policy| log-prob over the probe's sampled tokens of every engine, on
-    every rank (collective: every rank calls it; ranks without an engine pass None). Raises :class:`RefitMismatch` on every rank when the mean is over the tolerance
-    of the less precise of the engine's and the policy's dtypes."""
+    every rank (collective: every rank calls it; ranks without an engine pass None). Raises
+    :class:`RefitMismatch` on every rank when the mean is over the tolerance of the least precise
+    of the engines' and the policy's dtypes."""
     import torch.distributed as dist
 
     vocab = policy.desc.vocab_size
@@ -130,10 +131,12 @@ def probe_refit(policy, engine: Optional[Engine], *, temperature: float) -> tupl
     if engine is not None:  # every engine generates (vLLM's ranks must take part together anyway)
         params = SamplingParams(n=1, temperature=temperature, max_new_tokens=PROBE_NEW_TOKENS, seed=PROBE_SEED,
                                 ignore_eos=True, return_logprobs=True)
-        local = [(c.prompt_index, c.token_ids.tolist(), c.logprobs.tolist()) for c in engine.generate(prompts, params)]
+        local = (engine.dtype, [(c.prompt_index, c.token_ids.tolist(), c.logprobs.tolist())
+                                for c in engine.generate(prompts, params)])
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, local)
-    probes = [entry for entries in everyone if entries is not None for entry in entries]
+    gathered = [entry for entry in everyone if entry is not None]
+    probes = [probe for _, entries in gathered for probe in entries]
     rows = [prompts[i] + tokens for i, tokens, _ in probes]
     width = max(map(len, rows))
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -145,7 +148,8 @@ def probe_refit(policy, engine: Optional[Engine], *, temperature: float) -> tupl
     diffs = torch.cat([(mine[r, len(prompts[i]):len(rows[r])] - torch.tensor(logps)).abs()
                        for r, (i, _, logps) in enumerate(probes)])
     mean, worst = float(diffs.mean()), float(diffs.max())
-    dtypes = [policy.dtype] + ([engine.dtype] if engine is not None and hasattr(engine, "dtype") else [])
+    # every engine's dtype, gathered: the same tolerance, and so the same verdict, on every rank
+    dtypes = [policy.dtype] + [dtype for dtype, _ in gathered]
     tolerance = max(PROBE_TOLERANCE.get(d, 5e-2) for d in dtypes)
     if not mean <= tolerance:  # nan fails too
         raise RefitMismatch(f"refit verification: the rollout engine's log-probs of the probe differ from the "
