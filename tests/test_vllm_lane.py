@@ -24,7 +24,7 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           check=False)
 
 
-def test_a_deepseek_v3_policy_exported_by_r1mega_loads_in_vllm_without_overrides(tmp_path):
+def test_a_deepseek_v3_policy_exported_by_r1mega_loads_in_vllm_without_overrides(tmp_path, record_property):
     from tests.models_fixtures import VLLM_CONFIGS, make_tiny_hf
 
     source = make_tiny_hf("deepseek_v3", tmp_path / "source", config=VLLM_CONFIGS["deepseek_v3"])
@@ -41,6 +41,7 @@ def test_a_deepseek_v3_policy_exported_by_r1mega_loads_in_vllm_without_overrides
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     diff = float(re.search(r"^MAXDIFF (\S+)$", loaded.stdout, re.M)[1])
     print(f"exported DeepSeek-V3 in vLLM vs transformers: max log-prob difference {diff:.3g}")
+    record_property("figures", f"r1mega's DeepSeek-V3 export in vLLM vs transformers: max log-prob difference {diff:.3g}")
     assert diff < 1e-4
 
     # the config transformers wrote: vLLM builds a softmax router without the correction bias and
@@ -57,7 +58,7 @@ def _train(out: Path, engine: str) -> list[dict]:
     return [json.loads(line) for line in (out / engine / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_main_job_trains_on_vllm_with_the_engine_agreeing_with_the_trainer_every_step(tmp_path):
+def test_the_main_job_trains_on_vllm_with_the_engine_agreeing_with_the_trainer_every_step(tmp_path, record_property):
     """`r1mega train --set rollout.engine=vllm` on the embedded default (head dim 32), on CPU: the
     rollout-vs-trainer mismatch stays under 1e-4 every step (float32), every refit passes
     rollout.verify_refit's probe, and held-out pass@1 is in line with the hf engine's run."""
@@ -67,5 +68,8 @@ def test_the_main_job_trains_on_vllm_with_the_engine_agreeing_with_the_trainer_e
     summaries = {e: json.loads((tmp_path / e / "summary.json").read_text()) for e in runs}
     figures = {e: (s["heldout_accuracy_before"], s["heldout_accuracy_after"]) for e, s in summaries.items()}
     print(f"held-out pass@1 before -> after 3 steps: {figures}")
+    worst = max(row["mismatch_abs_max"] for row in runs["vllm"])
+    record_property("figures", "held-out pass@1 before -> after 3 steps: " + ", ".join(
+        f"{e} {a:.3f} -> {b:.3f}" for e, (a, b) in figures.items()) + f"; vllm mismatch_abs_max at most {worst:.3g}")
     for i in (0, 1):
         assert figures["vllm"][i] == pytest.approx(figures["hf"][i], abs=0.1), figures
