@@ -157,6 +157,37 @@ class RunConfig(_Section):
 
 
 @dataclass(frozen=True)
+class DataConfig(_Section):
+    """How the prompt files (run.data, run.heldout) are read: their published format, the columns
+    that hold the question, answer and id, and what happens to prompts too long for the budget.
+    Read by r1mega.data.load_prompts (loader_kwargs) and r1mega.data.fit_prompts."""
+
+    section_name: typing.ClassVar[str] = "data"
+
+    format: Literal["r1mega", "gsm8k", "math", "aime", "amc", "deepscaler", "openr1-math", "humaneval", "mbpp", "apps",
+                    "taco"] = knob(
+        "r1mega", "How the rows are written: r1mega rows, or a published dataset's own columns (gsm8k, math for "
+        "MATH/MATH-500, aime, amc, deepscaler, openr1-math, humaneval, mbpp, apps, taco): r1mega.data.formats.")
+    prompt_key: Optional[str] = knob(None, "Column holding the question; None: the format's own (r1mega: prompt).")
+    answer_key: Optional[str] = knob(None, "Column holding the gold answer; None: the format's own (r1mega: answer).")
+    id_key: Optional[str] = knob(
+        None, "Column holding a unique id; None: the format's own (r1mega: id); rows without one take their "
+        "0-based row index.")
+    task: Optional[Literal["math", "code", "countdown", "general"]] = knob(
+        None, "Task of r1mega rows without a task field; None: each row names its own.")
+    split: Optional[str] = knob(None, "The split of a datasets DatasetDict saved with save_to_disk; None: its only one.")
+    overlong_prompts: Literal["error", "filter"] = knob(
+        "error", "Prompts longer than rollout.max_prompt_tokens (or that leave no room for the completion in the "
+        "model's positions), found when the data loads, before any model is built: error stops with one line "
+        "naming the first; filter drops them and prints how many.")
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """r1mega.data.load_prompts' keywords for these settings."""
+        return dict(format=self.format, prompt_key=self.prompt_key, answer_key=self.answer_key, id_key=self.id_key,
+                    task=self.task, split=self.split)
+
+
+@dataclass(frozen=True)
 class GRPOConfig(_Section):
     """Advantage and policy-loss settings; the loss options become an `r1mega.algo.LossSpec` (loss_spec)."""
 
@@ -643,6 +674,7 @@ class Config:
     """A whole r1mega run. Build one with a recipe, then `with_overrides`."""
 
     run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

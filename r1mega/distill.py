@@ -38,9 +38,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from r1mega.config import Config, ConfigError
+from r1mega.config import Config, ConfigError, DataConfig
 from r1mega.data import DataError, r1_corpus
 from r1mega.evaluation import EvalSettings, evaluate_model, load_eval_problems, write_results
+from r1mega.evaluation.prompt_fit import fit_to_model
 from r1mega.models import describe_hf_model
 from r1mega.models.hf_checkpoint import check_hf_checkpoint
 from r1mega.recipes import get_recipe
@@ -63,6 +64,8 @@ OWN_KEYS = ("run.model", "sft.data", "run.out_dir", "run.name")
 # cold-start teacher; 600 prompts gave ~230, too few for the student to learn the R1 format, held-out
 # pass@1 0.000) and the first 100 held-out problems.
 DEFAULT_PROMPTS, DEFAULT_HELDOUT = None, 100
+# the prompt budget distill's sampling and evaluation run with (EvalSettings' and rejection_sample's)
+DEFAULT_MAX_PROMPT_TOKENS = EvalSettings().max_prompt_tokens
 
 Problems = Union[str, Path, Sequence, None]
 
@@ -135,21 +138,23 @@ def distill_command(cfg, *, teacher: str | Path, out: str | Path, student: Optio
             raise DistillError(f"--set {key}: distill sets it itself (from --student, the traces and --out)")
     doc = distill(teacher, out_dir=out, student_dir=student, data=data, heldout=heldout,
                   max_prompts=cfg.distill.max_prompts, max_heldout=cfg.distill.max_heldout,
-                  settings=settings_from_config(cfg), sft_config=cfg, traces=traces, progress=progress)
+                  settings=settings_from_config(cfg), sft_config=cfg, traces=traces, data_config=cfg.data,
+                  progress=progress)
     print(result_table(doc))
     print(f"wrote {Path(out) / RESULT}")
     return 0
 
 
-def _load_problems(source: Problems, limit: Optional[int], split: str, default_n: int, flag: str):
-    """(records, a description) of a problems file, a sequence of records, or (None) the embedded
-    R1 corpus's `split`."""
+def _load_problems(source: Problems, limit: Optional[int], split: str, default_n: int, flag: str,
+                   data_config: Optional[DataConfig] = None):
+    """(records, a description) of a problems file (read as `data_config` says), a sequence of
+    records, or (None) the embedded R1 corpus's `split`."""
     if source is None:
         records = r1_corpus.problems(split, limit if limit is not None else default_n, seed=0)
         return records, f"r1mega.data.r1_corpus.problems({split!r}, {len(records)})"
     if isinstance(source, (str, Path)):
         try:
-            records = load_eval_problems(source, limit)
+            records = load_eval_problems(source, limit, data=data_config)
         except ValueError as err:
             raise DistillError(f"{flag}: {err}") from None
         return records, str(Path(source).resolve())
@@ -242,7 +247,8 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
             data: Problems = None, heldout: Problems = None, max_prompts: Optional[int] = None,
             max_heldout: Optional[int] = None, settings: DistillSettings = DistillSettings(),
             sft_config=None, sft_overrides: Union[Mapping[str, Any], Sequence[str]] = (),
-            cache: Optional[str | Path] = None, traces: Optional[str | Path] = None, progress: bool = True) -> dict:
+            cache: Optional[str | Path] = None, traces: Optional[str | Path] = None,
+            data_config: Optional[DataConfig] = None, progress: bool = True) -> dict:
     """Distil `teacher_dir` into the student (default: the embedded dense student base) under
     `out_dir`; returns what distill.json holds.
 
@@ -255,6 +261,8 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
     traces: SFT rows already rejection-sampled from the teacher (``r1mega sample``'s output, or
     DeepSeek-R1's way: the data curated for stage 3, which the paper's students were trained on);
     the sampling phase is skipped and `data` must be None.
+    data_config: how the problems files are read (format, columns) and what happens to prompts too
+    long for the teacher (data.overlong_prompts); default: r1mega rows, overlong ones refused.
     """
     wall = time.perf_counter()
     out_dir = Path(out_dir)
@@ -266,8 +274,17 @@ def distill(teacher_dir: str | Path, *, out_dir: str | Path, student_dir: Option
     if student_dir is not None:
         student = Path(student_dir)
         student_info = _check_model(student, "--student")
-    train_records, train_source = _load_problems(data, max_prompts, "train", DEFAULT_PROMPTS, "--data")
-    heldout_records, heldout_source = _load_problems(heldout, max_heldout, "test", DEFAULT_HELDOUT, "--heldout")
+    data_config = data_config or DataConfig()
+    train_records, train_source = _load_problems(data, max_prompts, "train", DEFAULT_PROMPTS, "--data", data_config)
+    heldout_records, heldout_source = _load_problems(heldout, max_heldout, "test", DEFAULT_HELDOUT, "--heldout",
+                                                     data_config)
+    try:  # the prompts against the teacher's budget, before any model is built
+        train_records, heldout_records = fit_to_model(
+            teacher, (data or "the embedded R1 corpus", train_records, "distill.max_new_tokens", settings.max_new_tokens),
+            (heldout or "the embedded R1 test split", heldout_records, "eval.max_new_tokens", settings.eval_max_new_tokens),
+            template=settings.template, max_prompt_tokens=DEFAULT_MAX_PROMPT_TOKENS, overlong=data_config.overlong_prompts)
+    except DataError as err:
+        raise DistillError(str(err)) from None
     for records, flag in ((train_records, "--data"), (heldout_records, "--heldout")):
         if not records:
             raise DistillError(f"{flag}: no problems")

@@ -46,7 +46,6 @@ def test_row_task_wins_over_default(tmp_path):
 BAD_ROWS = [
     ('{"id": "x", "prompt": ', "line 2: invalid JSON: "),
     ([1, 2], "line 2: expected an object, got list"),
-    ({"prompt": "p", "task": "general"}, "line 2: field 'id': missing"),
     ({"id": " ", "prompt": "p", "task": "general"}, "line 2: field 'id': empty"),
     ({"id": "x", "prompt": "  \n", "task": "general"}, "line 2: field 'prompt': empty"),
     ({"id": "x", "prompt": 5, "task": "general"}, "line 2: field 'prompt': must be a string, got int"),

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from r1mega.data.formats import FORMATS, Columns, FormatError, adapt_row
 from r1mega.data.records import LANGUAGES, TASKS, PromptRecord
 from r1mega.utils.io import atomic_write_bytes, atomic_write_text
 
@@ -298,15 +299,50 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
             index += 1
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(where, row) of every row of a .jsonl, .json, .jsonl.gz, .json.gz or .parquet file, where
-    is "line N" or "row N (0-based)" for error messages; DataError for an unsupported, missing or
-    unreadable file."""
-    path = Path(path)
+def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
     suffix = _suffix(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     return _parquet_rows(path) if suffix == ".parquet" else _json_rows(path)
+
+
+def _shard_rows(path: Path, shards: list[Path]) -> Iterator[tuple[str, Any]]:
+    for shard in shards:
+        for where, row in _file_rows(shard):
+            yield f"{shard.relative_to(path)}: {where}", row
+
+
+def _saved_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    from r1mega.data.hf_datasets import SavedDatasetError, saved_dataset_rows
+
+    try:
+        yield from saved_dataset_rows(path, split)
+    except SavedDatasetError as err:
+        raise DataError(str(err)) from None
+
+
+def read_rows(path: str | Path, *, split: str | None = None) -> Iterator[tuple[str, Any]]:
+    """(where, row) of every row of a .jsonl, .json, .jsonl.gz, .json.gz or .parquet file, of a
+    directory of such shards (in name order; where names the shard), or of a directory written by
+    ``datasets``' ``save_to_disk`` (`split`: the split of a saved DatasetDict). `where` is
+    "line N" or "row N (0-based)" for error messages; DataError for an unsupported, missing or
+    unreadable file."""
+    from r1mega.data.hf_datasets import is_saved_dataset
+
+    path = Path(path)
+    if path.is_dir():
+        if is_saved_dataset(path):
+            return _saved_rows(path, split)
+        shards = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(_SUFFIXES))
+        if not shards:
+            raise DataError(f"{path}: a directory without data files (expected {', '.join(_SUFFIXES)} shards, "
+                            "or a datasets save_to_disk directory)")
+        rows = _shard_rows(path, shards)
+    else:
+        rows = _file_rows(path)
+    if split is not None:
+        raise DataError(f"{path}: data.split {split!r} is for a saved DatasetDict directory")
+    return rows
 
 
 def _bounded(message: str) -> str:
@@ -318,14 +354,15 @@ def _bounded(message: str) -> str:
     return f"{message[:keep]} ... {message[-keep:]}"
 
 
-def read_checked_rows(path: str | Path, parse: Callable[[Any, int], T], ident: Callable[[T], str]) -> list[T]:
+def read_checked_rows(path: str | Path, parse: Callable[[Any, int], T], ident: Callable[[T], str], *,
+                      split: str | None = None) -> list[T]:
     """``parse(row, index)`` of every row of `path` (:func:`read_rows`), in order. DataError, one
     line naming the file and the row, when `parse` raises RowError, when two rows have the same
     ``ident``, or when the file has no rows."""
     path = Path(path)
     out: list[T] = []
     seen: dict[str, str] = {}
-    for index, (where, row) in enumerate(read_rows(path)):
+    for index, (where, row) in enumerate(read_rows(path, split=split)):
         try:
             item = parse(row, index)
         except RowError as err:
@@ -340,17 +377,35 @@ def read_checked_rows(path: str | Path, parse: Callable[[Any, int], T], ident: C
     return out
 
 
-def load_prompts(path: str | Path, *, task: str | None = None) -> list[PromptRecord]:
-    """Read and validate every row of a .jsonl, .json, .jsonl.gz, .json.gz or .parquet file.
+def load_prompts(path: str | Path, *, task: str | None = None, format: str = "r1mega", prompt_key: str | None = None,
+                 answer_key: str | None = None, id_key: str | None = None, split: str | None = None) -> list[PromptRecord]:
+    """Read and validate every row of a dataset as :func:`read_rows` reads it.
 
-    task: the task of rows that have no ``task`` field (rows that have one keep theirs).
+    format: how its rows are written (r1mega.data.formats: "r1mega" rows, or a published format
+        such as "gsm8k", "math", "humaneval"); prompt_key / answer_key / id_key: the columns that
+        hold the question, the gold answer and the id instead of the format's own; rows without
+        an id take their 0-based index.
+    task: the task of r1mega rows that have no ``task`` field (rows that have one keep theirs).
+    split: the split of a saved DatasetDict directory.
     Raises DataError (one line: file, row, field) on the first malformed row, a duplicate id, an
     unreadable or unsupported file, or a file without rows.
     """
     if task is not None and task not in TASKS:
         raise DataError(f"load_prompts: task={_shown(task)} is not one of "
                         f"{', '.join(map(repr, TASKS))}{_did_you_mean(str(task), TASKS)}")
-    return read_checked_rows(path, lambda row, _: _record_from_row(row, task), lambda record: record.id)
+    if format not in FORMATS:
+        raise DataError(f"data.format: {_shown(format)} is not one of {', '.join(FORMATS)}"
+                        f"{_did_you_mean(str(format), FORMATS)}")
+    columns = Columns(prompt_key=prompt_key, answer_key=answer_key, id_key=id_key, task=task)
+
+    def parse(row: Any, index: int) -> PromptRecord:
+        try:
+            adapted = adapt_row(format, row, index, columns)
+        except FormatError as err:
+            raise RowError(str(err)) from None
+        return _record_from_row(adapted, task)
+
+    return read_checked_rows(path, parse, lambda record: record.id, split=split)
 
 
 def _json_ok(value: Any) -> bool:

@@ -15,11 +15,12 @@ from r1mega.evaluation.run import (
     EvalSettings,
     evaluate_model,
     evaluate_prompts,
+    fit_eval_problems,
     load_eval_problems,
     summary_table,
     write_results,
 )
 
 __all__ = ["SUMMARY_KEYS", "CompletionScorer", "EvalError", "EvalSettings", "GenerationError", "ScoredSampler",
-           "checkpoint_buckets", "cons_at_k", "evaluate_model", "evaluate_prompts", "load_eval_problems",
+           "checkpoint_buckets", "cons_at_k", "evaluate_model", "evaluate_prompts", "fit_eval_problems", "load_eval_problems",
            "majority_index", "mean", "pass_at_k", "stop_token_ids", "summary_table", "write_results"]

@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from r1mega.config import Config, EvalConfig
+from r1mega.config import Config, DataConfig, EvalConfig
 from r1mega.data import DataError, base_corpus, load_prompts, r1_corpus
 from r1mega.evaluation.generation import CompletionScorer, GenerationError, ScoredSampler
 from r1mega.evaluation.metrics import cons_at_k, mean
+from r1mega.evaluation.prompt_fit import fit_to_model
 from r1mega.rewards import GoldAnswerError, equivalent_answers, extract_final_answer, parse_gold
 from r1mega.rewards import sandbox  # through the module: the tests replace its require_backend
 from r1mega.rollout import SamplingParams
@@ -99,12 +100,14 @@ class EvalSettings:
         return sampled, greedy
 
 
-def load_eval_problems(path: str | Path, max_prompts: Optional[int] = None, *, allow_general: bool = False) -> list:
-    """The problems of `path` (r1mega.data rows), each with what its accuracy needs: a gold
-    ``answer`` for math and countdown, ``tests`` for code; "general" rows have no rule and are
-    refused unless `allow_general` (a judge will decide them)."""
+def load_eval_problems(path: str | Path, max_prompts: Optional[int] = None, *, allow_general: bool = False,
+                       data: Optional[DataConfig] = None) -> list:
+    """The problems of `path` (read as `data` says: its format and columns; r1mega rows by
+    default), each with what its accuracy needs: a gold ``answer`` for math and countdown,
+    ``tests`` for code; "general" rows have no rule and are refused unless `allow_general` (a
+    judge will decide them)."""
     try:
-        records = load_prompts(path)
+        records = load_prompts(path, **(data.loader_kwargs() if data is not None else {}))
     except DataError as err:
         raise EvalError(str(err)) from None
     for r in records:
@@ -121,6 +124,19 @@ def load_eval_problems(path: str | Path, max_prompts: Optional[int] = None, *, a
             except GoldAnswerError as err:
                 raise EvalError(f"{where}: field 'answer': {err}") from None
     return records[:max_prompts] if max_prompts else records
+
+
+def fit_eval_problems(cfg: Config, model: str | Path, records: list, source: str, new_tokens_key: str,
+                      new_tokens: int) -> list:
+    """`records` whose prompts fit the Hugging Face model in `model` (r1mega.evaluation.prompt_fit,
+    data.overlong_prompts), checked before the model loads; EvalError (one line) otherwise."""
+    if not (Path(model) / "config.json").is_file():
+        raise EvalError(f"--model: {str(model)!r} is not a Hugging Face model directory (no config.json)")
+    try:
+        return fit_to_model(model, (source, records, new_tokens_key, new_tokens), template=cfg.run.template,
+                            max_prompt_tokens=cfg.rollout.max_prompt_tokens, overlong=cfg.data.overlong_prompts)[0]
+    except DataError as err:
+        raise EvalError(str(err)) from None
 
 
 def evaluate_prompts(generate: Callable, scorer: Optional[CompletionScorer], records: Sequence,
@@ -196,10 +212,12 @@ def eval_command(cfg: Config, *, model: str, embedded: str = "addition", out: Op
     `embedded` held-out split), first eval.max_prompts of them, by the config's protocol."""
     limit = cfg.eval.max_prompts
     if cfg.run.heldout:
-        records = load_eval_problems(cfg.run.heldout, limit)
+        records = load_eval_problems(cfg.run.heldout, limit, data=cfg.data)
     else:
         corpus = r1_corpus if embedded == "r1" else base_corpus
         records = corpus.problems("test", seed=cfg.run.seed)[:limit]
+    records = fit_eval_problems(cfg, model, records, cfg.run.heldout or f"the embedded {embedded} split",
+                                "eval.max_new_tokens", cfg.eval.new_tokens(cfg.rollout))
     result = evaluate_model(model, records, EvalSettings.from_config(cfg), progress=progress)
     print(summary_table(result["summary"]))
     if out:
@@ -258,5 +276,5 @@ def summary_table(summary: dict) -> str:
             f"top-p {summary['top_p']}{' (+ greedy)' if summary['greedy'] else ''}, {summary['seconds']:.0f}s\n{head}\n{'-' * len(head)}\n{name:<40} {cells}")
 
 
-__all__ = ["EvalError", "EvalSettings", "SUMMARY_KEYS", "eval_command", "evaluate_model", "evaluate_prompts", "load_eval_problems", "summary_table",
+__all__ = ["EvalError", "EvalSettings", "SUMMARY_KEYS", "eval_command", "evaluate_model", "evaluate_prompts", "fit_eval_problems", "load_eval_problems", "summary_table",
            "write_results"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from r1mega.data import base_corpus
-from r1mega.evaluation import EvalSettings, load_eval_problems
+from r1mega.evaluation import EvalSettings, fit_eval_problems, load_eval_problems
 from r1mega.evaluation.generation import ScoredSampler
 from r1mega.rejection.filters import REASONS, FilterSettings, select
 from r1mega.rewards import load_reward
@@ -42,7 +42,7 @@ def rejection_sample(model_dir: str | Path, records: Sequence, out: str | Path, 
                      temperature: float = 0.7, top_p: float = 0.95, max_new_tokens: int = 1024,
                      template: str = "r1_zero", format_style: str = "answer-tags",
                      filters: FilterSettings = FilterSettings(), judge: Optional[Callable] = None, seed: int = 0,
-                     progress: bool = True) -> dict:
+                     max_prompt_tokens: int = 2048, progress: bool = True) -> dict:
     """Sample, filter and write `out` (JSONL) and its report atomically; returns the report."""
     start = time.perf_counter()
     if any(r.task == "code" for r in records):
@@ -53,7 +53,8 @@ def rejection_sample(model_dir: str | Path, records: Sequence, out: str | Path, 
     out = Path(out)
     rows: list[dict] = []
     tasks: dict[str, Counter] = {}
-    with ScoredSampler(model_dir, template=template, format_style=format_style, seed=seed) as sampler:
+    with ScoredSampler(model_dir, template=template, format_style=format_style, seed=seed,
+                       max_prompt_tokens=max_prompt_tokens) as sampler:
         prompt_ids = sampler.prompt_ids(records)
         params = SamplingParams(n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 seed=seed, stop_token_ids=sampler.stop_token_ids)
@@ -112,13 +113,15 @@ def sample_command(cfg, *, out: str | Path, progress: bool = True) -> int:
         except ValueError as err:
             raise ValueError(f"--judge: {err}") from None
     if cfg.run.data:
-        records = load_eval_problems(cfg.run.data, s.max_prompts, allow_general=judge is not None)
+        records = load_eval_problems(cfg.run.data, s.max_prompts, allow_general=judge is not None, data=cfg.data)
     else:
         records = base_corpus.problems("train", s.max_prompts, seed=0)
+    records = fit_eval_problems(cfg, cfg.run.model, records, cfg.run.data or "the embedded task",
+                                "sample.max_new_tokens", s.max_new_tokens)
     report = rejection_sample(cfg.run.model, records, out, samples=s.samples, temperature=s.temperature,
                               top_p=s.top_p, max_new_tokens=s.max_new_tokens, template=cfg.run.template,
                               format_style=cfg.rewards.format_style, filters=filters, judge=judge,
-                              seed=cfg.run.seed, progress=progress)
+                              seed=cfg.run.seed, max_prompt_tokens=cfg.rollout.max_prompt_tokens, progress=progress)
     print(report_table(report))
     print(f"wrote {report['kept']} rows to {out} and the report to {report_path(out)}")
     return 0

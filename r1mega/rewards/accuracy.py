@@ -37,13 +37,13 @@ import threading
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 from r1mega.rewards.base import RewardOutput, check_completion, last_tag_block
+from r1mega.utils.latex import last_boxed
 
 # math-verify's default pair: LaTeX (with its normalisation of units, \dfrac, \text, ...), then
 # plain expressions such as 1/2. We hand it the already-extracted answer; a box math-verify still
 # finds in it (a gold "\boxed{..}" inside $...$) is preferred over the surrounding text.
 _EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 
-_BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _MATH_DELIMITER = re.compile(r"(?<!\\)\$|\\\(|\\\[")  # $ (not \$, a dollar sign), \( or \[
 # A plain number with space-like thousands separators: 1 000 / 1\,000 / 1~000 / 1\ 000.
 _SPACED_THOUSANDS = re.compile(r"^-?\d{1,3}(?:(?: |\\,|\\ |~|\\;|\\:|\\!|\\thinspace )\d{3})+(?:\.\d+)?$")
@@ -53,29 +53,6 @@ _INFO_CHARS = 200
 
 class GoldAnswerError(ValueError):
     """The gold answer of a record cannot be parsed by math-verify; the message names it."""
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, or None.
-
-    Braces nest; escaped braces (``\\{``, ``\\}``) are content, not groups. A box whose braces
-    never close (a truncated completion) is skipped in favour of an earlier complete one.
-    """
-    for match in reversed(list(_BOX_START.finditer(text))):
-        depth, i = 1, match.end()
-        while i < len(text):
-            ch = text[i]
-            if ch == "\\":
-                i += 2  # \{, \}, \\ and commands: the next character is not a group brace
-                continue
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[match.end():i]
-            i += 1
-    return None
 
 
 def extract_final_answer(completion: str) -> tuple[str | None, str | None]:

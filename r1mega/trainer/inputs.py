@@ -8,6 +8,7 @@ from pathlib import Path
 
 from r1mega.config import Config
 from r1mega.data import DataError, base_corpus, load_prompts
+from r1mega.evaluation.prompt_fit import fit_to_model
 from r1mega.rewards import GoldAnswerError, parse_gold, pool_kwargs
 from r1mega.rewards import sandbox  # through the module: the tests replace its require_backend
 from r1mega.run.rundir import resolve_model
@@ -36,9 +37,10 @@ def resolve_inputs(cfg: Config) -> Inputs:
     if run.model is not None and not Path(run.model).is_dir():
         raise TrainError(f"run.model: {run.model!r} is not a directory (a Hugging Face model or an r1mega checkpoint)")
     try:
-        train = load_prompts(run.data) if run.data is not None else base_corpus.problems("train", seed=run.seed)
+        train = (load_prompts(run.data, **cfg.data.loader_kwargs()) if run.data is not None
+                 else base_corpus.problems("train", seed=run.seed))
         if run.heldout is not None:
-            heldout = load_prompts(run.heldout)
+            heldout = load_prompts(run.heldout, **cfg.data.loader_kwargs())
         else:
             heldout = base_corpus.problems("test", seed=run.seed) if run.data is None else []
     except DataError as err:
@@ -72,11 +74,21 @@ def resolve_inputs(cfg: Config) -> Inputs:
     if cfg.batch.micro_batch_tokens < longest:
         raise TrainError(f"batch.micro_batch_tokens {cfg.batch.micro_batch_tokens} < rollout.max_prompt_tokens + "
                          f"rollout.max_new_tokens = {longest}: a sequence would not fit one micro-batch")
+    model_dir, hf_dir = resolve_model(run.model)
+    heldout = heldout[:cfg.eval.max_prompts]
+    try:
+        train, heldout = fit_to_model(cfg, hf_dir, (run.data or "the embedded task", train, "rollout.max_new_tokens",
+                                                    cfg.rollout.max_new_tokens),
+                                      (run.heldout or "the embedded held-out split", heldout, "eval.max_new_tokens",
+                                       cfg.eval.new_tokens(cfg.rollout)), template=run.template,
+                                      max_prompt_tokens=cfg.rollout.max_prompt_tokens,
+                                      overlong=cfg.data.overlong_prompts)
+    except DataError as err:
+        raise TrainError(str(err)) from None
     if len(train) < cfg.batch.prompts_per_step:
         raise TrainError(f"run.data: {len(train)} prompts, fewer than batch.prompts_per_step "
                          f"{cfg.batch.prompts_per_step}")
-    model_dir, hf_dir = resolve_model(run.model)
-    return Inputs(model_dir, hf_dir, train, heldout[:cfg.eval.max_prompts], run.model is None, reward_kwargs)
+    return Inputs(model_dir, hf_dir, train, heldout, run.model is None, reward_kwargs)
 
 
 __all__ = ["Inputs", "TrainError", "resolve_inputs"]
