@@ -117,14 +117,17 @@ def _ident(row: dict, names: tuple[str, ...], cols: Columns, index: int) -> tupl
 
 
 def _r1mega(row: dict, index: int, cols: Columns) -> dict:
-    out = dict(row)
+    out, moved = dict(row), set()
     for field, key in (("prompt", cols.prompt_key), ("answer", cols.answer_key), ("id", cols.id_key)):
         if key and key != field:
             if key not in row:
                 raise FormatError(f"field {key!r}: missing (data.{field}_key names it)")
-            if field in out and field != key and out.get(field) is not None:
+            if row.get(field) is not None:
                 raise FormatError(f"field {field!r}: present beside data.{field}_key's column {key!r}")
-            out[field] = out.pop(key)
+            out[field] = row[key]
+            moved.add(key)
+    for key in moved - {"prompt", "answer", "id"}:
+        del out[key]
     if out.get("id") is None:
         out["id"] = index
     if out.get("task") is None and cols.task is not None:
