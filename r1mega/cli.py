@@ -53,7 +53,7 @@ from pathlib import Path
 
 from r1mega.config import KEY_ALIASES, Config, ConfigError, parse_value
 from r1mega.data import DataError
-from r1mega.recipes import RECIPES, get_recipe, summary
+from r1mega.recipes import BENCHMARKS, RECIPES, get_recipe, summary
 
 DEFAULT_RECIPE = "tiny"
 DEFAULT_SFT_RECIPE = "tiny-cold-start"
@@ -80,8 +80,11 @@ class Flag(typing.NamedTuple):
 FLAG_KEYS: dict[str, tuple[Flag, ...]] = {
     "train": (
         Flag("--model", "run.model", "Hugging Face model or r1mega checkpoint", "DIR"),
-        Flag("--data", "run.data", "training prompts .jsonl/.json/.parquet", "FILE"),
+        Flag("--data", "run.data", "training prompts: a file (.jsonl/.json/.parquet, .gz), a directory of shards or a "
+             "datasets save_to_disk directory", "FILE"),
         Flag("--heldout", "run.heldout", "held-out prompts to evaluate", "FILE"),
+        Flag("--format", "data.format", "the files' published format: r1mega (default), gsm8k, math, aime, amc, deepscaler, "
+             "openr1-math, humaneval, mbpp, apps, taco (docs/data.md)", "NAME"),
     ),
     "sft": (
         Flag("--model", "run.model", "Hugging Face model or r1mega checkpoint", "DIR"),
@@ -110,6 +113,8 @@ FLAG_KEYS: dict[str, tuple[Flag, ...]] = {
         Flag("--model", "run.model", "a Hugging Face model directory (e.g. a run's final/); required", "DIR"),
         Flag("--data", "run.data", "prompts with gold answers (or tests); default: the embedded task's train split",
              "FILE"),
+        Flag("--format", "data.format", "the files' published format: r1mega (default), gsm8k, math, aime, amc, deepscaler, "
+             "openr1-math, humaneval, mbpp, apps, taco (docs/data.md)", "NAME"),
         Flag("--samples", "sample.samples", "k completions per prompt (default 8)", "K"),
         Flag("--max-per-prompt", "sample.max_per_prompt", "most completions kept per prompt (default 4)", "N"),
         Flag("--temperature", "sample.temperature", "sampling temperature (default 0.7)", "T"),
@@ -154,8 +159,10 @@ FLAG_KEYS: dict[str, tuple[Flag, ...]] = {
         Flag("--seed", "run.seed", "sampling seed (default 0)", "N"),
     ),
     "eval": (
-        Flag("--data", "run.heldout", "problems with gold answers (.jsonl/.json/.parquet); default: the embedded "
-             "task's held-out split", "FILE"),
+        Flag("--data", "run.heldout", "problems with gold answers (.jsonl/.json/.parquet, shards, save_to_disk); "
+             "default: the embedded task's held-out split", "FILE"),
+        Flag("--format", "data.format", "the files' published format: r1mega (default), gsm8k, math, aime, amc, deepscaler, "
+             "openr1-math, humaneval, mbpp, apps, taco (docs/data.md)", "NAME"),
         Flag("--samples", "eval.samples", "k samples per problem", "K"),
         Flag("--temperature", "eval.temperature", "sampling temperature of the k samples", "T"),
         Flag("--top-p", "eval.top_p", "nucleus mass of the k samples", "P"),
@@ -187,7 +194,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "sample": ("r1mega.rejection.sample", "sample_command", ("out",)),
     "rm": ("r1mega.rm.train", "rm_command", ("out",)),
     "distill": ("r1mega.distill", "distill_command", ("teacher", "student", "data", "heldout", "traces", "out")),
-    "eval": ("r1mega.evaluation.run", "eval_command", ("model", "embedded", "out")),
+    "eval": ("r1mega.evaluation.run", "eval_command", ("model", "embedded", "out", "benchmark")),
     "pipeline": ("r1mega.pipeline", "pipeline_command", ()),
     "plot": ("r1mega.plot", "plot_command", ("run", "out")),
     "plan": ("r1mega.launch_plan", "plan_command", ("launch", "plan_json")),
@@ -280,6 +287,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--embedded", choices=("addition", "r1"), default="addition",
                     help="without --data: the embedded held-out split to use: addition (R1-Zero's task, English) or "
                          "r1 (the R1 stages': English and Chinese prompts)")
+    ev.add_argument("--benchmark", choices=sorted(BENCHMARKS), metavar="NAME",
+                    help="R1's protocol for a published benchmark, your local copy in --data: "
+                         f"{', '.join(sorted(BENCHMARKS))} (sets data.format, eval.samples, T 0.6, top-p 0.95, "
+                         "eval.max_new_tokens 32768; --set and flags override it; docs/pipeline.md)")
     ev.add_argument("--out", metavar="DIR", help="write summary.json and problems.jsonl there")
     ev.add_argument("--quiet", action="store_true", help="no progress line")
     sm = command("sample", help="rejection sampling: verified, readable completions of a model as SFT data")
@@ -356,7 +367,15 @@ def command_config(args: argparse.Namespace) -> Config:
         config_file = str(Path(args.resume) / "config.json")
         if not Path(config_file).is_file():
             raise ConfigError(f"--resume {args.resume}: no config.json there (not a run directory)")
-    cfg = resolve_config(recipe, config_file, args.overrides)
+    benchmark = getattr(args, "benchmark", None)
+    if benchmark is None:
+        cfg = resolve_config(recipe, config_file, args.overrides)
+    else:  # the preset sits between the recipe (and config file) and --set
+        if getattr(args, "data", None) is None:
+            raise ConfigError(f"--benchmark {benchmark}: give --data FILE, your local copy of the benchmark in its "
+                              "published format (docs/data.md)")
+        cfg = resolve_config(recipe, config_file, []).with_values(BENCHMARKS[benchmark].config_values())
+        cfg = cfg.with_overrides(args.overrides)
     try:
         values = flag_values(args.command, args)
         return cfg.with_values(values) if values else cfg

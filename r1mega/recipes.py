@@ -6,7 +6,8 @@ reproduces. The first docstring line is what ``r1mega recipes`` prints.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from r1mega.config import Config, ConfigError, did_you_mean
 
@@ -229,3 +230,49 @@ def gspo() -> Config:
         "grpo.ratio_level": "sequence", "grpo.eps_low": 3e-4, "grpo.eps_high": 4e-4,
         "grpo.kl_coef": 0.0, "grpo.agg": "seq-mean-token-mean",
     })
+
+
+# ---- evaluation presets: r1mega eval --benchmark NAME ------------------------------------------
+# Evaluation presets by DeepSeek-R1's protocol (``r1mega eval --benchmark NAME --data FILE``).
+#
+# The paper (DeepSeek-R1, §3 "Evaluation setup"; Nature 2025, methods) evaluates with sampling
+# temperature 0.6 and top-p 0.95, "k responses (typically between 4 and 64, depending on the test
+# set size)" per question, reports pass@1 as their mean correctness and cons@64 (majority vote) on
+# AIME, and allows up to 32,768 generated tokens. A preset sets, for the user's local copy of the
+# benchmark in its published format:
+#
+# * ``data.format``: how the file is read (r1mega.data.formats);
+# * ``eval.samples``: k by test-set size (AIME: 30 problems, 64 samples; AMC 2023: 40, 32;
+#   MATH-500, GSM8K, HumanEval: hundreds of problems, 4);
+# * ``eval.temperature`` 0.6, ``eval.top_p`` 0.95, ``eval.max_new_tokens`` 32768;
+# * the breakdowns reported beside the means (MATH-500: per subject and per level).
+#
+# The preset is applied before ``--set`` and the command's flags, so either overrides it. On a model
+# with fewer positions than the budget (the embedded one: 1024), the prompt check refuses the
+# settings in one line before any model is built (``eval.max_new_tokens ... leaves no room``).
+
+R1_MAX_NEW_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One evaluation preset: the file's format, k, and the record fields reported by group."""
+
+    format: str
+    samples: int
+    breakdown: tuple[str, ...] = ()
+
+    def config_values(self) -> dict[str, Any]:
+        """The {key: value} the preset sets (under --set and the flags)."""
+        return {"data.format": self.format, "eval.samples": self.samples, "eval.temperature": 0.6,
+                "eval.top_p": 0.95, "eval.max_new_tokens": R1_MAX_NEW_TOKENS}
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "math500": Benchmark("math", 4, ("subject", "level")),
+    "aime24": Benchmark("aime", 64),
+    "aime25": Benchmark("aime", 64),
+    "amc23": Benchmark("amc", 32),
+    "gsm8k": Benchmark("gsm8k", 4),
+    "humaneval": Benchmark("humaneval", 4),
+}

@@ -30,10 +30,12 @@ from typing import Callable, Optional
 from r1mega.config import Config, DataConfig, EvalConfig
 from r1mega.data import DataError, base_corpus, load_prompts, r1_corpus
 from r1mega.evaluation.generation import CompletionScorer, GenerationError, ScoredSampler
+from r1mega.evaluation.benchmarks import breakdown_table, breakdowns
 from r1mega.evaluation.metrics import cons_at_k, mean
 from r1mega.evaluation.prompt_fit import fit_to_model
 from r1mega.rewards import GoldAnswerError, equivalent_answers, extract_final_answer, parse_gold
 from r1mega.rewards import sandbox  # through the module: the tests replace its require_backend
+from r1mega.recipes import BENCHMARKS
 from r1mega.rollout import SamplingParams
 from r1mega.utils.io import atomic_write_text
 
@@ -207,9 +209,11 @@ def evaluate_model(model_dir: str | Path, records: Sequence, settings: EvalSetti
 
 
 def eval_command(cfg: Config, *, model: str, embedded: str = "addition", out: Optional[str] = None,
-                 progress: bool = True) -> int:
+                 benchmark: Optional[str] = None, progress: bool = True) -> int:
     """``r1mega eval``: the model directory `model` on run.heldout's problems (else the embedded
-    `embedded` held-out split), first eval.max_prompts of them, by the config's protocol."""
+    `embedded` held-out split), first eval.max_prompts of them, by the config's protocol.
+    `benchmark` (r1mega.evaluation.benchmarks; its settings are already in `cfg`): named in the
+    summary, with its breakdowns (MATH-500: per subject and level)."""
     limit = cfg.eval.max_prompts
     if cfg.run.heldout:
         records = load_eval_problems(cfg.run.heldout, limit, data=cfg.data)
@@ -220,6 +224,11 @@ def eval_command(cfg: Config, *, model: str, embedded: str = "addition", out: Op
                                 "eval.max_new_tokens", cfg.eval.new_tokens(cfg.rollout))
     result = evaluate_model(model, records, EvalSettings.from_config(cfg), progress=progress)
     print(summary_table(result["summary"]))
+    if benchmark is not None:
+        result["summary"]["benchmark"] = benchmark
+        result["summary"]["breakdown"] = breakdowns(records, result["problems"], BENCHMARKS[benchmark].breakdown)
+        if result["summary"]["breakdown"]:
+            print(breakdown_table(result["summary"]["breakdown"]))
     if out:
         print(f"wrote {write_results(out, result)}")
     return 0

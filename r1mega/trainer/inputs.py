@@ -77,12 +77,10 @@ def resolve_inputs(cfg: Config) -> Inputs:
     model_dir, hf_dir = resolve_model(run.model)
     heldout = heldout[:cfg.eval.max_prompts]
     try:
-        train, heldout = fit_to_model(cfg, hf_dir, (run.data or "the embedded task", train, "rollout.max_new_tokens",
-                                                    cfg.rollout.max_new_tokens),
-                                      (run.heldout or "the embedded held-out split", heldout, "eval.max_new_tokens",
-                                       cfg.eval.new_tokens(cfg.rollout)), template=run.template,
-                                      max_prompt_tokens=cfg.rollout.max_prompt_tokens,
-                                      overlong=cfg.data.overlong_prompts)
+        train, heldout = fit_to_model(
+            hf_dir, (run.data or "the embedded task", train, "rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+            (run.heldout or "the embedded held-out split", heldout, "eval.max_new_tokens", cfg.eval.new_tokens(cfg.rollout)),
+            template=run.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens, overlong=cfg.data.overlong_prompts)
     except DataError as err:
         raise TrainError(str(err)) from None
     if len(train) < cfg.batch.prompts_per_step:
