@@ -45,7 +45,7 @@ OWN_KEY = {
 FLAG_VALUES = {
     "run.model": ("some/model", "some/model"), "run.data": ("p.jsonl", "p.jsonl"),
     "run.heldout": ("h.jsonl", "h.jsonl"), "sft.data": ("s.jsonl", "s.jsonl"), "run.seed": ("5", 5),
-    "run.template": ("chat", "chat"), "rewards.format_style": ("summary", "summary"),
+    "run.template": ("chat", "chat"), "rewards.format_style": ("summary", "summary"), "data.format": ("gsm8k", "gsm8k"),
     "synth.n": ("7", 7), "synth.difficulty": ("3", 3), "synth.split": ("test", "test"), "synth.style": ("r1", "r1"),
     "parallel.tp": ("2", 2), "parallel.pp": ("2", 2), "parallel.ep": ("4", 4), "parallel.etp": ("1", 1),
     "convert.dtype": ("bfloat16", "bfloat16"), "pretrain.out": ("base", "base"), "pretrain.steps": ("9", 9),
