@@ -14,9 +14,12 @@ from r1mega.config import Config, ConfigError, did_you_mean
 RECIPES: dict[str, Callable[[], Config]] = {}
 
 
-def recipe(fn: Callable[[], Config]) -> Callable[[], Config]:
-    RECIPES[fn.__name__.replace("_", "-")] = fn
-    return fn
+def recipe(fn: Callable[[], Config] | None = None, *, name: str | None = None):
+    """Register a recipe under its function's name with '-' for '_' (or `name`: r1-zero-qwen2.5-7b)."""
+    def register(f: Callable[[], Config]) -> Callable[[], Config]:
+        RECIPES[name or f.__name__.replace("_", "-")] = f
+        return f
+    return register(fn) if fn is not None else register
 
 
 def get_recipe(name: str) -> Config:
@@ -229,6 +232,81 @@ def gspo() -> Config:
         "run.name": "gspo",
         "grpo.ratio_level": "sequence", "grpo.eps_low": 3e-4, "grpo.eps_high": 4e-4,
         "grpo.kl_coef": 0.0, "grpo.agg": "seq-mean-token-mean",
+    })
+
+
+# ---- GPU recipes for real models (R1-Zero on a published base) ----------------------------------
+# Each setting is a published R1-Zero-style reproduction's, cited where it is set. Validated on CPU
+# by `--dry-run` and `r1mega plan` (tests/test_recipes_gpu.py, with the bases' published config.json).
+
+
+@recipe(name="r1-zero-qwen2.5-7b")
+def r1_zero_qwen2_5_7b() -> Config:
+    """R1-Zero on a dense Qwen2.5 base (1.5B-7B) on GPUs, with DAPO's GRPO settings: one node of 8 H100 and up.
+
+    Sources (DAPO: volcengine/verl@246cac4 recipe/dapo/test_dapo_7b_math.sh, its Qwen2.5-Math-7B script,
+    and run_dapo_qwen2.5_32b.sh; DAPO paper §4.1):
+    - optim.lr 1e-6, 10 warm-up steps, weight decay 0.1, gradient clip 1.0 (L88-90; the paper warms up
+      over 20 steps; SimpleRL-Zoo, Dr. GRPO and Open-Reasoner-Zero train 7B bases at 1e-6 or 5e-7 too);
+    - grpo.group_size 16, batch.prompts_per_step 512, batch.minibatches_per_step 16: n_resp_per_prompt=16,
+      train_prompt_bsz=512, train_prompt_mini_bsz=32 (L25-27; the paper: "16 gradient updates for
+      each rollout step");
+    - grpo.eps_low 0.2, grpo.eps_high 0.28 (clip-higher, L14-15), grpo.dual_clip 10 (clip_ratio_c=10.0);
+    - no KL penalty and no reference model (grpo.kl_coef 0): use_kl_in_reward=False, use_kl_loss=False
+      (L9-12; the paper §2.3 drops it);
+    - grpo.agg token-mean: loss_agg_mode="token-mean" (L23);
+    - rollout.max_prompt_tokens 2048, rollout.max_new_tokens 8192 with grpo.overlong soft over the last
+      4096 tokens (overlong_buffer_len=4096, overlong_penalty_factor=1.0, L17-21);
+    - rollout.temperature 1.0, top_p 1.0 (L44-47); run.steps 200 (total_training_steps=200, L128);
+    - grpo.dynamic_sampling with up to 9 extra rounds: enable_filter_groups=True, max_num_gen_batches=10
+      (run_dapo_qwen2.5_32b.sh L25-27; the 7B test_dapo_7b.sh keeps it on).
+    Qwen2.5-Math-7B has 4096 positions: DAPO raises max_position_embeddings to 32768 in its config.json
+    (L37); without that, the prompt check refuses 2048 + 8192 in one line before any model is built.
+    Layout: tensor parallel 2 for the policy and the colocated vLLM engine (one node of 8: 4 data-parallel
+    replicas). The template is R1-Zero's, for a base model; an instruct model (Qwen2.5-7B-Instruct)
+    takes --set run.template=chat (its tokenizer's chat template).
+    """
+    return Config().with_values({
+        "run.name": "r1-zero-qwen2.5-7b", "run.steps": 200, "run.save_every": 20, "eval.every": 20,
+        "optim.lr": 1e-6, "optim.warmup_steps": 10, "optim.weight_decay": 0.1, "optim.grad_clip": 1.0,
+        "grpo.group_size": 16, "batch.prompts_per_step": 512, "batch.minibatches_per_step": 16,
+        "grpo.eps_low": 0.2, "grpo.eps_high": 0.28, "grpo.dual_clip": 10.0, "grpo.kl_coef": 0.0,
+        "grpo.agg": "token-mean", "grpo.dynamic_sampling": True, "grpo.max_resample_rounds": 9,
+        "grpo.overlong": "soft", "grpo.overlong_buffer": 4096,
+        "rollout.engine": "vllm", "rollout.tp": 2, "rollout.max_prompt_tokens": 2048, "rollout.max_new_tokens": 8192,
+        "rollout.temperature": 1.0, "rollout.top_p": 1.0,
+        "parallel.tp": 2, "batch.micro_batch_tokens": 16384,
+    })
+
+
+@recipe(name="r1-zero-qwen3-30b-a3b")
+def r1_zero_qwen3_30b_a3b() -> Config:
+    """R1-Zero on a Qwen3-MoE base (Qwen3-30B-A3B-Base) on GPUs: verl's Megatron GRPO settings, 1-4 nodes of 8.
+
+    Sources (volcengine/verl@b178a3cd examples/grpo_trainer/run_qwen3moe-30b_megatron_96gb.sh, "tested in
+    NNODES=1~4 * 96G H20 GPU", on Qwen/Qwen3-30B-A3B-Base; THUDM/slime@624b824a scripts/run-qwen3-30B-A3B.sh
+    agrees on lr, clip and layout):
+    - optim.lr 1e-6, 10 warm-up steps, constant, weight decay 0.1 (L119-122; slime: --lr 1e-6 --weight-decay 0.1);
+    - grpo.group_size 16, batch.prompts_per_step 512, batch.minibatches_per_step 4: n_resp_per_prompt=16,
+      train_prompt_bsz=512, train_prompt_mini_bsz=128 (L27-29);
+    - grpo.eps_low 0.2, grpo.eps_high 0.28 (L12-18; slime --eps-clip 0.2 --eps-clip-high 0.28);
+    - no KL penalty (kl 0 in both scripts; slime --kl-loss-coef 0.00), grpo.agg token-mean;
+    - rollout.max_prompt_tokens 2048, rollout.max_new_tokens 8192 with the soft overlong penalty over the
+      last 4096 tokens (L19-23: max response 1024 * 8, overlong buffer 1024 * 4, penalty 1.0);
+    - layout: expert parallel 8, tensor parallel 1, pipeline 1 (COMMON_EP 8, COMMON_TP 1; slime: EP 8),
+      the vLLM engine at tensor parallel 4 (INFER_TP 4).
+    The 96 GB H20s of the source hold a 30B model's optimizer state in 8 ranks; on 80 GB H100s use two
+    nodes or more (r1mega plan shows each rank's experts and layers).
+    """
+    return Config().with_values({
+        "run.name": "r1-zero-qwen3-30b-a3b", "run.steps": 200, "run.save_every": 20, "eval.every": 20,
+        "optim.lr": 1e-6, "optim.warmup_steps": 10, "optim.weight_decay": 0.1, "optim.grad_clip": 1.0,
+        "grpo.group_size": 16, "batch.prompts_per_step": 512, "batch.minibatches_per_step": 4,
+        "grpo.eps_low": 0.2, "grpo.eps_high": 0.28, "grpo.kl_coef": 0.0, "grpo.agg": "token-mean",
+        "grpo.overlong": "soft", "grpo.overlong_buffer": 4096,
+        "rollout.engine": "vllm", "rollout.tp": 4, "rollout.max_prompt_tokens": 2048, "rollout.max_new_tokens": 8192,
+        "rollout.temperature": 1.0, "rollout.top_p": 1.0,
+        "parallel.ep": 8, "batch.micro_batch_tokens": 16384,
     })
 
 
