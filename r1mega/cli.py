@@ -84,7 +84,7 @@ FLAG_KEYS: dict[str, tuple[Flag, ...]] = {
              "datasets save_to_disk directory", "FILE"),
         Flag("--heldout", "run.heldout", "held-out prompts to evaluate", "FILE"),
         Flag("--format", "data.format", "the files' published format: r1mega (default), gsm8k, math, aime, amc, deepscaler, "
-             "openr1-math, humaneval, mbpp, apps, taco (docs/data.md)", "NAME"),
+             "openr1-math, humaneval, mbpp, apps, taco, verl (docs/data.md)", "NAME"),
     ),
     "sft": (
         Flag("--model", "run.model", "Hugging Face model or r1mega checkpoint", "DIR"),
@@ -114,7 +114,7 @@ FLAG_KEYS: dict[str, tuple[Flag, ...]] = {
         Flag("--data", "run.data", "prompts with gold answers (or tests); default: the embedded task's train split",
              "FILE"),
         Flag("--format", "data.format", "the files' published format: r1mega (default), gsm8k, math, aime, amc, deepscaler, "
-             "openr1-math, humaneval, mbpp, apps, taco (docs/data.md)", "NAME"),
+             "openr1-math, humaneval, mbpp, apps, taco, verl (docs/data.md)", "NAME"),
         Flag("--samples", "sample.samples", "k completions per prompt (default 8)", "K"),
         Flag("--max-per-prompt", "sample.max_per_prompt", "most completions kept per prompt (default 4)", "N"),
         Flag("--temperature", "sample.temperature", "sampling temperature (default 0.7)", "T"),
@@ -162,7 +162,7 @@ FLAG_KEYS: dict[str, tuple[Flag, ...]] = {
         Flag("--data", "run.heldout", "problems with gold answers (.jsonl/.json/.parquet, shards, save_to_disk); "
              "default: the embedded task's held-out split", "FILE"),
         Flag("--format", "data.format", "the files' published format: r1mega (default), gsm8k, math, aime, amc, deepscaler, "
-             "openr1-math, humaneval, mbpp, apps, taco (docs/data.md)", "NAME"),
+             "openr1-math, humaneval, mbpp, apps, taco, verl (docs/data.md)", "NAME"),
         Flag("--samples", "eval.samples", "k samples per problem", "K"),
         Flag("--temperature", "eval.temperature", "sampling temperature of the k samples", "T"),
         Flag("--top-p", "eval.top_p", "nucleus mass of the k samples", "P"),

@@ -165,9 +165,10 @@ class DataConfig(_Section):
     section_name: typing.ClassVar[str] = "data"
 
     format: Literal["r1mega", "gsm8k", "math", "aime", "amc", "deepscaler", "openr1-math", "humaneval", "mbpp", "apps",
-                    "taco"] = knob(
+                    "taco", "verl"] = knob(
         "r1mega", "How the rows are written: r1mega rows, or a published dataset's own columns (gsm8k, math for "
-        "MATH/MATH-500, aime, amc, deepscaler, openr1-math, humaneval, mbpp, apps, taco): r1mega.data.formats.")
+        "MATH/MATH-500, aime, amc, deepscaler, openr1-math, humaneval, mbpp, apps, taco, verl for verl's "
+        "preprocessed math rows such as DAPO-Math-17k): r1mega.data.formats.")
     prompt_key: Optional[str] = knob(None, "Column holding the question; None: the format's own (r1mega: prompt).")
     answer_key: Optional[str] = knob(None, "Column holding the gold answer; None: the format's own (r1mega: answer).")
     id_key: Optional[str] = knob(

@@ -138,8 +138,27 @@ def test_apps_and_taco_solutions_pass_their_cases(name, fmt):
     assert kinds == {"input", "assert"}  # stdin/stdout and call-based (fn_name) cases
 
 
+def test_verl_preprocessed_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _rows(SCHEMA / "verl.jsonl")
+    records = load_prompts(SCHEMA / "verl.jsonl", format="verl")
+    assert [r.id for r in records] == ["0", "1"] and [r.answer for r in records] == ["64", "36"]
+    assert records[0].prompt == rows[0]["prompt"][-1]["content"] and records[0].meta["data_source"] == "math_dapo"
+    for record in records:
+        assert math_accuracy(_boxed(record.answer), record.answer) == 1.0
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "train.parquet")  # as verl writes them
+    assert load_prompts(tmp_path / "train.parquet", format="verl") == records[:1]
+    bad = tmp_path / "code.jsonl"
+    bad.write_text(json.dumps(dict(rows[0], ability="code")) + "\n")
+    with pytest.raises(DataError, match="line 1: field 'ability': 'code': data.format verl reads math rows"):
+        load_prompts(bad, format="verl")
+
+
 def test_every_format_is_tested_here():
-    tested = {"gsm8k", "math", "aime", "amc", "deepscaler", "openr1-math", "humaneval", "mbpp", "apps", "taco", "r1mega"}
+    tested = {"gsm8k", "math", "aime", "amc", "deepscaler", "openr1-math", "humaneval", "mbpp", "apps", "taco", "r1mega",
+              "verl"}
     assert set(FORMATS) == tested
 
 

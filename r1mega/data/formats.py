@@ -20,6 +20,8 @@ which :mod:`r1mega.data.loader` then validates like any row.
                           prompts do), ``test_list`` -> assert tests after ``test_setup_code``
 ``apps``, ``taco``        ``question`` (+ ``starter_code``); ``input_output`` (JSON text) ->
                           stdin/stdout tests, or, with ``fn_name``, assert tests calling it
+``verl``                  verl's preprocessed math rows (DAPO-Math-17k): ``prompt`` chat messages
+                          (the last user turn), ``reward_model.ground_truth``
 ========================  ==========================================================================
 
 The column keys (``data.prompt_key``, ``data.answer_key``, ``data.id_key``) name the column a
@@ -39,7 +41,7 @@ from typing import Any
 from r1mega.utils.latex import last_boxed
 
 FORMATS = ("r1mega", "gsm8k", "math", "aime", "amc", "deepscaler", "openr1-math", "humaneval", "mbpp", "apps",
-           "taco")
+           "taco", "verl")
 
 
 class FormatError(Exception):
@@ -268,10 +270,37 @@ def _apps(row: dict, index: int, cols: Columns) -> dict:
     return {"id": rid, "prompt": prompt, "task": "code", "tests": tests, **_rest(row, {qcol, ocol, icol})}
 
 
+def _verl(row: dict, index: int, cols: Columns) -> dict:
+    # verl's preprocessed rows (examples/data_preprocess/*.py; DAPO-Math-17k): the prompt is chat
+    # messages (the question is the last user turn), the gold answer reward_model.ground_truth.
+    pcol, messages = _take(row, ("prompt",), cols.prompt_key, required=True, what="the chat messages")
+    if isinstance(messages, str):
+        question = messages
+    else:
+        users = [m.get("content") for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
+        if not users or not isinstance(users[-1], str):
+            raise FormatError(f"field {pcol!r}: no user message with text content (verl rows hold chat messages)")
+        question = users[-1]
+    if cols.answer_key:
+        acol, answer = _take(row, (), cols.answer_key, required=True, what="the gold answer")
+    else:
+        acol, model = _take(row, ("reward_model",), None, required=True, what="reward_model.ground_truth")
+        if not isinstance(model, dict) or model.get("ground_truth") is None:
+            raise FormatError(f"field {acol!r}: no 'ground_truth' in it")
+        answer = model["ground_truth"]
+    ability = str(row.get("ability") or "math").lower()
+    if ability != "math":
+        raise FormatError(f"field 'ability': {row.get('ability')!r}: data.format verl reads math rows (its "
+                          "code rows' tests are not in a published layout r1mega reads)")
+    icol, rid = _ident(row, ("id",), cols, index)
+    return {"id": rid, "prompt": question, "task": "math", "answer": _numeric_answer(acol, answer),
+            **_rest(row, {pcol, acol, icol})}
+
+
 _ADAPTERS: dict[str, Callable[[dict, int, Columns], dict]] = {
     "r1mega": _r1mega, "gsm8k": _gsm8k, "math": _math, "aime": _competition, "amc": _competition,
     "deepscaler": _deepscaler, "openr1-math": _deepscaler, "humaneval": _humaneval, "mbpp": _mbpp, "apps": _apps,
-    "taco": _apps,
+    "taco": _apps, "verl": _verl,
 }
 assert set(_ADAPTERS) == set(FORMATS)
 
