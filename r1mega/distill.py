@@ -64,6 +64,7 @@ OWN_KEYS = ("run.model", "sft.data", "run.out_dir", "run.name")
 # cold-start teacher; 600 prompts gave ~230, too few for the student to learn the R1 format, held-out
 # pass@1 0.000) and the first 100 held-out problems.
 DEFAULT_PROMPTS, DEFAULT_HELDOUT = None, 100
+STUDENT_NOT_BETTER = 3  # r1mega distill's exit status when the result is written but the student does not beat its base
 # the prompt budget distill's sampling and evaluation run with (EvalSettings' and rejection_sample's)
 DEFAULT_MAX_PROMPT_TOKENS = EvalSettings().max_prompt_tokens
 
@@ -142,6 +143,12 @@ def distill_command(cfg, *, teacher: str | Path, out: str | Path, student: Optio
                   progress=progress)
     print(result_table(doc))
     print(f"wrote {Path(out) / RESULT}")
+    rows = {row["role"]: row for row in doc["results"]}
+    student, base = (rows.get(r, {}).get("pass_at_1") for r in ("student", "student_base"))
+    if student is not None and base is not None and not student > base:  # NaN counts as not beating it
+        print(f"r1mega: error: the distilled student does not beat its own base on held-out pass@1 ({_fmt(student, 3)} "
+              f"vs {_fmt(base, 3)}; {Path(out) / RESULT})", file=sys.stderr)
+        return STUDENT_NOT_BETTER
     return 0
 
 

@@ -291,8 +291,13 @@ def checks(figures: dict[str, dict], rm: dict) -> list[tuple[str, bool]]:
         ("language mixing is lower with the language reward than without",
          get("2 reasoning RL", "mixing_rate") < get("2 without language reward", "mixing_rate")),
         ("the reward model beats chance on held-out pairs by a clear margin (>= 0.75)", rm_acc >= 0.75),
+        ("stage 4 at least matches stage 2 on held-out pass@1",
+         get("4 all-scenario RL", "pass_at_1") >= get("2 reasoning RL", "pass_at_1")),
         ("the student beats its own base", get("student (distilled)", "pass_at_1") > get("student base", "pass_at_1")),
     ]
+
+
+CLAIMS_FAILED = 3  # r1mega pipeline's exit status when the table is written but a claim does not hold
 
 
 def table(figures: dict[str, dict], rm: dict, wall: dict[str, float], *,
@@ -343,12 +348,19 @@ def run_stages(ctx: Context, stages: dict[str, Callable[[Context], dict]]) -> li
 
 
 def pipeline_command(cfg: Config, *, progress: bool = True) -> int:
-    """``r1mega pipeline``: every stage into cfg.pipeline.out; a failed stage is one line, exit 1."""
+    """``r1mega pipeline``: every stage into cfg.pipeline.out; a failed stage is one line, exit 1.
+    With every stage done and the table written, a claim that does not hold is one line naming
+    the claims, exit CLAIMS_FAILED (3), so that scripts and CI see it."""
     try:
-        pipeline(cfg.pipeline.out, cfg=cfg, progress=progress)
+        manifest = pipeline(cfg.pipeline.out, cfg=cfg, progress=progress)
     except PipelineError as err:
         print(f"r1mega: error: {err}", file=sys.stderr)
         return 1
+    failed = [claim for claim, ok in manifest["checks"].items() if not ok]
+    if failed:
+        print(f"r1mega: error: {len(failed)} of {len(manifest['checks'])} claims do not hold: {'; '.join(failed)} "
+              f"(table: {Path(cfg.pipeline.out) / 'table.txt'})", file=sys.stderr)
+        return CLAIMS_FAILED
     return 0
 
 
@@ -385,5 +397,5 @@ def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = 
     return manifest
 
 
-__all__ = ["Context", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "pipeline", "pipeline_command",
+__all__ = ["CLAIMS_FAILED", "Context", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "pipeline", "pipeline_command",
            "run_command", "run_stages", "table"]

@@ -92,6 +92,7 @@ def figures(changes=None):
     out = {label: dict(row) for label, *_ in P.ROWS}
     out["base"]["format_rate"] = 0.0
     out["2 reasoning RL"]["pass_at_1"] = 0.6
+    out["4 all-scenario RL"]["pass_at_1"] = 0.6
     out["2 without language reward"]["mixing_rate"] = 0.5
     out["student base"]["pass_at_1"] = 0.1
     for (label, key), value in (changes or {}).items():
@@ -101,8 +102,8 @@ def figures(changes=None):
 
 @pytest.mark.parametrize("label,key,value,claim", [
     ("base", "format_rate", 0.95, 0), ("2 reasoning RL", "pass_at_1", 0.5, 1),
-    ("2 reasoning RL", "mixing_rate", 0.5, 2), ("student (distilled)", "pass_at_1", 0.1, 4),
-    ("student (distilled)", "pass_at_1", math.nan, 4)])
+    ("2 reasoning RL", "mixing_rate", 0.5, 2), ("4 all-scenario RL", "pass_at_1", 0.55, 4),
+    ("student (distilled)", "pass_at_1", 0.1, 5), ("student (distilled)", "pass_at_1", math.nan, 5)])
 def test_the_checks_fail_exactly_where_the_figures_do_not_show_the_claim(label, key, value, claim):
     rm = {"heldout_accuracy_before": 0.5, "heldout_accuracy": 0.9}
     assert all(ok for _, ok in P.checks(figures(), rm))
@@ -111,3 +112,36 @@ def test_the_checks_fail_exactly_where_the_figures_do_not_show_the_claim(label, 
     assert not P.checks(figures(), {"heldout_accuracy": 0.6})[3][1]
     text = P.table(figures(), rm, {"cold_start": 100.0})
     assert "[yes]" in text and "0.500 -> 0.900" in text and "cold_start 100s" in text
+
+
+@pytest.mark.parametrize("failing", [None, ("4 all-scenario RL", "pass_at_1", 0.3)])
+def test_r1mega_pipeline_exits_non_zero_after_the_table_when_a_claim_fails(tmp_path, capsys, failing):
+    """Every stage recorded done and every model evaluated (the run directory a finished pipeline
+    leaves): the command writes the table, then exits 3 naming the claims that do not hold."""
+    from r1mega.recipes import get_recipe
+
+    out = tmp_path / "pipeline"
+    model = tmp_path / "model"
+    model.mkdir()
+    stages = {name: {"status": "done", "model": str(model)} for name in P.STAGES}
+    stages["data"].pop("model")
+    stages["distill"]["student_base"] = str(model)
+    stages["reward_model"]["figures"] = {"heldout_accuracy_before": 0.5, "heldout_accuracy": 0.9}
+    out.mkdir()
+    (out / P.MANIFEST).write_text(json.dumps({"recipe": "r1", "stages": stages}))
+    rows = figures({failing[:2]: failing[2]} if failing else None)
+    for label, *_ in P.ROWS:
+        summary = out / "eval" / label.split(" (")[0].replace(" ", "_") / "summary.json"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps(rows[label]))
+    cfg = get_recipe("r1").with_overrides([f"pipeline.out={out}"])
+    status = P.pipeline_command(cfg, progress=False)
+    captured = capsys.readouterr()
+    assert (out / "table.txt").read_text().strip() == captured.out.strip()  # the table is written either way
+    if failing is None:
+        assert status == 0 and captured.err == ""
+    else:
+        assert status == P.CLAIMS_FAILED == 3
+        assert captured.err == (f"r1mega: error: 1 of 6 claims do not hold: stage 4 at least matches stage 2 on "
+                                f"held-out pass@1 (table: {out / 'table.txt'})\n")
+
