@@ -93,9 +93,9 @@ def r1mega_command(ctx: Context, *args: str) -> list[str]:
     return [ctx.python, "-m", "r1mega", *args]
 
 
-def run_command(ctx: Context, stage: str, argv: list[str]) -> float:
+def run_command(ctx: Context, stage: str, argv: list[str], *, ok: tuple[int, ...] = (0,)) -> float:
     """Run one stage's command, its output into OUT/logs/STAGE.log (and the progress line on
-    stderr); returns the wall time. A failure raises PipelineError naming the log."""
+    stderr); returns the wall time. An exit status not in `ok` raises PipelineError naming the log."""
     log = ctx.path("logs", f"{stage}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -103,7 +103,7 @@ def run_command(ctx: Context, stage: str, argv: list[str]) -> float:
         f.write(f"$ {shlex.join(argv)}\n")
         f.flush()
         proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
         raise PipelineError(f"stage {stage} failed (exit {proc.returncode}): {tail[0]} (log: {log}; run "
                             f"`r1mega pipeline --out {ctx.out}` again to resume)")
@@ -246,7 +246,9 @@ def stage_distill(ctx: Context) -> dict:
     argv = r1mega_command(ctx, "distill", "--recipe", STAGE_RECIPES["distill"], "--teacher", ctx.manifest["stages"]["reasoning_rl"]["model"],
                           "--traces", ctx.manifest["stages"]["rejection_sampling"]["outputs"]["sft_data"],
                           "--heldout", str(ctx.path("data", "heldout.jsonl")), "--out", str(out), "--quiet")
-    wall = run_command(ctx, "distill", argv)
+    # exit 3: distill.json is written but the student does not beat its base, one of the claims the
+    # pipeline's table checks (and the pipeline's exit status reports) itself
+    wall = run_command(ctx, "distill", argv, ok=(0, 3))
     info = json.loads((out / "distill.json").read_text())
     return {"command": shlex.join(argv), "model": info["student_final"], "student_base": info["student_base"],
             "wall_s": wall, "figures": {"traces": info["traces"]["kept"], "sft_steps": info["sft"]["steps"]}}
