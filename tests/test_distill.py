@@ -20,6 +20,12 @@ SMALL_STUDENT = dataclasses.replace(STUDENT_SPEC, steps=30, batch_size=8)
 
 
 @pytest.fixture(scope="session")
+def small_student(tmp_path_factory):
+    from r1mega.run.base_model import ensure_base_model
+
+    return built_once(tmp_path_factory, "student-cache",
+                      lambda cache: ensure_base_model(cache, SMALL_STUDENT, progress=False))
+
 
 def _exit_follows_the_claim(proc, out) -> None:
     """`r1mega distill` exits 0 when the distilled student beats its own base on held-out pass@1,
@@ -30,12 +36,6 @@ def _exit_follows_the_claim(proc, out) -> None:
     if not beats:
         lines = proc.stderr.strip().splitlines()
         assert lines[-1].startswith("r1mega: error: the distilled student does not beat its own base"), proc.stderr
-
-def small_student(tmp_path_factory):
-    from r1mega.run.base_model import ensure_base_model
-
-    return built_once(tmp_path_factory, "student-cache",
-                      lambda cache: ensure_base_model(cache, SMALL_STUDENT, progress=False))
 
 
 def test_student_spec_has_its_own_key_and_the_default_key_is_unchanged():
