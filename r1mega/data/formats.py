@@ -132,9 +132,7 @@ def _r1mega(row: dict, index: int, cols: Columns) -> dict:
         del out[key]
     if out.get("id") is None:
         out["id"] = index
-    if out.get("task") is None and cols.task is not None:
-        out["task"] = cols.task
-    return out
+    return out  # rows without a task take cols.task in the loader's validation
 
 
 def _gsm8k(row: dict, index: int, cols: Columns) -> dict:

@@ -481,11 +481,8 @@ def load_completions(path: str | Path, records: Iterable[PromptRecord]) -> list[
     completion, before anything is scored.
     """
     path = Path(path)
-    suffix = _suffix(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    rows = _file_rows(path)
     by_id = {record.id: record for record in records}
-    rows = _parquet_rows(path) if suffix == ".parquet" else _json_rows(path)
     pairs: list[tuple[PromptRecord, str]] = []
     for where, row in rows:
         try:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Sequence
 
+from r1mega.evaluation.metrics import mean
+
 
 def breakdowns(records: Sequence[Any], problems: Sequence[dict], fields: Sequence[str]) -> dict[str, dict]:
     """{field: {value: {"problems", "pass_at_1", "cons_at_k"}}} over the records whose meta has
     `field` (problems[i] is the evaluated row of records[i]); groups in sorted order."""
-    from r1mega.evaluation.metrics import mean
-
     out: dict[str, dict] = {}
     for field in fields:
         groups: dict[str, list[dict]] = defaultdict(list)
