@@ -290,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--benchmark", choices=sorted(BENCHMARKS), metavar="NAME",
                     help="R1's protocol for a published benchmark, your local copy in --data: "
                          f"{', '.join(sorted(BENCHMARKS))} (sets data.format, eval.samples, T 0.6, top-p 0.95, "
-                         "eval.max_new_tokens 32768; --set and flags override it; docs/pipeline.md)")
+                         "eval.max_new_tokens 32768; --set and flags override it; docs/data.md)")
     ev.add_argument("--out", metavar="DIR", help="write summary.json and problems.jsonl there")
     ev.add_argument("--quiet", action="store_true", help="no progress line")
     sm = command("sample", help="rejection sampling: verified, readable completions of a model as SFT data")

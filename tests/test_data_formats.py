@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,14 @@ def test_verl_preprocessed_rows(tmp_path):
         load_prompts(bad, format="verl")
 
 
+def test_the_config_offers_every_format():
+    import typing
+
+    from r1mega.config import DataConfig
+
+    assert typing.get_args(typing.get_type_hints(DataConfig)["format"]) == FORMATS
+
+
 def test_every_format_is_tested_here():
     tested = {"gsm8k", "math", "aime", "amc", "deepscaler", "openr1-math", "humaneval", "mbpp", "apps", "taco", "r1mega",
               "verl"}
@@ -193,7 +202,7 @@ def test_a_bad_published_row_is_one_line_naming_file_row_and_field(tmp_path, fmt
         load_prompts(path, format=fmt)
     text = str(info.value)
     assert "\n" not in text and text.startswith(f"{path}: line {2 if good else 1}: ")
-    assert __import__("re").search(message, text), text
+    assert re.search(message, text), text
 
 
 def test_an_unknown_format_names_the_choices():
