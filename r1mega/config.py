@@ -602,6 +602,9 @@ class PipelineConfig(_Section):
     section_name: typing.ClassVar[str] = "pipeline"
 
     out: str = knob("runs/r1-pipeline", "Where every stage writes; run again to resume.")
+    base_model: Optional[str] = knob(
+        None, "The base model stages 1 and 3 fine-tune (a Hugging Face directory with the embedded tokenizer); None: "
+              "the embedded base the pretrain section describes, built once into the cache.")
     heldout_problems: int = knob(100, "Held-out problems every model is evaluated on.", ge=1)
     sample_prompts: int = knob(1200, "Stage-2 training prompts rejection-sampled for stage 3 (and the student).", ge=1)
     mix_math_prompts: int = knob(600, "Additions in stage 4's prompt set, next to every general train prompt.", ge=1)
@@ -628,6 +631,8 @@ class PretrainConfig(_Section):
     num_layers: Optional[int] = knob(None, "Dense archs: layers; None: tiny_dense_config's.", ge=1)
     hidden_size: Optional[int] = knob(None, "Dense archs: hidden size; None: tiny_dense_config's.", ge=1)
     intermediate_size: Optional[int] = knob(None, "Dense archs: FFN size; None: tiny_dense_config's.", ge=1)
+    threads: int = knob(2, "Intra-op threads pretraining runs, whatever OMP_NUM_THREADS is (the weights depend on it).",
+                        ge=1)
 
     def _check(self) -> None:
         if self.arch == "qwen3_moe":

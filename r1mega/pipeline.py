@@ -47,6 +47,7 @@ from r1mega.data import r1_corpus
 from r1mega.data.loader import write_prompts
 from r1mega.recipes import get_recipe
 from r1mega.rejection.sample import report_path
+from r1mega.run.base_model import ensure_base_model, spec_from_config
 from r1mega.run.rundir import resolve_model
 from r1mega.sft.data import load_sft_data, write_sft_rows
 from r1mega.utils.io import atomic_write_text
@@ -167,8 +168,15 @@ def _interleave(a: list, b: list) -> list:
 
 
 def stage_base(ctx: Context) -> dict:
-    _, hf_dir = resolve_model(None)
+    if ctx.cfg.pipeline.base_model is None:
+        hf_dir = ensure_base_model(spec=spec_from_config(ctx.cfg), progress=ctx.progress)
+    else:
+        _, hf_dir = resolve_model(ctx.cfg.pipeline.base_model)
     return {"model": str(hf_dir), "figures": {}}
+
+
+def base_model(ctx: Context) -> str:
+    return ctx.manifest["stages"]["base"]["model"]
 
 
 def _sft_stage(name: str, *, model: Callable[[Context], Optional[str]],
@@ -257,14 +265,14 @@ def stage_distill(ctx: Context) -> dict:
 STAGES: dict[str, Callable[[Context], dict]] = {
     "data": stage_data,
     "base": stage_base,
-    "cold_start": _sft_stage("cold_start", model=lambda ctx: None, data=lambda ctx: None),
+    "cold_start": _sft_stage("cold_start", model=base_model, data=lambda ctx: None),
     "reasoning_rl": _rl_stage("reasoning_rl", data="train.jsonl",
                               model=lambda ctx: ctx.manifest["stages"]["cold_start"]["model"]),
     "reasoning_rl_no_language": _rl_stage(
         "reasoning_rl_no_language", data="train.jsonl",
         model=lambda ctx: ctx.manifest["stages"]["cold_start"]["model"]),
     "rejection_sampling": stage_rejection_sampling,
-    "sft_general": _sft_stage("sft_general", model=lambda ctx: None,
+    "sft_general": _sft_stage("sft_general", model=base_model,
                               data=lambda ctx: ctx.manifest["stages"]["rejection_sampling"]["outputs"]["sft_data"]),
     "reward_model": stage_reward_model,
     "all_scenario_rl": _rl_stage(
@@ -366,14 +374,24 @@ def pipeline_command(cfg: Config, *, progress: bool = True) -> int:
     return 0
 
 
+def base_source(cfg: Config) -> str:
+    """What the pipeline's base model is (recorded in the manifest: a run directory is resumed
+    only from the same base): pipeline.base_model, else the embedded base of the pretrain section."""
+    return cfg.pipeline.base_model or f"the embedded base {spec_from_config(cfg).cache_name()}"
+
+
 def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = True) -> dict:
     """Run (or resume) every stage into `out`; returns the manifest (also OUT/manifest.json).
     cfg: the pipeline's config (its pipeline section; default: the recipe r1)."""
     cfg = cfg if cfg is not None else get_recipe("r1")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST
     manifest = json.loads(path.read_text()) if path.is_file() else {"recipe": "r1", "stages": {}}
+    base = base_source(cfg)
+    if manifest.setdefault("base", base) != base:
+        raise PipelineError(f"{out} holds stages made from {manifest['base']}, not {base}: give another --out "
+                            f"(or the same base) to resume")
+    out.mkdir(parents=True, exist_ok=True)
     manifest["pipeline"] = dataclasses.asdict(cfg.pipeline)
     manifest["stage_recipes"] = dict(STAGE_RECIPES)
     ctx = Context(out, sys.executable, progress, manifest, cfg)
@@ -399,5 +417,5 @@ def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = 
     return manifest
 
 
-__all__ = ["CLAIMS_FAILED", "Context", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "pipeline", "pipeline_command",
+__all__ = ["CLAIMS_FAILED", "Context", "base_source", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "pipeline", "pipeline_command",
            "run_command", "run_stages", "table"]

@@ -61,9 +61,9 @@ def _numbers(path: Path) -> list[dict]:
 
 
 def build_base(out: Path) -> Path:
-    """The test base model, pretrained in a one-thread subprocess (the same bits on any core count)."""
+    """The test base model, pretrained with one thread (the same bits on any core count)."""
     code = ("import sys; from r1mega.run.base_model import PretrainSpec, pretrain_base_model; "
-            f"pretrain_base_model(sys.argv[1], PretrainSpec(steps={BASE_STEPS}, batch_size={BASE_BATCH}), "
+            f"pretrain_base_model(sys.argv[1], PretrainSpec(steps={BASE_STEPS}, batch_size={BASE_BATCH}, threads=1), "
             "progress=False)")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=run_env(),
                           timeout=600)

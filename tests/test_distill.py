@@ -16,7 +16,7 @@ from tests.run_wide import built_once
 from tests.trainer_helpers import r1mega
 
 # the test student: STUDENT_SPEC's model and corpus, pretrained for a few steps
-SMALL_STUDENT = dataclasses.replace(STUDENT_SPEC, steps=30, batch_size=8)
+SMALL_STUDENT = dataclasses.replace(STUDENT_SPEC, steps=30, batch_size=8, threads=1)
 
 
 @pytest.fixture(scope="session")
@@ -38,13 +38,16 @@ def _exit_follows_the_claim(proc, out) -> None:
         assert lines[-1].startswith("r1mega: error: the distilled student does not beat its own base"), proc.stderr
 
 
-def test_student_spec_has_its_own_key_and_the_default_key_is_unchanged():
-    assert PretrainSpec().key() == "5e51fef8d8c9"  # the cache entry built before PretrainSpec.arch existed
-    assert PretrainSpec(arch="qwen3_moe").key() == PretrainSpec().key()
-    assert PretrainSpec().cache_name() == "tiny-base-5e51fef8d8c9"
+def test_student_spec_has_its_own_key_and_the_default_key_is_pinned():
+    # VERSION 3 (PretrainSpec.threads): the entries built before it may hold a base pretrained with
+    # any thread count, so none of them is reused
+    assert PretrainSpec().key() == "47d043416621"
+    assert PretrainSpec(arch="qwen3_moe", threads=2).key() == PretrainSpec().key()
+    assert PretrainSpec().cache_name() == "tiny-base-47d043416621"
     keys = {STUDENT_SPEC.key(), SMALL_STUDENT.key(), dataclasses.replace(STUDENT_SPEC, hidden_size=128).key(),
-            dataclasses.replace(STUDENT_SPEC, arch="qwen2").key(), PretrainSpec().key()}
-    assert len(keys) == 5
+            dataclasses.replace(STUDENT_SPEC, arch="qwen2").key(), PretrainSpec().key(),
+            PretrainSpec(threads=1).key()}
+    assert len(keys) == 6
     assert STUDENT_SPEC.cache_name() == f"tiny-llama-{STUDENT_SPEC.key()}"
     assert STUDENT_SPEC.arch == "llama" and STUDENT_SPEC.key() != PretrainSpec().key()
     # the tokenizer is a function of the corpus fields: the student's are the default's

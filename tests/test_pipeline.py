@@ -145,3 +145,25 @@ def test_r1mega_pipeline_exits_non_zero_after_the_table_when_a_claim_fails(tmp_p
         assert captured.err == (f"r1mega: error: 1 of 6 claims do not hold: stage 4 at least matches stage 2 on "
                                 f"held-out pass@1 (table: {out / 'table.txt'})\n")
 
+
+
+def test_the_base_is_the_given_model_and_a_run_directory_keeps_its_base(tmp_path, capsys):
+    from r1mega.recipes import get_recipe
+
+    model = tmp_path / "base"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = get_recipe("r1").with_overrides([f"pipeline.out={tmp_path / 'out'}", f"pipeline.base_model={model}"])
+    ctx = P.Context(tmp_path / "out", sys.executable, False, {"recipe": "r1", "stages": {}}, cfg)
+    assert P.stage_base(ctx) == {"model": str(model), "figures": {}}
+    # stages made from one base are never resumed with another
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / P.MANIFEST).write_text(json.dumps({"recipe": "r1", "stages": {}, "base": "elsewhere"}))
+    assert P.pipeline_command(cfg, progress=False) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"r1mega: error: {tmp_path / 'out'} holds stages made from elsewhere, not {model}: give another "
+                   f"--out (or the same base) to resume")
+    default = get_recipe("r1").with_overrides(["pipeline.out=x", "pretrain.seed=3", "pretrain.threads=1"])
+    from r1mega.run.base_model import PretrainSpec
+
+    assert P.base_source(default) == f"the embedded base {PretrainSpec(seed=3, threads=1).cache_name()}"

@@ -9,7 +9,9 @@ the corpus fields of the spec (train_problems, noise, seed, vocab_size), so spec
 such as the default and :data:`STUDENT_SPEC`, make models with the same vocabulary. The result is
 an ordinary Hugging Face directory (config, safetensors, tokenizer, generation config) that
 ``transformers`` loads, written atomically, with ``pretrain.json`` recording how it was made.
-Deterministic for a given spec on a given machine.
+Bitwise reproducible for a given spec on one machine (and torch build): pretraining runs
+PretrainSpec.threads intra-op threads whatever ``OMP_NUM_THREADS`` is. Not across machines: their
+kernels differ, and that cannot be part of the cache key.
 
 :func:`ensure_base_model` builds it once into a cache directory keyed by the spec and reuses it.
 """
@@ -34,7 +36,7 @@ from r1mega.models.tokenizer import build_tokenizer
 from r1mega.templates import R1_CHAT_TEMPLATE
 from r1mega.utils.io import atomic_write_text
 
-VERSION = 2  # bump when the corpus, the model or the recipe changes what a spec produces
+VERSION = 3  # bump when the corpus, the model or the recipe changes what a spec produces (3: PretrainSpec.threads)
 ARCHS = ("qwen3_moe", "llama", "qwen2")  # PretrainSpec.arch: the MoE default, the dense students
 
 
@@ -54,16 +56,23 @@ class PretrainSpec:
     num_layers: Optional[int] = None  # dense archs: tiny_dense_config's sizes where None
     hidden_size: Optional[int] = None
     intermediate_size: Optional[int] = None
+    # The matmul kernels' reduction order, hence the weights, depends on the intra-op thread count:
+    # pretraining always uses this many threads, whatever OMP_NUM_THREADS says, so that one machine
+    # always builds the same base. What else changes the bits (the CPU's vector unit, the torch
+    # build's kernels) cannot be hashed: the same spec gives other weights on another machine.
+    threads: int = 2
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"PretrainSpec.arch: {self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.arch == "qwen3_moe" and any(getattr(self, f) is not None for f in _SIZES):
             raise ValueError(f"PretrainSpec: {', '.join(_SIZES)} apply to the dense archs only")
+        if self.threads < 1:
+            raise ValueError(f"PretrainSpec.threads: {self.threads} < 1")
 
     def key(self) -> str:
-        # Fields added after VERSION 2 enter the hash only when they differ from their defaults,
-        # so the specs that existed before them keep their key (and their cache entry).
+        # Fields added after VERSION 2 (before VERSION 3) enter the hash only when they differ from
+        # their defaults; threads always does.
         values = asdict(self)
         for f in fields(self):
             if f.name in _ADDED and values[f.name] == f.default:
@@ -113,13 +122,25 @@ def _progress(step: int, total: int, loss: float, start: float) -> None:
 
 
 def pretrain_base_model(out_dir: str | Path, spec: PretrainSpec = PretrainSpec(), *, progress: bool = True) -> Path:
-    """Build the tokenizer and pretrain the base model into `out_dir` (must not exist)."""
+    """Build the tokenizer and pretrain the base model into `out_dir` (must not exist), with
+    spec.threads intra-op threads (restored after)."""
     import torch
-    import transformers
 
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: already exists")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)
+    try:
+        return _pretrain(out_dir, spec, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(out_dir: Path, spec: PretrainSpec, *, progress: bool) -> Path:
+    import torch
+    import transformers
+
     start = time.perf_counter()
     records = base_corpus.problems("train", spec.train_problems, seed=spec.seed)
     texts = base_corpus.corpus(records, noise=spec.noise, seed=spec.seed)
@@ -170,7 +191,8 @@ def pretrain_base_model(out_dir: str | Path, spec: PretrainSpec = PretrainSpec()
     tokenizer.save_pretrained(tmp)
     atomic_write_text(tmp / "pretrain.json", json.dumps({
         "spec": asdict(spec), "version": VERSION, "key": spec.key(), "final_loss": loss_value,
-        "documents": len(docs), "seconds": time.perf_counter() - start,
+        "documents": len(docs), "seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "corpus": "r1mega.data.base_corpus (two-digit addition, R1-Zero template, compact completions)",
     }, indent=2) + "\n")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +205,8 @@ def spec_from_config(cfg) -> PretrainSpec:
     p = cfg.pretrain
     return PretrainSpec(steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps, noise=p.noise,
                         train_problems=p.train_problems, vocab_size=p.vocab_size, seed=p.seed, arch=p.arch,
-                        num_layers=p.num_layers, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size)
+                        num_layers=p.num_layers, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+                        threads=p.threads)
 
 
 def pretrain_command(cfg, *, progress: bool = True) -> int:
