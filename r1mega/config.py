@@ -383,6 +383,18 @@ class OptimConfig(_Section):
     adam_eps: float = knob(1e-8, "AdamW epsilon.", gt=0.0)
     grad_clip: Optional[float] = knob(1.0, "Clip the global gradient norm to this value; None: no clipping.", gt=0.0)
     warmup_steps: int = knob(0, "Linear learning-rate warm-up steps.", ge=0)
+    lr_decay: Literal["constant", "cosine", "linear"] = knob(
+        "constant", "After the warm-up: constant, or a cosine or linear decay to optim.min_lr at optim.decay_steps.")
+    min_lr: float = knob(0.0, "The learning rate the decay ends at (optim.lr_decay cosine or linear).", ge=0.0)
+    decay_steps: Optional[int] = knob(
+        None, "The optimizer step (warm-up included) at which the decay reaches optim.min_lr; None: the run's last "
+        "(sft: every epoch's steps, or sft.max_steps; train: run.steps x batch.minibatches_per_step).", ge=1)
+
+    def _check(self) -> None:
+        if self.min_lr > self.lr:
+            self._fail("min_lr", f"{self.min_lr} is above optim.lr {self.lr}")
+        if self.decay_steps is not None and self.lr_decay != "constant" and self.decay_steps <= self.warmup_steps:
+            self._fail("decay_steps", f"{self.decay_steps} must exceed optim.warmup_steps {self.warmup_steps}")
 
 
 @dataclass(frozen=True)

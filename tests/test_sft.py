@@ -234,3 +234,33 @@ def test_embedded_r1_corpus_splits_languages_mixing_and_preferences():
         record = next(r for r in general_test if r.prompt == p["prompt"] and f"pair-{r.id}-" in p["id"])
         assert r1_corpus.judge(record, p["chosen"]) and not r1_corpus.judge(record, p["rejected"]), p
     assert by_prompt and {p["family"] for p in pairs} == {"repeat", "greet"}
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_the_learning_rate_schedule_is_transformers_warmup_then_decay(tmp_path, small_base_model, decay):
+    """optim.lr_decay over the run's optimizer steps (warm-up included), step by step as
+    transformers' get_{cosine,linear}_schedule_with_warmup gives it (min_lr 0)."""
+    import torch
+    import transformers
+
+    from r1mega.data.r1_corpus import cold_start_rows
+    from r1mega.sft.data import write_sft_rows
+
+    data = write_sft_rows(tmp_path / "cold.jsonl", cold_start_rows(21))
+    proc = r1mega("sft", "--model", str(small_base_model), "--data", str(data), "--quiet",
+                  *[a for s in (f"run.out_dir={tmp_path}", "run.name=decay", "sft.rows_per_step=2", "sft.row_tokens=256",
+                                "sft.epochs=1", "sft.pack=false", "optim.lr=2e-3", "optim.warmup_steps=3",
+                                f"optim.lr_decay={decay}") for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "decay" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == 11
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    make = getattr(transformers, f"get_{decay}_schedule_with_warmup")
+    schedule = make(opt, num_warmup_steps=3, num_training_steps=len(lrs))
+    reference = []
+    for _ in lrs:
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs == pytest.approx(reference, rel=1e-9, abs=1e-12)
+    assert lrs[3] == pytest.approx(2e-3) and lrs[-1] < lrs[5] < lrs[4] < lrs[3]  # it does decay

@@ -3,7 +3,7 @@
 :class:`TrainingState` wraps one GPTModel in megatron's DistributedDataParallel (fp32 gradient
 reduction) and builds the distributed optimizer (Adam, decoupled weight decay, no decay on biases
 and norms, gradient clipping by global norm) and an ``OptimizerParamScheduler`` (linear warm-up,
-then constant). Gradients are finalised without token scaling (:func:`finalize_without_token_scaling`):
+then constant, or a cosine or linear decay to optim.min_lr). Gradients are finalised without token scaling (:func:`finalize_without_token_scaling`):
 the GRPO and SFT losses already carry their global denominators, so DDP sums and nothing rescales.
 
 Its state (Adam moments, fp32 main weights of low-precision parameters, gradient buffers) can
@@ -32,12 +32,13 @@ def finalize_without_token_scaling(model, num_tokens=None, **kwargs):
 
 class TrainingState:
     """DDP + the distributed Adam + the LR scheduler of `model` (a GPTModel of `dtype` parameters).
+    `total_steps`: the run's optimizer steps, the decay's length unless optim.decay_steps is set.
 
     Building it sets the model config's gradient hooks (finalize, loss scaling, no-sync) that
     megatron's schedule calls. ``ddp`` is the model chunk the schedule must run.
     """
 
-    def __init__(self, model, optim: OptimConfig, dtype: torch.dtype):
+    def __init__(self, model, optim: OptimConfig, dtype: torch.dtype, total_steps: Optional[int] = None):
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
@@ -51,16 +52,26 @@ class TrainingState:
             use_distributed_optimizer=True, check_for_nan_in_grad=False, average_in_collective=False)
         self.ddp = DistributedDataParallel(config, ddp_config, model)
         opt_config = OptimizerConfig(
-            optimizer="adam", lr=optim.lr, min_lr=0.0, weight_decay=optim.weight_decay,
+            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
             adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
             clip_grad=optim.grad_clip or 0.0, use_distributed_optimizer=True,
             bf16=dtype == torch.bfloat16, fp16=False, params_dtype=dtype)
         self.optimizer = get_megatron_optimizer(opt_config, [self.ddp])
         warmup = optim.warmup_steps
+        decay_steps, min_lr = warmup + 1, 0.0
+        if optim.lr_decay != "constant":
+            decay_steps, min_lr = optim.decay_steps or total_steps, optim.min_lr
+            if decay_steps is None or decay_steps <= warmup:
+                raise ValueError(f"optim.lr_decay {optim.lr_decay}: the decay needs its length beyond the "
+                                 f"{warmup} warm-up steps (optim.decay_steps, or the run's optimizer steps; got "
+                                 f"{decay_steps})")
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if warmup else optim.lr, max_lr=optim.lr, min_lr=0.0,
-            lr_warmup_steps=warmup, lr_decay_steps=warmup + 1, lr_decay_style="constant",
-            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1, wd_incr_style="constant")
+            self.optimizer, init_lr=0.0 if warmup else optim.lr, max_lr=optim.lr, min_lr=min_lr,
+            lr_warmup_steps=warmup, lr_decay_steps=decay_steps, lr_decay_style=optim.lr_decay,
+            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+            # a resumed run keeps its step count and takes its schedule from its own config (more
+            # epochs lengthen the decay) instead of asserting that the checkpoint's is the same
+            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
         config.finalize_model_grads_func = finalize_without_token_scaling
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.ddp.no_sync

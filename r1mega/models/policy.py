@@ -117,7 +117,7 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
                 optim: Optional[OptimConfig] = None, trainable: bool = True, micro_batch_size: int = 1,
                 temperature: float = 1.0, seed: int = 0, backend: Optional[str] = None,
                 load_optimizer: bool = True, router_replay: bool = False, policy: Optional[PolicyConfig] = None,
-                **config_overrides) -> Policy:
+                total_steps: Optional[int] = None, **config_overrides) -> Policy:
     """A :class:`Policy` for `path` in the layout tp/ep/pp (or `parallel`); call on every rank.
 
     Initialises ``torch.distributed`` (torchrun's environment, or a one-process group) and
@@ -125,7 +125,8 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
     invalidates policies built in the old one). `dtype` is the parameter dtype (float32 or
     bfloat16; Adam keeps fp32 main weights). `trainable=False` builds no optimizer (a reference
     or rollout-side model). `optim` (default :class:`~r1mega.config.OptimConfig`) sets Adam,
-    weight decay, gradient clipping and warm-up. `load_optimizer=False` restores a checkpoint's
+    weight decay, gradient clipping and the learning-rate schedule, whose decay (optim.lr_decay)
+    ends at optim.decay_steps, else at `total_steps` (the run's optimizer steps). `load_optimizer=False` restores a checkpoint's
     weights and step count only (fresh Adam moments, scheduler and RNG). `config_overrides` go to
     megatron's TransformerConfig. `router_replay=True` (MoE models) lets log-probs and training
     steps take the rollout engine's recorded expert choices (``routes``; see
@@ -156,7 +157,7 @@ def load_policy(path: str | Path, *, tp: int = 1, ep: int = 1, pp: int = 1, etp:
     policy = Policy(model, desc, parallel, dtype=dtype, hf_dtypes=hf_dtypes, side_files=source.config_dir,
                     optim=optim, trainable=trainable, micro_batch_size=micro_batch_size,
                     temperature=temperature, backend=backend, seed=seed,
-                    packed_format=resolve_packed_format(layers.packed_format))
+                    packed_format=resolve_packed_format(layers.packed_format), total_steps=total_steps)
     if router_replay:
         policy.enable_router_replay()
     if source.kind == "checkpoint":
@@ -184,7 +185,7 @@ class Policy:
     def __init__(self, model, desc: ModelDesc, parallel: ParallelConfig, *, dtype: torch.dtype,
                  hf_dtypes: Optional[dict], side_files: Optional[Path], optim: Optional[OptimConfig],
                  trainable: bool, micro_batch_size: int, temperature: float, backend: Optional[str], seed: int,
-                 packed_format: str = "mask"):
+                 packed_format: str = "mask", total_steps: Optional[int] = None):
         if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
         if not temperature > 0:
@@ -209,7 +210,7 @@ class Policy:
                                   packed_format=packed_format)
         self.training_state: Optional[TrainingState] = None
         if trainable:
-            self.training_state = TrainingState(model, self.optim, dtype)
+            self.training_state = TrainingState(model, self.optim, dtype, total_steps)
             self.runner.chunk = self.training_state.ddp
 
     @property

@@ -116,7 +116,7 @@ def sft(cfg: Config, *, resume: Optional[str | Path] = None, progress: bool = Tr
         raise SFTError(str(err)) from None
     checkpoints = run_dir / "checkpoints"
     policy = load_policy(resumed_from or inputs.model_dir, parallel=cfg.parallel, optim=cfg.optim, seed=cfg.run.seed,
-                         policy=cfg.policy)
+                         policy=cfg.policy, total_steps=len(plan))
     data_state = policy.data_state if resumed_from else None
     start_step = data_state["step"] if data_state else 0
     rank0 = dist.get_rank() == 0

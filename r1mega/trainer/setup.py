@@ -97,7 +97,8 @@ def setup_run(cfg: Config, resume: Optional[str | Path] = None) -> GRPORun:
     rollout_cfg = cfg.rollout
     policy = load_policy(resumed_from or inputs.model_dir, parallel=cfg.parallel, optim=cfg.optim,
                          temperature=rollout_cfg.temperature, seed=cfg.run.seed,
-                         router_replay=rollout_cfg.router_replay, policy=cfg.policy)
+                         router_replay=rollout_cfg.router_replay, policy=cfg.policy,
+                         total_steps=cfg.run.steps * cfg.batch.minibatches_per_step)
     rank0 = dist.get_rank() == 0
     data_state = policy.data_state if resumed_from is not None else None
     start_step = data_state["step"] if data_state else 0
