@@ -2,9 +2,14 @@
 set, general prompts with rule-checkable preferences.
 
 * Reasoning problems: the base corpus's two-digit additions (r1mega.data.base_corpus, the same
-  train / test split), asked in English ("What is 68 + 57?") or Chinese ("68 + 57 等于多少？"),
-  alternately; ``record.language`` is the prompt's language, the language the chain of thought
-  should be in.
+  train / test split), asked in English ("What is 68 + 57?") or Chinese ("请计算 68 + 57?",
+  "please compute 68 + 57"), alternately; ``record.language`` is the prompt's language, the
+  language the chain of thought should be in. Both prompts end with the operands and "?", as the
+  base corpus's prompts do: the base model learned to read the digits at that distance from the
+  end of the prompt. Measured on a base pretrained with one thread: with "68 + 57 等于多少？"
+  (fifteen byte tokens after the operands) the cold-started model read the Chinese prompts'
+  digits right in 9 of 50 held-out problems and its held-out pass@1 was 0.087; with this prompt,
+  47 of 50 and 0.698, the same SFT otherwise.
 * R1-format completions: a short readable chain of thought in the prompt's language, then a
   summary with the boxed answer::
 
@@ -56,7 +61,7 @@ def problems(split: str, n: Optional[int] = None, *, seed: int = 0) -> list[Prom
     for i, r in enumerate(base_corpus.problems(split, seed=seed)):
         a, b = r.meta["operands"]
         language = "zh" if i % 2 else "en"
-        prompt = f"What is {a} + {b}?" if language == "en" else f"{a} + {b} 等于多少？"
+        prompt = f"What is {a} + {b}?" if language == "en" else f"请计算 {a} + {b}?"
         out.append(PromptRecord(id=f"{r.id}-{language}", prompt=prompt, task="math", answer=r.answer,
                                 language=language, meta={**r.meta, "generator": "r1mega.data.r1_corpus"}))
     return out if n is None else out[:n]
@@ -82,7 +87,7 @@ def completion(record: PromptRecord, *, mixed: bool = False) -> str:
     return f" <think> {think} </think> {summary} $\\boxed{{{record.answer}}}${end}"
 
 
-def cold_start_rows(n: int = 600, *, mix: float = 0.5, seed: int = 0) -> list[dict]:
+def cold_start_rows(n: int = 2000, *, mix: float = 0.5, seed: int = 0) -> list[dict]:
     """`n` SFT rows (prompt, completion, language, mixed) from the train split; a share `mix`
     with a chain of thought that ends in the other language."""
     if not 0.0 <= mix <= 1.0:
