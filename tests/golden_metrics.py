@@ -16,10 +16,14 @@ no compile), on the test base model (the embedded default's recipe pretrained fo
 * ``sft-cold-start``: the ``tiny-cold-start`` recipe's first 5 steps.
 
 Every metric that is not a timing is kept, and ``tests/test_golden_metrics.py`` asserts that the
-code reproduces ``tests/golden/metrics.json`` bit for bit. A change that moves numerics regenerates
-the file in its own commit, with the reason recorded in it::
+code reproduces ``tests/golden/metrics.json`` bit for bit. Bits depend on the machine's kernels
+(the CPU's vector unit and vendor, the torch build): the file holds one entry per machine, told
+apart by the hash of the test base's weights, and the test compares the entry of the machine it
+runs on (and skips, saying so, on a machine no entry was recorded on). A change that moves
+numerics regenerates this machine's entry in its own commit, with the reason recorded in it; the
+other machines' entries lose the runs it moves (``--moved``), which only they can record again::
 
-    python -m tests.golden_metrics --reason "why the numbers moved"
+    python -m tests.golden_metrics --reason "why the numbers moved" [--moved sft-cold-start ...]
 """
 
 from __future__ import annotations
@@ -103,19 +107,59 @@ def environment() -> dict:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
     return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": _cpu_model(),
             "commit": commit.strip(), "date": datetime.date.today().isoformat()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load() -> dict:
+    """{"machines": [entry, ...]}, each entry {"reason", "environment", "runs"} recorded on one
+    machine; runs["base"] (the test base's weights hash) tells whose kernels an entry holds."""
+    return json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"machines": []}
+
+
+def entry_for(doc: dict, base_hash: str) -> dict | None:
+    """The entry recorded on a machine whose kernels pretrain the test base to `base_hash`."""
+    return next((e for e in doc["machines"] if e["runs"].get("base") == base_hash), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate tests/golden/metrics.json (its own commit, with why).")
     parser.add_argument("--reason", required=True, help="why the numbers moved (kept in the file)")
+    parser.add_argument("--moved", nargs="+", choices=sorted(RUNS), default=sorted(RUNS),
+                        help="the runs whose numbers this change moves (default: all); other machines' entries "
+                             "lose them, since only their own machine can record them again")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         runs = collect(Path(tmp))
-    doc = {"reason": args.reason, "environment": environment(), "runs": runs}
+    doc = load()
+    others = []
+    for e in doc["machines"]:
+        if e["runs"].get("base") == runs["base"]:
+            continue  # this machine's entry: replaced
+        kept = {k: v for k, v in e["runs"].items() if k not in args.moved}
+        if set(kept) - {"base"}:
+            dropped = sorted(set(e["runs"]) - set(kept))
+            e = {**e, "runs": kept}
+            if dropped:
+                e["dropped"] = e.get("dropped", []) + [{"runs": dropped, "reason": args.reason}]
+            others.append(e)
+    doc = {"note": "one entry per machine whose kernels give other bits (told apart by the test base's "
+                   "weights hash, runs.base); the test compares the entry of the machine it runs on",
+           "machines": [{"reason": args.reason, "environment": environment(), "runs": runs}, *others]}
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
     GOLDEN.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {GOLDEN}")
+    print(f"wrote {GOLDEN}: this machine's entry (test base {runs['base']}) and {len(others)} other(s)")
     return 0
 
 
