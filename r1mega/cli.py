@@ -176,6 +176,8 @@ FLAG_KEYS: dict[str, tuple[Flag, ...]] = {
     "pipeline": (
         Flag("--out", "pipeline.out", "where every stage writes (default runs/r1-pipeline); run again to resume",
              "DIR"),
+        Flag("--base-model", "pipeline.base_model", "the base model stages 1 and 3 fine-tune (default: the embedded "
+             "base the pretrain section describes)", "DIR"),
     ),
     "plan": (
         Flag("--nnodes", "plan.nnodes", "nodes (default 1)", "N"),

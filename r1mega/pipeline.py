@@ -388,6 +388,9 @@ def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = 
     path = out / MANIFEST
     manifest = json.loads(path.read_text()) if path.is_file() else {"recipe": "r1", "stages": {}}
     base = base_source(cfg)
+    if cfg.pipeline.base_model is not None and not (Path(cfg.pipeline.base_model) / "config.json").is_file():
+        raise PipelineError(f"pipeline.base_model: {cfg.pipeline.base_model} is not a Hugging Face model directory "
+                            "(no config.json)")
     if manifest.setdefault("base", base) != base:
         raise PipelineError(f"{out} holds stages made from {manifest['base']}, not {base}: give another --out "
                             f"(or the same base) to resume")

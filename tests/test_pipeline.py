@@ -167,3 +167,8 @@ def test_the_base_is_the_given_model_and_a_run_directory_keeps_its_base(tmp_path
     from r1mega.run.base_model import PretrainSpec
 
     assert P.base_source(default) == f"the embedded base {PretrainSpec(seed=3, threads=1).cache_name()}"
+    missing = get_recipe("r1").with_overrides([f"pipeline.out={tmp_path / 'new'}", f"pipeline.base_model={tmp_path}"])
+    assert P.pipeline_command(missing, progress=False) == 1
+    assert capsys.readouterr().err == (f"r1mega: error: pipeline.base_model: {tmp_path} is not a Hugging Face model "
+                                       "directory (no config.json)\n")
+    assert not (tmp_path / "new").exists()  # before any work
