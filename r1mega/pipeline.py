@@ -239,7 +239,9 @@ def _acceptance(report: dict) -> Optional[float]:
 
 def stage_reward_model(ctx: Context) -> dict:
     out = ctx.path("reward_model")
-    argv = r1mega_command(ctx, "rm", "--recipe", STAGE_RECIPES["reward_model"], "--out", str(out), "--quiet")
+    # from the pipeline's base, as every stage (DeepSeek-R1's reward models start from its base, V3)
+    argv = r1mega_command(ctx, "rm", "--recipe", STAGE_RECIPES["reward_model"], "--model", base_model(ctx),
+                          "--out", str(out), "--quiet")
     wall = run_command(ctx, "reward_model", argv)
     metrics = json.loads((out / "rm.json").read_text())["metrics"]
     return {"command": shlex.join(argv), "model": str(out), "wall_s": wall,

@@ -21,7 +21,7 @@ from tests.trainer_helpers import r1mega
 
 PRETRAIN_STEPS = 300
 HELDOUT = 40  # held-out problems, English and Chinese alternately
-COLD_START_EPOCHS = 3  # of tiny-cold-start's 6
+COLD_START_STEPS = 80  # of tiny-cold-start's 174 (2 epochs of 2000 examples)
 
 
 def _run(*args: str) -> None:
@@ -48,7 +48,7 @@ def test_the_cold_start_keeps_the_base_accuracy_and_stage_2_trains_from_it(tmp_p
     before = _evaluate(base, heldout, tmp_path / "eval-base")
 
     _run("sft", "--recipe", "tiny-cold-start", "--model", str(base), "--set", f"run.out_dir={tmp_path}",
-         "--set", "run.name=cold", "--set", f"sft.epochs={COLD_START_EPOCHS}")
+         "--set", "run.name=cold", "--set", f"sft.max_steps={COLD_START_STEPS}")
     cold = _evaluate(tmp_path / "cold" / "final", heldout, tmp_path / "eval-cold")
 
     _run("train", "--recipe", "tiny-reasoning-rl", "--model", str(tmp_path / "cold" / "final"), "--data", str(train),
