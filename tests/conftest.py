@@ -82,7 +82,6 @@ SLOW_MODULES = {
     "test_launchers.py",  # dry runs that build megatron's groups in launcher subprocesses (31 s)
     "test_sandbox_hostile.py",  # hostile programs in real sandboxes, both backends (13 s)
     "test_gpu_check.py",  # gpu_check.py in subprocesses (10 s)
-    "test_r1_stages.py",  # two bases pretrained, cold-started, evaluated and trained by the CLI
 }
 SLOW_TESTS = {
     # whole runs of the CLI
