@@ -18,6 +18,7 @@ kernels differ, and that cannot be part of the cache key.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -225,17 +226,23 @@ def ensure_base_model(cache: Optional[str | Path] = None, spec: PretrainSpec = P
     R1 stages' prompt format; see :func:`with_chat_template`)."""
     root = Path(cache) if cache is not None else default_cache()
     path = root / spec.cache_name()
-    if not (path / "pretrain.json").is_file():
-        if progress:
-            what = "base model" if spec.arch == "qwen3_moe" else f"dense {spec.arch} student base"
-            sys.stderr.write(f"building the embedded {what} into {path} (once; a few minutes on 2 cores)\n")
-        pretrain_base_model(path, spec, progress=progress)
-    if not chat:
-        return path
     chat_path = root / f"{spec.cache_name()}-chat"
-    if not (chat_path / "pretrain.json").is_file():
-        with_chat_template(path, chat_path)
-    return chat_path
+    want = chat_path if chat else path
+    if (want / "pretrain.json").is_file():
+        return want
+    root.mkdir(parents=True, exist_ok=True)
+    # Two processes asking for the same entry (two pipelines side by side): the second waits for
+    # the first to build it instead of building it again and failing to move it into place.
+    with open(root / f".{spec.cache_name()}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "pretrain.json").is_file():
+            if progress:
+                what = "base model" if spec.arch == "qwen3_moe" else f"dense {spec.arch} student base"
+                sys.stderr.write(f"building the embedded {what} into {path} (once; a few minutes on 2 cores)\n")
+            pretrain_base_model(path, spec, progress=progress)
+        if chat and not (chat_path / "pretrain.json").is_file():
+            with_chat_template(path, chat_path)
+    return want
 
 
 def ensure_student_base(cache: Optional[str | Path] = None, *, progress: bool = True) -> Path:
