@@ -58,7 +58,7 @@ FLAG_VALUES = {
     "distill.max_prompts": ("12", 12), "distill.max_heldout": ("13", 13), "distill.max_new_tokens": ("64", 64),
     "eval.samples": ("8", 8), "eval.temperature": ("0.7", 0.7), "eval.top_p": ("0.9", 0.9),
     "eval.max_new_tokens": ("32", 32), "eval.max_prompts": ("5", 5), "distill.format_style": ("answer-tags", "answer-tags"),
-    "pipeline.out": ("elsewhere", "elsewhere"), "plan.nnodes": ("2", 2), "plan.nproc_per_node": ("4", 4),
+    "pipeline.out": ("elsewhere", "elsewhere"), "pipeline.base_model": ("my-base", "my-base"), "plan.nnodes": ("2", 2), "plan.nproc_per_node": ("4", 4),
 }
 
 
