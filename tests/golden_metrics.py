@@ -38,6 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks._common import cpu_model
 from r1mega.run.logs import is_timing
 from tests.trainer_helpers import REPO, run_env
 
@@ -107,19 +108,9 @@ def environment() -> dict:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
     return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model(),
             "commit": commit.strip(), "date": datetime.date.today().isoformat()}
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return " ".join(value.split())
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load() -> dict:
