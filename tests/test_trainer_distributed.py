@@ -45,7 +45,10 @@ def test_layout_reproduces_the_first_step(tmp_path, small_base_model, single, la
     print(f"{layout}: reward {got['reward_mean']:.9g} vs {want['reward_mean']:.9g}, loss {got['loss']:.9g} vs "
           f"{want['loss']:.9g}, grad_norm {got['grad_norm']:.9g} vs {want['grad_norm']:.9g}, "
           f"kl {got['kl_mean']:.3g}, mismatch {got['mismatch_abs_max']:.3g}")
-    assert want["loss"] != 0.0 and want["grad_norm"] > 0.0, want  # something to compare
+    # At ratio 1, with every response cut at max_new_tokens, the token-mean loss is the mean of
+    # group-normalised advantages: zero up to rounding (exactly 0.0 on some CPUs). The gradient is
+    # what carries the step, so it is what must be there to compare.
+    assert want["grad_norm"] > 0.0 and want["reward_mean"] > 0.0, want  # something to compare
     assert got["reward_mean"] == want["reward_mean"] and got["response_length_mean"] == want["response_length_mean"]
     assert math.isclose(got["loss"], want["loss"], rel_tol=1e-4, abs_tol=1e-7)
     assert math.isclose(got["grad_norm"], want["grad_norm"], rel_tol=1e-4)
