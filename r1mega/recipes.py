@@ -120,10 +120,16 @@ def tiny_rejection_sft() -> Config:
 def tiny_all_scenario_rl() -> Config:
     """R1 stage 4 on the embedded default: GRPO over reasoning and general prompts, each routed to its reward.
 
-    Stage 2's settings for 30 steps on a mix of additions (rule rewards) and general prompts
-    (rewards.reward_model, trained by ``r1mega rm``), language consistency on both.
+    Stage 2's settings for 60 steps on a mix of additions (rule rewards) and general prompts
+    (rewards.reward_model, trained by ``r1mega rm``), language consistency on both, with DAPO's
+    dynamic sampling. Two thirds of the mix are additions, so 60 steps give the additions about
+    stage 2's 40 steps of updates; stage 3 already solves most of them, so most groups score alike
+    and carry no advantage, and dynamic sampling refills the batch with groups that do. Measured on
+    the base whose stage 2 solved all 400 held-out samples: 30 steps 0.973, 60 steps 0.980, 60 steps
+    with dynamic sampling 0.993.
     """
-    return tiny_reasoning_rl().with_values({"run.name": "tiny-all-scenario-rl", "run.steps": 30})
+    return tiny_reasoning_rl().with_values({"run.name": "tiny-all-scenario-rl", "run.steps": 60,
+                                            "grpo.dynamic_sampling": True})
 
 
 @recipe
