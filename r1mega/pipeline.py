@@ -45,6 +45,7 @@ from typing import Callable, Optional
 from r1mega.config import Config, PipelineConfig
 from r1mega.data import r1_corpus
 from r1mega.data.loader import write_prompts
+from r1mega.evaluation.metrics import paired_difference
 from r1mega.recipes import get_recipe
 from r1mega.rejection.sample import report_path
 from r1mega.run.base_model import ensure_base_model, spec_from_config
@@ -127,6 +128,20 @@ def _eval(ctx: Context, name: str, model: Path) -> dict:
     s = json.loads(summary.read_text())
     return {k: s[k] for k in ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate",
                               "mixing_rate", "response_length_mean")}
+
+
+def paired_gap(ctx: Context, name: str, than: str) -> Optional[tuple[float, float]]:
+    """Held-out pass@1 of eval NAME minus that of eval THAN over the problems both scored, with
+    its paired standard error; None when either evaluation has no per-problem results."""
+    per_problem = []
+    for n in (name, than):
+        path = ctx.path("eval", n, "problems.jsonl")
+        if not path.is_file():
+            return None
+        rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        per_problem.append({r["id"]: r["pass_at_1"] for r in rows})
+    ids = [i for i in per_problem[0] if i in per_problem[1]]
+    return paired_difference([per_problem[0][i] for i in ids], [per_problem[1][i] for i in ids])
 
 
 def run_dir_command(ctx: Context, stage: str, command: str, recipe: str, run_dir: Path, args: list[str]) -> list[str]:
@@ -291,20 +306,30 @@ ROWS = (("base", "base", "model"), ("1 cold start", "cold_start", "model"),
         ("student base", "distill", "student_base"), ("student (distilled)", "distill", "model"))
 
 
-def checks(figures: dict[str, dict], rm: dict) -> list[tuple[str, bool]]:
-    """The claims the embedded default must show, each with whether this run shows it."""
+MATCH_ERRORS = 2.0  # "matches": lower by at most this many paired standard errors
+
+
+def checks(figures: dict[str, dict], rm: dict,
+           stage4_gap: Optional[tuple[float, float]] = None) -> list[tuple[str, bool]]:
+    """The claims the embedded default must show, each with whether this run shows it.
+
+    stage4_gap: stage 4's held-out pass@1 minus stage 2's over the same problems, with its paired
+    standard error (r1mega.evaluation.paired_difference); None: the difference of the figures, with
+    no error. Stage 4 matches stage 2 when it is lower by at most MATCH_ERRORS standard errors: a
+    saturated stage 2 (400 of 400 samples right) would otherwise need a stage 4 without one miss."""
     def get(row: str, key: str) -> float:
         return figures.get(row, {}).get(key, math.nan)
 
     rm_acc = rm.get("heldout_accuracy", math.nan)
+    gap, se = stage4_gap or (get("4 all-scenario RL", "pass_at_1") - get("2 reasoning RL", "pass_at_1"), 0.0)
     return [
         ("cold start raises format validity over the base", get("1 cold start", "format_rate") > get("base", "format_rate")),
         ("stage 2 raises held-out pass@1 over stage 1", get("2 reasoning RL", "pass_at_1") > get("1 cold start", "pass_at_1")),
         ("language mixing is lower with the language reward than without",
          get("2 reasoning RL", "mixing_rate") < get("2 without language reward", "mixing_rate")),
         ("the reward model beats chance on held-out pairs by a clear margin (>= 0.75)", rm_acc >= 0.75),
-        ("stage 4 at least matches stage 2 on held-out pass@1",
-         get("4 all-scenario RL", "pass_at_1") >= get("2 reasoning RL", "pass_at_1")),
+        (f"stage 4 at least matches stage 2 on held-out pass@1 (within {MATCH_ERRORS:g} paired standard errors)",
+         gap >= -MATCH_ERRORS * (0.0 if math.isnan(se) else se)),
         ("the student beats its own base", get("student (distilled)", "pass_at_1") > get("student base", "pass_at_1")),
     ]
 
@@ -313,7 +338,7 @@ CLAIMS_FAILED = 3  # r1mega pipeline's exit status when the table is written but
 
 
 def table(figures: dict[str, dict], rm: dict, wall: dict[str, float], *,
-          heldout_problems: int = HELDOUT_PROBLEMS) -> str:
+          heldout_problems: int = HELDOUT_PROBLEMS, stage4_gap: Optional[tuple[float, float]] = None) -> str:
     e = get_recipe(STAGE_RECIPES["eval"]).eval
     keys = ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate", "mixing_rate")
     heads = ("pass@1", f"cons@{e.samples}", "greedy", "format", "language", "mixing")
@@ -329,8 +354,11 @@ def table(figures: dict[str, dict], rm: dict, wall: dict[str, float], *,
     if rm:
         lines.append(f"reward model: held-out pair accuracy {rm.get('heldout_accuracy_before', math.nan):.3f} -> "
                      f"{rm.get('heldout_accuracy', math.nan):.3f}")
+    if stage4_gap is not None:
+        lines.append(f"stage 4 - stage 2 held-out pass@1: {stage4_gap[0]:+.4f} (paired standard error "
+                     f"{stage4_gap[1]:.4f})")
     lines.append("stage wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()))
-    for claim, ok in checks(figures, rm):
+    for claim, ok in checks(figures, rm, stage4_gap):
         lines.append(f"[{'yes' if ok else 'NO '}] {claim}")
     return "\n".join(lines)
 
@@ -411,10 +439,12 @@ def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = 
         figures[label] = _eval(ctx, name, Path(model))
     rm = manifest["stages"]["reward_model"]["figures"]
     wall = {name: e.get("wall_s", 0.0) for name, e in manifest["stages"].items()}
+    gap = paired_gap(ctx, "4_all-scenario_RL", "2_reasoning_RL")
     manifest["table"] = figures
-    manifest["checks"] = {claim: ok for claim, ok in checks(figures, rm)}
+    manifest["stage4_gap"] = list(gap) if gap else None
+    manifest["checks"] = {claim: ok for claim, ok in checks(figures, rm, gap)}
     manifest["wall_s_this_invocation"] = time.perf_counter() - start
-    text = table(figures, rm, wall, heldout_problems=cfg.pipeline.heldout_problems)
+    text = table(figures, rm, wall, heldout_problems=cfg.pipeline.heldout_problems, stage4_gap=gap)
     manifest["table_text"] = text
     ctx.save()
     atomic_write_text(out / "table.txt", text + "\n")
@@ -422,5 +452,5 @@ def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = 
     return manifest
 
 
-__all__ = ["CLAIMS_FAILED", "Context", "base_source", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "pipeline", "pipeline_command",
+__all__ = ["CLAIMS_FAILED", "Context", "base_source", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "paired_gap", "pipeline", "pipeline_command",
            "run_command", "run_stages", "table"]

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from r1mega.evaluation import EvalError, cons_at_k, load_eval_problems, majority_index, pass_at_k
+from r1mega.evaluation import EvalError, cons_at_k, load_eval_problems, majority_index, paired_difference, pass_at_k
 from r1mega.rewards import equivalent_answers
 
 
@@ -48,6 +48,27 @@ def test_cons_at_k_hand_cases():
     assert majority_index(["9", "4", "4", "9"], same) == 0
     with pytest.raises(ValueError, match="2 answers but 1"):
         cons_at_k(["1", "2"], [True], same)
+
+
+@pytest.mark.parametrize("n,seed", [(2, 0), (7, 1), (100, 2), (401, 3)])
+def test_paired_difference_equals_numpy(n, seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a, b = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], size=(2, n))
+    gap, se = paired_difference(a.tolist(), b.tolist())
+    d = a - b
+    assert gap == pytest.approx(d.mean(), abs=1e-12), seed
+    assert se == pytest.approx(d.std(ddof=1) / np.sqrt(n), abs=1e-12), seed
+
+
+def test_paired_difference_edges():
+    assert paired_difference([1.0] * 5, [1.0] * 5) == (0.0, 0.0)
+    gap, se = paired_difference([1.0, math.nan, 0.5], [0.5, 1.0, 0.5])  # the NaN pair is left out
+    assert gap == 0.25 and se == pytest.approx(0.25)
+    assert math.isnan(paired_difference([1.0], [0.0])[1]) and math.isnan(paired_difference([], [])[0])
+    with pytest.raises(ValueError, match="3 scores against 2"):
+        paired_difference([1.0, 1.0, 1.0], [1.0, 1.0])
 
 
 @pytest.mark.parametrize("row,words", [

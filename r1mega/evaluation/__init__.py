@@ -8,7 +8,7 @@ from r1mega.evaluation.generation import (
     checkpoint_buckets,
     stop_token_ids,
 )
-from r1mega.evaluation.metrics import cons_at_k, majority_index, mean, pass_at_k
+from r1mega.evaluation.metrics import cons_at_k, majority_index, mean, paired_difference, pass_at_k
 from r1mega.evaluation.run import (
     SUMMARY_KEYS,
     EvalError,
@@ -23,4 +23,4 @@ from r1mega.evaluation.run import (
 
 __all__ = ["SUMMARY_KEYS", "CompletionScorer", "EvalError", "EvalSettings", "GenerationError", "ScoredSampler",
            "checkpoint_buckets", "cons_at_k", "evaluate_model", "evaluate_prompts", "fit_eval_problems", "load_eval_problems",
-           "majority_index", "mean", "pass_at_k", "stop_token_ids", "summary_table", "write_results"]
+           "majority_index", "mean", "paired_difference", "pass_at_k", "stop_token_ids", "summary_table", "write_results"]

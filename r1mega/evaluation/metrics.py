@@ -60,4 +60,22 @@ def mean(values: Sequence[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-__all__ = ["cons_at_k", "majority_index", "mean", "pass_at_k"]
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """The mean of a[i] - b[i] over paired scores (two models' per-problem pass@1 on the same
+    problems) and its standard error: the sample standard deviation of the differences (n - 1 in
+    the denominator) over sqrt(n). Pairing removes the problems' own difficulty from the error,
+    which two independent standard errors would count twice. NaN pairs are left out; the error is
+    NaN with fewer than two pairs left."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: {len(a)} scores against {len(b)}")
+    diffs = [x - y for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))]
+    if not diffs:
+        return math.nan, math.nan
+    gap = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return gap, math.nan
+    var = sum((d - gap) ** 2 for d in diffs) / (len(diffs) - 1)
+    return gap, math.sqrt(var / len(diffs))
+
+
+__all__ = ["cons_at_k", "majority_index", "mean", "paired_difference", "pass_at_k"]
