@@ -25,16 +25,21 @@ pipeline's own config (recipe ``r1``) is its ``pipeline`` section: the output di
 data sizes.
 
 Resumable by stage: a stage recorded done in the manifest (and whose outputs exist) is not
-redone; a stage that was killed resumes from its run directory's last checkpoint.
+redone; a stage that was killed resumes from its run directory's last checkpoint. Each stage is
+recorded with a fingerprint of its settings and its inputs' fingerprints (:func:`stage_fingerprints`):
+one whose recipe, sizes or base changed since is redone from scratch, with every stage that reads it
+and every evaluation of them, so that a run directory never mixes stages made under other settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -112,10 +117,14 @@ def run_command(ctx: Context, stage: str, argv: list[str], *, ok: tuple[int, ...
     return time.perf_counter() - start
 
 
-def _eval(ctx: Context, name: str, model: Path) -> dict:
-    """Held-out figures of `model` (cached in OUT/eval/NAME/summary.json)."""
+def _eval(ctx: Context, name: str, model: Path, fingerprint: Optional[str] = None) -> dict:
+    """Held-out figures of `model` (cached in OUT/eval/NAME/summary.json, and redone when the
+    manifest records another fingerprint for it: eval_fingerprint)."""
     out = ctx.path("eval", name)
     summary = out / "summary.json"
+    evals = ctx.manifest.setdefault("evals", {})
+    if fingerprint is not None and evals.get(name) != fingerprint:
+        shutil.rmtree(out, ignore_errors=True)
     if not summary.is_file():
         e = get_recipe(STAGE_RECIPES["eval"])
         protocol = ["--samples", str(e.eval.samples), "--temperature", str(e.eval.temperature),
@@ -125,6 +134,9 @@ def _eval(ctx: Context, name: str, model: Path) -> dict:
         run_command(ctx, f"eval-{name}", r1mega_command(
             ctx, "eval", "--model", str(model), "--data", str(ctx.path("data", "heldout.jsonl")), "--out", str(out),
             *protocol, "--quiet"))
+    if fingerprint is not None:
+        evals[name] = fingerprint
+        ctx.save()
     s = json.loads(summary.read_text())
     return {k: s[k] for k in ("pass_at_1", "cons_at_k", "greedy_accuracy", "format_rate", "language_rate",
                               "mixing_rate", "response_length_mean")}
@@ -149,8 +161,6 @@ def run_dir_command(ctx: Context, stage: str, command: str, recipe: str, run_dir
     if (run_dir / "config.json").is_file() and not (run_dir / "summary.json").is_file():
         return r1mega_command(ctx, command, "--resume", str(run_dir), "--quiet")
     if (run_dir / "config.json").is_file():  # finished but not recorded: redo from scratch
-        import shutil
-
         shutil.rmtree(run_dir)
     return r1mega_command(ctx, command, "--recipe", recipe, *args, "--set", f"run.out_dir={run_dir.parent}",
                           "--set", f"run.name={run_dir.name}", "--quiet")
@@ -363,28 +373,92 @@ def table(figures: dict[str, dict], rm: dict, wall: dict[str, float], *,
     return "\n".join(lines)
 
 
-def run_stages(ctx: Context, stages: dict[str, Callable[[Context], dict]]) -> list[str]:
+def run_stages(ctx: Context, stages: dict[str, Callable[[Context], dict]],
+               fingerprints: Optional[dict[str, str]] = None) -> list[str]:
     """Run the stages in order, skipping those the manifest records done (whose model, if any,
-    still exists); the manifest is saved after each. Returns the names that ran."""
+    still exists); the manifest is saved after each. Returns the names that ran.
+
+    fingerprints: each stage's (stage_fingerprints); a stage recorded with another fingerprint,
+    or none, was made with other settings or from other inputs and is redone from scratch, its
+    run directory (a killed attempt's too) removed first, so that nothing stale is resumed."""
     ran = []
     for i, (name, fn) in enumerate(stages.items()):
         entry = ctx.manifest["stages"].get(name)
-        if entry and entry.get("status") == "done" and (not entry.get("model") or Path(entry["model"]).exists()):
+        fingerprint = (fingerprints or {}).get(name)
+        changed = fingerprint is not None and entry is not None and entry.get("fingerprint") != fingerprint
+        if (entry and entry.get("status") == "done" and not changed
+                and (not entry.get("model") or Path(entry["model"]).exists())):
             if ctx.progress:
                 print(f"[{i + 1}/{len(stages)}] {name}: done already", file=sys.stderr)
             continue
+        if changed:
+            _remove_outputs(ctx, name, entry)
+            if ctx.progress:
+                print(f"[{i + 1}/{len(stages)}] {name}: its settings or inputs changed since it ran: redoing it",
+                      file=sys.stderr)
+        if fingerprint is not None:  # a killed attempt is resumed only under the same fingerprint
+            ctx.manifest["stages"][name] = {"status": "running", "fingerprint": fingerprint}
+            ctx.save()
         if ctx.progress:
             print(f"[{i + 1}/{len(stages)}] {name} ... (log: {ctx.path('logs', name + '.log')})", file=sys.stderr)
         t = time.perf_counter()
         entry = fn(ctx)
         entry.setdefault("wall_s", time.perf_counter() - t)
         entry["status"] = "done"
+        if fingerprint is not None:
+            entry["fingerprint"] = fingerprint
         ctx.manifest["stages"][name] = entry
         ctx.save()
         ran.append(name)
         if ctx.progress:
             print(f"    {name} done in {entry['wall_s']:.0f}s", file=sys.stderr)
     return ran
+
+
+def _remove_outputs(ctx: Context, name: str, entry: dict) -> None:
+    """A stage's run directory and the outputs its entry records, those inside OUT only (the base
+    model and the student's base live in the shared cache and are never removed here)."""
+    paths = [ctx.path("runs", name), entry.get("model"), *(entry.get("outputs") or {}).values()]
+    root = ctx.out.resolve()
+    for path in (Path(p) for p in paths if p):
+        if not path.resolve().is_relative_to(root) or not path.exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+# What each stage reads (besides its own recipe): a stage is redone when its settings or an
+# input's fingerprint changed.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "data": (), "base": (), "cold_start": ("base",),
+    "reasoning_rl": ("data", "cold_start"), "reasoning_rl_no_language": ("data", "cold_start"),
+    "rejection_sampling": ("data", "reasoning_rl"), "sft_general": ("base", "rejection_sampling"),
+    "reward_model": ("base",), "all_scenario_rl": ("data", "sft_general", "reward_model"),
+    "distill": ("data", "reasoning_rl", "rejection_sampling"),
+}
+
+
+def stage_fingerprints(cfg: Config) -> dict[str, str]:
+    """Each stage's fingerprint: a hash of its settings (its recipe's whole config; for data the
+    pipeline's sizes, for base which base) and of its inputs' fingerprints. The code itself is
+    not hashed: a change in r1mega that keeps every setting keeps the fingerprints."""
+    p = dataclasses.asdict(cfg.pipeline)
+    settings = {"data": {k: p[k] for k in ("heldout_problems", "sample_prompts", "mix_math_prompts")},
+                "base": base_source(cfg)}
+    out: dict[str, str] = {}
+    for name in STAGES:
+        own = settings[name] if name in settings else get_recipe(STAGE_RECIPES[name]).to_dict()
+        text = json.dumps({"settings": own, "inputs": {i: out[i] for i in STAGE_INPUTS[name]}}, sort_keys=True)
+        out[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out
+
+
+def eval_fingerprint(stage_fingerprint: str) -> str:
+    """An evaluation's: the evaluated stage's fingerprint and the evaluation recipe's config."""
+    text = json.dumps({"stage": stage_fingerprint, "eval": get_recipe(STAGE_RECIPES["eval"]).to_dict()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def pipeline_command(cfg: Config, *, progress: bool = True) -> int:
@@ -429,14 +503,15 @@ def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = 
     manifest["stage_recipes"] = dict(STAGE_RECIPES)
     ctx = Context(out, sys.executable, progress, manifest, cfg)
     start = time.perf_counter()
-    run_stages(ctx, STAGES)
+    fingerprints = stage_fingerprints(cfg)
+    run_stages(ctx, STAGES, fingerprints)
     figures = {}
     for label, stage, key in ROWS:
         model = manifest["stages"][stage][key]
         name = label.split(" (")[0].replace(" ", "_")
         if progress:
             print(f"evaluating {label} ...", file=sys.stderr)
-        figures[label] = _eval(ctx, name, Path(model))
+        figures[label] = _eval(ctx, name, Path(model), eval_fingerprint(fingerprints[stage]))
     rm = manifest["stages"]["reward_model"]["figures"]
     wall = {name: e.get("wall_s", 0.0) for name, e in manifest["stages"].items()}
     gap = paired_gap(ctx, "4_all-scenario_RL", "2_reasoning_RL")
@@ -452,5 +527,5 @@ def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = 
     return manifest
 
 
-__all__ = ["CLAIMS_FAILED", "Context", "base_source", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "paired_gap", "pipeline", "pipeline_command",
-           "run_command", "run_stages", "table"]
+__all__ = ["CLAIMS_FAILED", "Context", "base_source", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "eval_fingerprint", "paired_gap", "pipeline", "pipeline_command",
+           "run_command", "run_stages", "stage_fingerprints", "table"]

@@ -143,18 +143,21 @@ def test_r1mega_pipeline_exits_non_zero_after_the_table_when_a_claim_fails(tmp_p
     out = tmp_path / "pipeline"
     model = tmp_path / "model"
     model.mkdir()
-    stages = {name: {"status": "done", "model": str(model)} for name in P.STAGES}
+    cfg = get_recipe("r1").with_overrides([f"pipeline.out={out}"])
+    fingerprints = P.stage_fingerprints(cfg)
+    stages = {name: {"status": "done", "model": str(model), "fingerprint": fingerprints[name]} for name in P.STAGES}
     stages["data"].pop("model")
     stages["distill"]["student_base"] = str(model)
     stages["reward_model"]["figures"] = {"heldout_accuracy_before": 0.5, "heldout_accuracy": 0.9}
-    out.mkdir()
-    (out / P.MANIFEST).write_text(json.dumps({"recipe": "r1", "stages": stages}))
+    evals = {}
     rows = figures({failing[:2]: failing[2]} if failing else None)
-    for label, *_ in P.ROWS:
-        summary = out / "eval" / label.split(" (")[0].replace(" ", "_") / "summary.json"
+    for label, stage, _ in P.ROWS:
+        name = label.split(" (")[0].replace(" ", "_")
+        summary = out / "eval" / name / "summary.json"
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps(rows[label]))
-    cfg = get_recipe("r1").with_overrides([f"pipeline.out={out}"])
+        evals[name] = P.eval_fingerprint(fingerprints[stage])
+    (out / P.MANIFEST).write_text(json.dumps({"recipe": "r1", "stages": stages, "evals": evals}))
     status = P.pipeline_command(cfg, progress=False)
     captured = capsys.readouterr()
     assert (out / "table.txt").read_text().strip() == captured.out.strip()  # the table is written either way
@@ -165,6 +168,53 @@ def test_r1mega_pipeline_exits_non_zero_after_the_table_when_a_claim_fails(tmp_p
         assert captured.err == (f"r1mega: error: 1 of 6 claims do not hold: stage 4 at least matches stage 2 on "
                                 f"held-out pass@1 (within 2 paired standard errors) (table: {out / 'table.txt'})\n")
 
+
+
+def test_a_stage_whose_settings_or_inputs_changed_is_redone_with_what_follows_from_it(tmp_path):
+    from r1mega.recipes import get_recipe
+
+    cfg = get_recipe("r1")
+    before = P.stage_fingerprints(cfg)
+    assert set(before) == set(P.STAGES) == set(P.STAGE_INPUTS) and len(set(before.values())) == len(before)
+    assert P.stage_fingerprints(cfg) == before  # deterministic
+    other_base = P.stage_fingerprints(cfg.with_overrides(["pretrain.seed=1"]))
+    # every stage made from the base changes, the data and nothing else do not
+    assert {n for n in before if other_base[n] != before[n]} == set(P.STAGES) - {"data"}
+    more_heldout = P.stage_fingerprints(cfg.with_overrides(["pipeline.heldout_problems=50"]))
+    assert {n for n in before if more_heldout[n] != before[n]} == set(P.STAGES) - {"base", "cold_start", "reward_model"}
+    assert P.eval_fingerprint(before["cold_start"]) != P.eval_fingerprint(before["reasoning_rl"])
+
+    # run_stages: a changed fingerprint redoes the stage, removing its run directory and its
+    # outputs inside OUT; never what lies outside (the shared cache)
+    calls = []
+    cache = tmp_path / "cache-model"
+    cache.mkdir()
+
+    def stage(name, model):
+        def run(ctx):
+            calls.append(name)
+            model.mkdir(parents=True, exist_ok=True)
+            (ctx.out / "runs" / name).mkdir(parents=True, exist_ok=True)
+            (ctx.out / "runs" / name / "stale").write_text(str(len(calls)))
+            return {"model": str(model)}
+        return run
+
+    ctx = make_context(tmp_path / "out")
+    stages = {"a": stage("a", cache), "b": stage("b", tmp_path / "out" / "b-model")}
+    assert P.run_stages(ctx, stages, {"a": "1", "b": "1"}) == ["a", "b"]
+    assert P.run_stages(ctx, stages, {"a": "1", "b": "1"}) == []
+    (tmp_path / "out" / "b-model" / "old").write_text("x")
+    assert P.run_stages(ctx, stages, {"a": "2", "b": "2"}) == ["a", "b"]
+    assert cache.is_dir() and not (tmp_path / "out" / "b-model" / "old").exists()
+    assert (tmp_path / "out" / "runs" / "b" / "stale").read_text() == "4"
+    assert ctx.manifest["stages"]["b"]["fingerprint"] == "2"
+    # a killed attempt is recorded with its fingerprint, and resumed only under it
+    ctx.manifest["stages"]["b"] = {"status": "running", "fingerprint": "2"}
+    assert P.run_stages(ctx, stages, {"a": "2", "b": "2"}) == ["b"]
+    # a manifest from before fingerprints were recorded: every stage is redone
+    for entry in ctx.manifest["stages"].values():
+        entry.pop("fingerprint")
+    assert P.run_stages(ctx, stages, {"a": "2", "b": "2"}) == ["a", "b"]
 
 
 def test_the_base_is_the_given_model_and_a_run_directory_keeps_its_base(tmp_path, capsys):
