@@ -78,9 +78,10 @@ def tiny_cold_start() -> Config:
     warm-up. Many examples seen twice, not a few seen often: with 600 examples for 6 epochs (as
     many steps) the model learned the training answers rather than how the base composes them from
     the column sums, and held-out pass@1 depended on the base (0.698 on one base pretrained with
-    one thread, 0.372 on another); with 2000 for 2 epochs 0.642 and 0.635. The prompt stays the R1-Zero template, the only one the tiny base model can read
-    (a chat template it has never seen costs it the digits: measured pass@1 0.000 after the same
-    SFT); the output format changes to R1's (think block, then a summary with the boxed answer).
+    one thread, 0.372 on another); with 2000 for 2 epochs 0.642 and 0.635. The prompt stays the
+    R1-Zero template, the only one the tiny base model can read (a chat template it has never seen
+    costs it the digits: measured pass@1 0.000 after the same SFT); the output format changes to
+    R1's (think block, then a summary with the boxed answer).
     """
     return Config().with_values({
         "run.name": "tiny-cold-start", "run.save_every": 50,
