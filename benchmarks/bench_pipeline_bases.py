@@ -9,9 +9,10 @@ aggregate, the environment) and r1_pipeline_bases_table.txt.
 
     python benchmarks/bench_pipeline_bases.py --bases s0t2 s0t1 s1t2 s2t1 --jobs 2
 
-About 20 minutes per base on 2 cores; --jobs runs that many pipelines side by side, each with
-OMP_NUM_THREADS = cores / jobs (the stages' bits depend on it, the claims must not). The exit
-status is 3 when a claim fails on some base.
+About 40 minutes per base on 2 cores (a fresh clone: 43 min 35 s, both base models built inside);
+--jobs runs that many pipelines side by side, each with OMP_NUM_THREADS = cores / jobs (the
+stages' bits depend on it, the claims must not). The exit status is 3 when a claim fails on some
+base.
 """
 
 from __future__ import annotations
