@@ -316,6 +316,11 @@ ROWS = (("base", "base", "model"), ("1 cold start", "cold_start", "model"),
         ("student base", "distill", "student_base"), ("student (distilled)", "distill", "model"))
 
 
+def eval_name(label: str) -> str:
+    """The directory under OUT/eval that holds the evaluation of a ROWS label."""
+    return label.split(" (")[0].replace(" ", "_")
+
+
 MATCH_ERRORS = 2.0  # "matches": lower by at most this many paired standard errors
 
 
@@ -450,15 +455,17 @@ def stage_fingerprints(cfg: Config) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in STAGES:
         own = settings[name] if name in settings else get_recipe(STAGE_RECIPES[name]).to_dict()
-        text = json.dumps({"settings": own, "inputs": {i: out[i] for i in STAGE_INPUTS[name]}}, sort_keys=True)
-        out[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        out[name] = _digest({"settings": own, "inputs": {i: out[i] for i in STAGE_INPUTS[name]}})
     return out
 
 
 def eval_fingerprint(stage_fingerprint: str) -> str:
     """An evaluation's: the evaluated stage's fingerprint and the evaluation recipe's config."""
-    text = json.dumps({"stage": stage_fingerprint, "eval": get_recipe(STAGE_RECIPES["eval"]).to_dict()}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _digest({"stage": stage_fingerprint, "eval": get_recipe(STAGE_RECIPES["eval"]).to_dict()})
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def pipeline_command(cfg: Config, *, progress: bool = True) -> int:
@@ -508,13 +515,12 @@ def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = 
     figures = {}
     for label, stage, key in ROWS:
         model = manifest["stages"][stage][key]
-        name = label.split(" (")[0].replace(" ", "_")
         if progress:
             print(f"evaluating {label} ...", file=sys.stderr)
-        figures[label] = _eval(ctx, name, Path(model), eval_fingerprint(fingerprints[stage]))
+        figures[label] = _eval(ctx, eval_name(label), Path(model), eval_fingerprint(fingerprints[stage]))
     rm = manifest["stages"]["reward_model"]["figures"]
     wall = {name: e.get("wall_s", 0.0) for name, e in manifest["stages"].items()}
-    gap = paired_gap(ctx, "4_all-scenario_RL", "2_reasoning_RL")
+    gap = paired_gap(ctx, eval_name("4 all-scenario RL"), eval_name("2 reasoning RL"))
     manifest["table"] = figures
     manifest["stage4_gap"] = list(gap) if gap else None
     manifest["checks"] = {claim: ok for claim, ok in checks(figures, rm, gap)}
@@ -527,5 +533,5 @@ def pipeline(out: str | Path, *, cfg: Optional[Config] = None, progress: bool = 
     return manifest
 
 
-__all__ = ["CLAIMS_FAILED", "Context", "base_source", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "eval_fingerprint", "paired_gap", "pipeline", "pipeline_command",
+__all__ = ["CLAIMS_FAILED", "Context", "base_source", "PipelineError", "STAGES", "STAGE_RECIPES", "checks", "eval_fingerprint", "eval_name", "paired_gap", "pipeline", "pipeline_command",
            "run_command", "run_stages", "stage_fingerprints", "table"]

@@ -112,7 +112,6 @@ def environment() -> dict:
             "commit": commit.strip(), "date": datetime.date.today().isoformat()}
 
 
-
 def load() -> dict:
     """{"machines": [entry, ...]}, each entry {"reason", "environment", "runs"} recorded on one
     machine; runs["base"] (the test base's weights hash) tells whose kernels an entry holds."""

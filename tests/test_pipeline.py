@@ -152,7 +152,7 @@ def test_r1mega_pipeline_exits_non_zero_after_the_table_when_a_claim_fails(tmp_p
     evals = {}
     rows = figures({failing[:2]: failing[2]} if failing else None)
     for label, stage, _ in P.ROWS:
-        name = label.split(" (")[0].replace(" ", "_")
+        name = P.eval_name(label)
         summary = out / "eval" / name / "summary.json"
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps(rows[label]))
@@ -167,7 +167,6 @@ def test_r1mega_pipeline_exits_non_zero_after_the_table_when_a_claim_fails(tmp_p
         assert status == P.CLAIMS_FAILED == 3
         assert captured.err == (f"r1mega: error: 1 of 6 claims do not hold: stage 4 at least matches stage 2 on "
                                 f"held-out pass@1 (within 2 paired standard errors) (table: {out / 'table.txt'})\n")
-
 
 
 def test_a_stage_whose_settings_or_inputs_changed_is_redone_with_what_follows_from_it(tmp_path):
